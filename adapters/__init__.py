@@ -1,0 +1,1 @@
+"""The edges: Redis, Bot Framework and HTTP. All I/O lives here."""

@@ -1,0 +1,1 @@
+"""The call orchestrator: load a call, run the machine, commit, then speak."""

@@ -1,0 +1,50 @@
+"""A call's record: what is persisted between turns, and what a turn adds to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from states import State
+
+
+@dataclass(slots=True, frozen=True)
+class Line:
+    """One transcript line: who spoke (``caller`` or ``bot``), what, and when (ISO 8601)."""
+
+    role: str
+    text: str
+    at: str
+
+
+CALLER = "caller"
+BOT = "bot"
+
+
+@dataclass(slots=True, frozen=True)
+class Step:
+    """One history entry: a transition, or an event that changed nothing and why."""
+
+    trigger: str
+    source: str
+    dest: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Call:
+    """The persisted state of one call. ``version`` grows by one with every commit."""
+
+    id: str
+    state: str = State.BOT.value
+    version: int = 0
+    attempts: int = 0
+    target: str = ""
+    deadline_ms: int = 0  # Redis server time; 0 when no watchdog is armed
+    failure: str = ""  # the last failed transfer's reason
+    reference: str = ""  # JSON conversation reference, to reach the call proactively
+    transcript: list[Line] = field(default_factory=list)
+
+    @property
+    def is_new(self) -> bool:
+        """Never committed: the bot has not seen this call before (or it expired)."""
+        return self.version == 0

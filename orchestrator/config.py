@@ -1,0 +1,75 @@
+"""Settings: read from the environment in this one place, typed and validated."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.errors import ConfigError, describe_validation
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class Settings(BaseSettings):
+    """Every environment variable the bot reads. See the README's configuration table.
+
+    The ``APP_*`` names are the ones botbuilder's ``ConfigurationBotFrameworkAuthentication``
+    looks up on this object; their environment names are botbuilder's own.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True)
+
+    PORT: int = Field(3978, ge=1, le=65535)
+    HOST: str = "0.0.0.0"
+    LOG_LEVEL: str = "INFO"
+    REDIS_URL: str | None = None
+    REDIS_KEY_PREFIX: str = Field("cc", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    REDIS_TIMEOUT_SECONDS: float = Field(5.0, gt=0, le=14)
+    CALLFLOW_FILE: Path | None = None
+    CALL_RETENTION_SECONDS: int = Field(86_400, gt=0)
+    CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
+    TRANSCRIPT_MAX_ENTRIES: int = Field(50, ge=1, le=1000)
+    HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
+
+    APP_ID: str = Field("", validation_alias="MicrosoftAppId")
+    APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)
+    APP_TYPE: str = Field("MultiTenant", validation_alias="MicrosoftAppType")
+    APP_TENANTID: str = Field("", validation_alias="MicrosoftAppTenantId")
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(f"must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+        return value
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @field_validator("CALLFLOW_FILE")
+    @classmethod
+    def _callflow_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; a bad value raises ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        where, problem = describe_validation(dict(e.errors()[0]))
+        raise ConfigError(where or "settings", problem) from e

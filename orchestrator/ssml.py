@@ -1,0 +1,35 @@
+"""SSML for spoken replies.
+
+The Telephony channel needs whitespace between every tag and text element, and the
+speech service rejects SSML that is not well-formed XML, so caller text is escaped
+and stripped of characters XML 1.0 forbids before it goes anywhere near a tag.
+"""
+
+from __future__ import annotations
+
+import re
+from xml.sax.saxutils import escape, quoteattr
+
+SSML_NAMESPACE = "http://www.w3.org/2001/10/synthesis"
+
+# Characters outside XML 1.0's Char production: C0 controls but tab/LF/CR, lone
+# surrogates, and U+FFFE/U+FFFF.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """Text safe to place between XML tags."""
+    return escape(_NOT_XML_CHAR.sub("", text), {'"': "&quot;", "'": "&apos;"})
+
+
+def clean_text(text: str) -> str:
+    """Plain text with characters XML forbids removed (what the caller hears is the same)."""
+    return _NOT_XML_CHAR.sub("", text)
+
+
+def speak(text_xml: str, voice: str, locale: str) -> str:
+    """Wrap already-escaped text in ``<speak><voice>``, whitespace between every element."""
+    return (
+        f'<speak version="1.0" xmlns="{SSML_NAMESPACE}" xml:lang={quoteattr(locale)}> '
+        f"<voice name={quoteattr(voice)}> {text_xml} </voice> </speak>"
+    )

@@ -1,0 +1,196 @@
+"""One turn of a call: an event, run through the call state machine, with no I/O.
+
+The result (a ``Turn``) says what to persist and what to send; the engine commits it
+and only then does the bot send anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from transitions import EventData, MachineError
+
+from orchestrator.call import BOT, CALLER, Call, Line, Step
+from orchestrator.callflow import CallFlow, SpokenPrompt
+from orchestrator.events import (
+    CallEnded,
+    CallerInput,
+    CallStarted,
+    Event,
+    HandoffStatus,
+    InvalidStatus,
+)
+from orchestrator.handoff import HandoffStates
+from states import State, Trigger, build_machine
+
+LINE_MAX_CHARS = 1000
+
+STATUS_TRIGGERS = {
+    HandoffStates.ACCEPTED: Trigger.ACCEPT,
+    HandoffStates.FAILED: Trigger.FAIL,
+    HandoffStates.COMPLETED: Trigger.COMPLETE,
+}
+
+# How a successful transfer shows on the Telephony channel: the bot is dropped from the
+# call and no handoff.status is sent.
+TELEPHONY_TRANSFERRED = "call ended while transferring (Telephony: the transfer connected)"
+
+
+@dataclass(slots=True, frozen=True)
+class Say:
+    """Speak a prompt to the caller."""
+
+    prompt: SpokenPrompt
+
+
+@dataclass(slots=True, frozen=True)
+class Transfer:
+    """Send ``handoff.initiate`` to this target, with the call's transcript."""
+
+    target: str
+    attempt: int
+
+
+Effect = Say | Transfer
+
+
+@dataclass(slots=True)
+class Turn:
+    """What one event did to one call."""
+
+    call: Call  # the call after the turn (``version`` is the one it was loaded at)
+    effects: list[Effect] = field(default_factory=list)
+    lines: list[Line] = field(default_factory=list)  # appended to the transcript
+    steps: list[Step] = field(default_factory=list)  # appended to the history
+    watchdog_seconds: float = 0.0  # > 0: arm the no-answer deadline at commit
+    reference_changed: bool = False
+
+
+class TurnRunner:
+    """Runs turns through the one machine built for a flow.
+
+    The runner is the machine's model; each turn attaches a call by pointing ``state``
+    at it. ``run`` never awaits, so turns on one event loop cannot interleave.
+    """
+
+    def __init__(self, flow: CallFlow, transcript_max: int = 50) -> None:
+        self.flow = flow
+        self._transcript_max = transcript_max
+        self._turn = Turn(call=Call(id=""))
+        self._now = ""
+        self.machine = build_machine(self)
+
+    # The machine reads and writes the attached call's state through this property.
+    @property
+    def state(self) -> str:
+        return self._turn.call.state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._turn.call.state = value
+
+    def run(self, call: Call, event: Event, *, now: str, reference: str = "") -> Turn:
+        """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp."""
+        call = replace(call, transcript=list(call.transcript))
+        self._turn = turn = Turn(call=call)
+        self._now = now
+        if reference and reference != call.reference:
+            call.reference = reference
+            turn.reference_changed = True
+        match event:
+            case CallStarted():
+                if call.is_new:
+                    self._say(self.flow.start_prompt)
+                else:
+                    self._ignore("call_started", "the call had already started")
+            case CallerInput(text=text):
+                self._on_input(text)
+            case HandoffStatus(state=status, message=message):
+                self._fire(STATUS_TRIGGERS[status], reason=message or status)
+            case InvalidStatus(reason=reason):
+                self._ignore("handoff_status", reason)
+            case CallEnded():
+                if call.state == State.TRANSFERRING:
+                    self._fire(Trigger.ACCEPT, reason=TELEPHONY_TRANSFERRED)
+                self._fire(Trigger.HANG_UP, reason="caller hung up")
+        cap = self._transcript_max
+        if len(call.transcript) > cap:
+            del call.transcript[:-cap]
+        turn.lines = turn.lines[-cap:]
+        return turn
+
+    def _on_input(self, text: str) -> None:
+        call = self._turn.call
+        if call.state == State.ENDED:
+            self._ignore("caller_input", "the call has ended")
+            return
+        self._line(CALLER, text)
+        if call.state in (State.ACCEPTED, State.TRANSFERRING):
+            return  # the caller is with, or being put through to, an agent: the bot is silent
+        route = self.flow.route_for(text)
+        if route is not None and route.transfer:
+            self._fire(Trigger.REQUEST_AGENT, reason="caller asked for an agent")
+            return
+        if call.state == State.FAILED:
+            self._fire(Trigger.RESUME, reason="caller carried on with the bot")
+        self._say(route.say if route is not None and route.say else self.flow.fallback_prompt, text)
+
+    def _fire(self, trigger: Trigger, reason: str) -> None:
+        """Trigger the machine; a trigger the current state does not take is recorded."""
+        try:
+            self.machine.events[trigger.value].trigger(self, reason=reason)
+        except MachineError:
+            self._ignore(trigger.value, f"not valid in state {self.state} ({reason})")
+
+    def _ignore(self, trigger: str, why: str) -> None:
+        state = self.state
+        self._turn.steps.append(Step(trigger, state, state, f"ignored: {why}"[:500]))
+
+    def _say(self, prompt: str, caller_input: str = "") -> None:
+        spoken = self.flow.render(prompt, caller_input)
+        self._turn.effects.append(Say(spoken))
+        self._line(BOT, spoken.text)
+
+    def _line(self, role: str, text: str) -> None:
+        line = Line(role, text[:LINE_MAX_CHARS], self._now)
+        self._turn.lines.append(line)
+        self._turn.call.transcript.append(line)
+
+    # --- callbacks named in states.call.TRANSITIONS -------------------------------
+
+    def has_attempts_left(self, event: EventData) -> bool:
+        return self._turn.call.attempts < self.flow.transfer.max_attempts
+
+    def start_transfer(self, event: EventData) -> None:
+        call, transfer = self._turn.call, self.flow.transfer
+        call.attempts += 1
+        call.target = transfer.target_for(call.attempts)
+        call.failure = ""
+        self._turn.watchdog_seconds = transfer.timeout_seconds
+        if transfer.announce_prompt:
+            self._say(transfer.announce_prompt)
+        self._turn.effects.append(Transfer(call.target, call.attempts))
+
+    def say_retry(self, event: EventData) -> None:
+        call, transfer = self._turn.call, self.flow.transfer
+        call.failure = str(event.kwargs.get("reason", ""))[:500]
+        exhausted = call.attempts >= transfer.max_attempts
+        self._say(transfer.final_prompt if exhausted else transfer.retry_prompt)
+
+    def say_no_agents(self, event: EventData) -> None:
+        self._ignore(Trigger.REQUEST_AGENT.value, "no transfer attempts left")
+        self._say(self.flow.transfer.final_prompt)
+
+    def say_handback(self, event: EventData) -> None:
+        self._say(self.flow.transfer.handback_prompt)
+
+    def disarm_watchdog(self, event: EventData) -> None:
+        self._turn.call.deadline_ms = 0
+        self._turn.watchdog_seconds = 0.0
+
+    def record_step(self, event: EventData) -> None:
+        transition = event.transition
+        if transition is None or transition.dest is None:
+            return
+        reason = str(event.kwargs.get("reason", ""))[:500]
+        self._turn.steps.append(Step(event.event.name, transition.source, transition.dest, reason))
