@@ -54,9 +54,23 @@ TRANSITIONS: list[dict[str, Any]] = [
         "after": "say_no_agents",
     },
     # A late ``accepted`` for the current attempt means the caller is with an agent.
-    {"trigger": Trigger.ACCEPT, "source": [State.TRANSFERRING, State.FAILED], "dest": State.ACCEPTED},
-    {"trigger": Trigger.FAIL, "source": State.TRANSFERRING, "dest": State.FAILED, "after": "say_retry"},
-    {"trigger": Trigger.COMPLETE, "source": State.ACCEPTED, "dest": State.BOT, "after": "say_handback"},
+    {
+        "trigger": Trigger.ACCEPT,
+        "source": [State.TRANSFERRING, State.FAILED],
+        "dest": State.ACCEPTED,
+    },
+    {
+        "trigger": Trigger.FAIL,
+        "source": State.TRANSFERRING,
+        "dest": State.FAILED,
+        "after": "say_retry",
+    },
+    {
+        "trigger": Trigger.COMPLETE,
+        "source": State.ACCEPTED,
+        "dest": State.BOT,
+        "after": "say_handback",
+    },
     {"trigger": Trigger.RESUME, "source": State.FAILED, "dest": State.BOT},
     {"trigger": Trigger.HANG_UP, "source": list(LIVE_STATES), "dest": State.ENDED},
 ]
@@ -70,12 +84,12 @@ STATE_HOOKS: list[dict[str, Any]] = [
     {"name": State.ENDED},
 ]
 
-MACHINE_HOOKS = {"after_state_change": "record_step"}
+AFTER_STATE_CHANGE = "record_step"  # machine-wide: every transition goes in the history
 
 
 def callback_names() -> set[str]:
     """Every model method the definition refers to."""
-    names: set[str] = set(MACHINE_HOOKS.values())
+    names: set[str] = {AFTER_STATE_CHANGE}
     for row in [*TRANSITIONS, *STATE_HOOKS]:
         for key in ("conditions", "unless", "before", "after", "prepare", "on_enter", "on_exit"):
             value = row.get(key)
@@ -101,7 +115,7 @@ def build_machine(model: object) -> Machine:
         auto_transitions=False,
         send_event=True,
         model_override=False,
-        **MACHINE_HOOKS,
+        after_state_change=AFTER_STATE_CHANGE,
     )
 
 

@@ -1,0 +1,132 @@
+"""HTTP routes: the channel's ``/api/messages`` and the load balancer's health checks.
+
+botbuilder 4.17.1's ``CloudAdapter.process`` answers several malformed requests with
+500 (no content type, bad JSON, a body that is not an object). Requests are checked
+here first, so a client's mistake is a 4xx with a reason and never reaches the bot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from botbuilder.core import Bot, serializer_helper
+from botbuilder.integration.aiohttp import CloudAdapter
+from botbuilder.schema import Activity
+from msrest.exceptions import DeserializationError  # type: ignore[attr-defined]
+
+from adapters.store import RedisCallStore
+from orchestrator.errors import CommitConflict, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+ADAPTER_KEY = web.AppKey("adapter", CloudAdapter)
+BOT_KEY = web.AppKey("bot", Bot)
+STORE_KEY = web.AppKey("store", RedisCallStore)
+
+# Fields we read, and the JSON type each must have when present.
+_OBJECT_FIELDS = ("from", "recipient", "conversation")
+_STRING_FIELDS = ("id", "channelId", "serviceUrl", "text", "name", "locale")
+
+
+def problem(status: int, reason: str, **headers: str) -> web.Response:
+    """An error response with its reason, as JSON."""
+    return web.json_response({"error": reason}, status=status, headers=headers or None)
+
+
+def parse_activity(body: bytes, content_type: str) -> Activity | web.Response:
+    """The activity in a request body, or the 4xx response that says what is wrong."""
+    if content_type != "application/json":
+        return problem(415, f"Content-Type must be application/json, not {content_type!r}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return problem(400, f"malformed JSON: {e}")
+    if not isinstance(data, dict):
+        return problem(400, f"the body must be an activity object, not a JSON {type(data).__name__}")
+    reason = _activity_problem(data)
+    if reason:
+        return problem(400, reason)
+    try:
+        activity = Activity().deserialize(data)
+    except (DeserializationError, TypeError, ValueError, AttributeError) as e:
+        return problem(400, f"not a valid activity: {e}")
+    return activity
+
+
+def _activity_problem(data: dict[str, Any]) -> str:
+    kind = data.get("type")
+    if not isinstance(kind, str) or not kind:
+        return "activity 'type' must be a non-empty string"
+    for name in _OBJECT_FIELDS:
+        if name in data and data[name] is not None and not isinstance(data[name], dict):
+            return f"activity '{name}' must be an object"
+    for name in _STRING_FIELDS:
+        if name in data and data[name] is not None and not isinstance(data[name], str):
+            return f"activity '{name}' must be a string"
+    conversation_id = (data.get("conversation") or {}).get("id")
+    if not isinstance(conversation_id, str) or not conversation_id:
+        return "activity 'conversation.id' must be a non-empty string"
+    if not data.get("serviceUrl"):
+        return "activity 'serviceUrl' is required: replies are posted to it"
+    members = data.get("membersAdded")
+    if members is not None and (
+        not isinstance(members, list) or not all(isinstance(m, dict) for m in members)
+    ):
+        return "activity 'membersAdded' must be a list of objects"
+    return ""
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """``POST /api/messages``: one activity from the channel."""
+    adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
+    parsed = parse_activity(await request.read(), request.content_type)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        invoke_response = await adapter.process_activity(
+            request.headers.get("Authorization", ""), parsed, bot.on_turn
+        )
+    except PermissionError:
+        return problem(401, "missing or invalid channel token")
+    except (StoreUnavailable, CommitConflict) as e:
+        log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
+        return problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
+    if invoke_response:
+        return web.json_response(data=serializer_helper(invoke_response.body), status=invoke_response.status)
+    return web.Response(status=201)
+
+
+async def streaming(request: web.Request) -> web.StreamResponse:
+    """``GET /api/messages``: the Telephony channel's streaming (WebSocket) connection."""
+    ws = web.WebSocketResponse()
+    if not ws.can_prepare(request).ok:
+        return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
+    try:
+        await request.app[ADAPTER_KEY].process(request, request.app[BOT_KEY], ws)
+    except PermissionError:
+        if not ws.prepared:
+            return problem(401, "missing or invalid channel token")
+        raise
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """The process can serve calls: Redis answers."""
+    if await request.app[STORE_KEY].ping():
+        return web.json_response({"status": "ready"})
+    return problem(503, "Redis is not reachable")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/messages", messages)
+    app.router.add_get("/api/messages", streaming)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,30 @@
+"""Redis clients: a real server from ``REDIS_URL``, or the embedded fake when it is unset."""
+
+from __future__ import annotations
+
+import logging
+
+from fakeredis import FakeServer
+from fakeredis.aioredis import FakeRedis
+from redis.asyncio import Redis
+
+from orchestrator.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_redis(settings: Settings) -> Redis:
+    """The client the store runs on. Every call has a timeout, so no turn can hang."""
+    if settings.REDIS_URL is None:
+        log.warning(
+            "REDIS_URL is not set: using an embedded in-process Redis (fakeredis). "
+            "Call state is not shared between processes and is lost when this one exits."
+        )
+        return FakeRedis(server=FakeServer(), decode_responses=True)
+    return Redis.from_url(
+        settings.REDIS_URL,
+        decode_responses=True,
+        socket_timeout=settings.REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=settings.REDIS_TIMEOUT_SECONDS,
+        health_check_interval=30,
+    )

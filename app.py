@@ -1,0 +1,83 @@
+"""The bot's entry point, in the shape of the Bot Framework samples: ``python app.py``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from botbuilder.integration.aiohttp import (
+    CloudAdapter,
+    ConfigurationBotFrameworkAuthentication,
+)
+
+from adapters.bot import CallBot
+from adapters.http import ADAPTER_KEY, BOT_KEY, STORE_KEY, add_routes
+from adapters.keys import Keyspace
+from adapters.redis_client import create_redis
+from adapters.store import RedisCallStore, Retention
+from orchestrator.callflow import load_callflow
+from orchestrator.config import Settings, load_settings
+from orchestrator.engine import Engine
+from orchestrator.errors import ConfigError
+
+log = logging.getLogger("app")
+
+MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
+
+
+def create_app(config: Settings | None = None) -> web.Application:
+    """Build the bot; raises ConfigError for a bad setting or call flow file."""
+    CONFIG = config or load_settings()
+    FLOW = load_callflow(CONFIG.CALLFLOW_FILE)
+    ADAPTER = CloudAdapter(ConfigurationBotFrameworkAuthentication(CONFIG))
+    STORE = RedisCallStore(
+        create_redis(CONFIG),
+        Keyspace(CONFIG.REDIS_KEY_PREFIX),
+        Retention(
+            live_seconds=CONFIG.CALL_IDLE_TTL_SECONDS,
+            ended_seconds=CONFIG.CALL_RETENTION_SECONDS,
+            transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES,
+            history_max=CONFIG.HISTORY_MAX_ENTRIES,
+        ),
+    )
+    BOT = CallBot(Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES))
+    if not CONFIG.APP_ID:
+        log.warning(
+            "MicrosoftAppId is not set: Bot Framework authentication is OFF and anyone who "
+            "can reach this port can post activities. Set MicrosoftAppId/MicrosoftAppPassword "
+            "before exposing the bot."
+        )
+
+    APP = web.Application(client_max_size=MAX_BODY_BYTES)
+    APP[ADAPTER_KEY] = ADAPTER
+    APP[BOT_KEY] = BOT
+    APP[STORE_KEY] = STORE
+
+    async def redis_lifetime(app: web.Application) -> AsyncIterator[None]:
+        if not await STORE.ping():
+            log.error("Redis is not reachable yet; /readyz fails until it is")
+        yield
+        await STORE.redis.aclose()
+
+    APP.cleanup_ctx.append(redis_lifetime)
+    add_routes(APP)
+    return APP
+
+
+def main() -> None:
+    try:
+        CONFIG = load_settings()
+    except ConfigError as e:
+        sys.exit(f"configuration error: {e}")
+    logging.basicConfig(level=CONFIG.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        APP = create_app(CONFIG)
+    except ConfigError as e:
+        sys.exit(f"configuration error: {e}")
+    web.run_app(APP, host=CONFIG.HOST, port=CONFIG.PORT, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The turn loop: load the call, run the machine, commit atomically, hand back the effects.
+
+Nothing is sent from here: the caller sends the turn's effects only after the commit
+has succeeded, so a turn that loses a race, or meets a Redis outage, says nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Protocol
+
+from orchestrator.call import Call
+from orchestrator.callflow import CallFlow
+from orchestrator.errors import CommitConflict
+from orchestrator.events import Event
+from orchestrator.turn import Turn, TurnRunner
+
+MAX_COMMIT_ATTEMPTS = 64
+
+
+class Commit(Enum):
+    """How a commit ended."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # the activity was already applied by another delivery
+    CONFLICT = "conflict"  # the call moved on since it was loaded: reload and rerun
+
+
+@dataclass(slots=True, frozen=True)
+class Loaded:
+    """A call as loaded for a turn (None if unknown), and whether the activity was seen."""
+
+    call: Call | None
+    duplicate: bool = False
+
+
+class CallStore(Protocol):
+    """Where calls live (``adapters.store.RedisCallStore``)."""
+
+    async def load(self, conversation_id: str, activity_id: str = "") -> Loaded: ...
+
+    async def commit(self, turn: Turn, activity_id: str = "") -> Commit: ...
+
+
+class Engine:
+    """Applies events to calls, exactly once per activity id, with no lost updates."""
+
+    def __init__(self, store: CallStore, flow: CallFlow, *, transcript_max: int = 50) -> None:
+        self.store = store
+        self.flow = flow
+        self.runner = TurnRunner(flow, transcript_max=transcript_max)
+        self.conflicts = 0  # commits lost to a concurrent turn, since start
+
+    async def handle(
+        self, conversation_id: str, event: Event, *, activity_id: str = "", reference: str = ""
+    ) -> Turn | None:
+        """Apply one event; None if this activity was already applied (a redelivery)."""
+        for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
+            loaded = await self.store.load(conversation_id, activity_id)
+            if loaded.duplicate:
+                return None
+            call = loaded.call or Call(id=conversation_id)
+            turn = self.runner.run(call, event, now=_now(), reference=reference)
+            outcome = await self.store.commit(turn, activity_id)
+            if outcome is Commit.APPLIED:
+                return turn
+            if outcome is Commit.DUPLICATE:
+                return None  # applied meanwhile by another delivery of the same activity
+            self.conflicts += 1
+            # Back off with jitter so turns racing on one call spread out.
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+        raise CommitConflict(conversation_id, MAX_COMMIT_ATTEMPTS)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
