@@ -106,10 +106,13 @@ async def streaming(request: web.Request) -> web.StreamResponse:
         return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
     try:
         await request.app[ADAPTER_KEY].process(request, request.app[BOT_KEY], ws)
-    except PermissionError:
-        if not ws.prepared:
-            return problem(401, "missing or invalid channel token")
-        raise
+    except Exception as e:
+        if ws.prepared:
+            raise
+        # Before the upgrade the SDK only authenticates; it raises PermissionError for a
+        # bad token and ValueError for a missing one (it needs a token even with auth off).
+        log.info("streaming connection refused: %r", e)
+        return problem(401, "the streaming connection needs a valid channel token")
     return ws
 
 

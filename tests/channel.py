@@ -1,0 +1,104 @@
+"""Test stand-ins for the Telephony channel: its serviceUrl endpoint, and callers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+
+class ChannelStandIn:
+    """The channel's ``serviceUrl``: records every activity the bot sends, on loopback."""
+
+    def __init__(self) -> None:
+        self.activities: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> ChannelStandIn:
+        app = web.Application()
+        app.router.add_post("/v3/conversations/{conversation}/activities", self._receive)
+        app.router.add_post("/v3/conversations/{conversation}/activities/{reply_to}", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        activity = await request.json()
+        activity["_path_conversation"] = request.match_info["conversation"]
+        self.activities.append(activity)
+        self._changed.set()
+        return web.json_response({"id": f"sent-{next(self._ids)}"})
+
+    def for_conversation(self, conversation_id: str) -> list[dict[str, Any]]:
+        return [a for a in self.activities if a["_path_conversation"] == conversation_id]
+
+    async def wait_for(self, count: int, conversation_id: str | None = None, within: float = 10) -> None:
+        """Wait until at least ``count`` activities (for one conversation) have arrived."""
+
+        def enough() -> bool:
+            got = self.for_conversation(conversation_id) if conversation_id else self.activities
+            return len(got) >= count
+
+        async with asyncio.timeout(within):
+            while not enough():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def reply_counts(self) -> Counter[str]:
+        """How many activities the bot sent in reply to each incoming activity id."""
+        return Counter(a.get("replyToId", "") for a in self.activities)
+
+
+class Caller:
+    """Builds the activities the Telephony channel posts for one call."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, service_url: str, conversation_id: str | None = None, number: str = "+14255550123"):
+        self.service_url = service_url
+        self.conversation_id = conversation_id or f"call-{next(self._seq)}-{id(self):x}"
+        self.number = number
+        self._ids = itertools.count(1)
+
+    def _base(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "id": f"{self.conversation_id}|{next(self._ids):04d}",
+            "timestamp": "2026-11-23T10:00:00.000Z",
+            "channelId": "telephony",
+            "serviceUrl": self.service_url,
+            "from": {"id": self.number, "role": "user"},
+            "recipient": {"id": "contoso-bot", "name": "Contoso", "role": "bot"},
+            "conversation": {"id": self.conversation_id},
+            "locale": "en-US",
+            **fields,
+        }
+
+    def start(self) -> dict[str, Any]:
+        return self._base(
+            "conversationUpdate",
+            membersAdded=[{"id": "contoso-bot", "role": "bot"}, {"id": self.number, "role": "user"}],
+        )
+
+    def say(self, text: str) -> dict[str, Any]:
+        return self._base("message", text=text)
+
+    def status(self, value: Any) -> dict[str, Any]:
+        return self._base("event", name="handoff.status", value=value)
+
+    def hang_up(self) -> dict[str, Any]:
+        return self._base("endOfConversation", code="completedSuccessfully")

@@ -1,0 +1,302 @@
+"""End to end over HTTP, exactly as the channel drives the bot: activities posted to
+/api/messages, replies captured by a stand-in for the channel's serviceUrl."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import WSServerHandshakeError
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.http import STORE_KEY
+from adapters.store import RedisCallStore
+from app import create_app
+from orchestrator.config import load_settings
+from tests.channel import Caller, ChannelStandIn
+from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
+
+DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
+SECOND_TARGET = "+14255550100"
+
+
+@pytest.fixture
+def flow_file(tmp_path: Path) -> Path:
+    """The default flow with a second agent number."""
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["transfer"]["targets"] = ["+14251231234", SECOND_TARGET]
+    path = tmp_path / "callflow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(params=["fake", "real"])
+async def bot(
+    request: pytest.FixtureRequest, flow_file: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TestClient[Any, Any]]:
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    redis_url = None
+    if request.param == "real":
+        await (await real_redis_or_skip()).aclose()
+        redis_url = REAL_REDIS_URL
+    settings = load_settings(REDIS_URL=redis_url, REDIS_KEY_PREFIX=key_prefix, CALLFLOW_FILE=flow_file)
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    yield client
+    if request.param == "real":
+        await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+    await client.close()
+
+
+async def post(bot: TestClient[Any, Any], activity: dict[str, Any]) -> int:
+    response = await bot.post("/api/messages", json=activity)
+    return response.status
+
+
+def speak_of(activity: dict[str, Any]) -> ET.Element:
+    """The reply's SSML, which must be well-formed."""
+    return ET.fromstring(activity["speak"])
+
+
+def voice_of(activity: dict[str, Any]) -> str:
+    voice = speak_of(activity).find("{http://www.w3.org/2001/10/synthesis}voice")
+    assert voice is not None
+    return voice.attrib["name"]
+
+
+async def state_of(bot: TestClient[Any, Any], conversation_id: str) -> str | None:
+    call = (await bot.app[STORE_KEY].load(conversation_id)).call
+    return call.state if call else None
+
+
+async def test_a_whole_call(bot: TestClient[Any, Any], channel: ChannelStandIn) -> None:
+    caller = Caller(channel.url)
+    sent = channel.for_conversation
+    cid = caller.conversation_id
+
+    assert await post(bot, caller.start()) == 201
+    assert len(sent(cid)) == 1 and "For the billing department" in sent(cid)[0]["text"]
+
+    assert await post(bot, caller.say("one")) == 201
+    billing = sent(cid)[-1]
+    assert billing["text"].startswith("Hello and thank you for calling billing department.")
+    assert voice_of(billing) == "en-US-JessaNeural"
+
+    hostile = caller.say('<b> & "')
+    assert await post(bot, hostile) == 201
+    echo = sent(cid)[-1]
+    assert echo["text"] == 'What I heard was "<b> & ""' and voice_of(echo) == "en-US-GuyNeural"
+    assert "".join(speak_of(echo).itertext()).strip() == 'What I heard was "<b> & ""'
+    assert echo["replyToId"] == hostile["id"]
+
+    ask = caller.say("Talk to agent")
+    assert await post(bot, ask) == 201
+    handoff = sent(cid)[-1]
+    assert (handoff["type"], handoff["name"]) == ("event", "handoff.initiate")
+    assert handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
+    assert handoff["replyToId"] == ask["id"] and handoff["relatesTo"]["conversation"]["id"] == cid
+    assert handoff["entities"] == []
+    (attachment,) = handoff["attachments"]
+    assert (attachment["contentType"], attachment["name"]) == ("application/json", "Transcript")
+    transcript = attachment["content"]["activities"]
+    assert [(a["from"]["role"], a["text"]) for a in transcript][1:] == [
+        ("user", "one"),
+        ("bot", billing["text"]),
+        ("user", '<b> & "'),
+        ("bot", echo["text"]),
+        ("user", "Talk to agent"),
+    ]
+    assert transcript[1]["from"]["id"] == caller.number
+    assert await state_of(bot, cid) == "transferring"
+
+    assert await post(bot, caller.status({"state": "failed", "message": "busy"})) == 201
+    assert "could not take your call" in sent(cid)[-1]["text"]
+    assert await state_of(bot, cid) == "failed"
+
+    assert await post(bot, caller.say("agent")) == 201
+    assert sent(cid)[-1]["value"] == {"TargetPhoneNumber": SECOND_TARGET}
+
+    before = len(sent(cid))
+    assert await post(bot, caller.status({"state": "accepted"})) == 201
+    assert await post(bot, caller.say("hello? are you there")) == 201
+    assert len(sent(cid)) == before, "the bot must be silent while the caller is with an agent"
+    assert await state_of(bot, cid) == "accepted"
+
+    assert await post(bot, caller.status({"state": "completed"})) == 201
+    assert "back with the automated assistant" in sent(cid)[-1]["text"]
+    assert await state_of(bot, cid) == "bot"
+
+    assert await post(bot, caller.say("0")) == 201
+    assert sent(cid)[-1]["value"] == {"TargetPhoneNumber": "+14251231234"}  # attempt 3 wraps around
+    assert await post(bot, caller.hang_up()) == 201
+    assert await state_of(bot, cid) == "ended"
+
+    store: RedisCallStore = bot.app[STORE_KEY]
+    history = [(s.trigger, s.source, s.dest) for _, s in await store.history(cid)]
+    assert history == [
+        ("request_agent", "bot", "transferring"),
+        ("fail", "transferring", "failed"),
+        ("request_agent", "failed", "transferring"),
+        ("accept", "transferring", "accepted"),
+        ("complete", "accepted", "bot"),
+        ("request_agent", "bot", "transferring"),
+        ("accept", "transferring", "accepted"),  # Telephony: the call ended while transferring
+        ("hang_up", "accepted", "ended"),
+    ]
+
+
+async def test_max_attempts_then_the_final_prompt(bot: TestClient[Any, Any], channel: ChannelStandIn) -> None:
+    caller = Caller(channel.url)
+    cid = caller.conversation_id
+    targets = []
+    for _ in range(3):
+        await post(bot, caller.say("agent"))
+        targets.append(channel.for_conversation(cid)[-1]["value"]["TargetPhoneNumber"])
+        await post(bot, caller.status({"state": "failed", "message": "no answer"}))
+    assert targets == ["+14251231234", SECOND_TARGET, "+14251231234"]
+    assert "no agent is available" in channel.for_conversation(cid)[-1]["text"]
+    await post(bot, caller.say("agent"))
+    assert "no agent is available" in channel.for_conversation(cid)[-1]["text"]
+    assert await state_of(bot, cid) == "failed"
+
+
+async def test_a_call_the_bot_never_saw_starts_in_bot(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    assert await post(bot, caller.say("1")) == 201
+    assert channel.for_conversation(caller.conversation_id)[-1]["text"].startswith("Hello and thank you")
+    assert await state_of(bot, caller.conversation_id) == "bot"
+
+
+async def test_a_redelivered_activity_is_applied_and_answered_once(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    ask = caller.say("agent")
+    for _ in range(3):
+        assert await post(bot, ask) == 201
+    assert channel.reply_counts()[ask["id"]] == 1
+    call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
+    assert call is not None and call.version == 1 and call.attempts == 1
+
+
+async def test_statuses_that_do_not_fit_are_recorded_and_never_error(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    await post(bot, caller.say("hello"))
+    for value in [
+        {"state": "accepted"},
+        {"state": "nonsense"},
+        "accepted",
+        None,
+        [1],
+        {"state": "completed"},
+    ]:
+        assert await post(bot, caller.status(value)) == 201
+    assert await state_of(bot, caller.conversation_id) == "bot"
+    history = await bot.app[STORE_KEY].history(caller.conversation_id)
+    assert len(history) == 6 and all(step.reason.startswith("ignored") for _, step in history)
+
+
+async def dump(store: RedisCallStore, conversation_id: str) -> list[Any]:
+    keys = store.keys.call(conversation_id)
+    return [
+        await store.redis.hgetall(keys.call),
+        await store.redis.lrange(keys.transcript, 0, -1),
+        await store.redis.xrange(keys.history),
+        await store.redis.hgetall(keys.seen),
+    ]
+
+
+def bad_requests(caller: Caller) -> list[tuple[str, bytes, str, int]]:
+    good = caller.say("agent")
+
+    def with_(**changes: Any) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    def without(name: str) -> bytes:
+        return json.dumps({k: v for k, v in good.items() if k != name}).encode()
+
+    json_type = "application/json"
+    return [
+        ("malformed JSON", b'{"type": "message",', json_type, 400),
+        ("not UTF-8", b"\xff\xfe{}", json_type, 400),
+        ("wrong content type", json.dumps(good).encode(), "text/plain", 415),
+        ("no content type", json.dumps(good).encode(), "", 415),
+        ("a list", json.dumps([good]).encode(), json_type, 400),
+        ("a string", b'"message"', json_type, 400),
+        ("null", b"null", json_type, 400),
+        ("empty body", b"", json_type, 400),
+        ("no type", without("type"), json_type, 400),
+        ("type not a string", with_(type=5), json_type, 400),
+        ("no conversation", without("conversation"), json_type, 400),
+        ("conversation not an object", with_(conversation="c"), json_type, 400),
+        ("conversation without id", with_(conversation={}), json_type, 400),
+        ("text not a string", with_(text={"a": 1}), json_type, 400),
+        ("from not an object", with_(**{"from": "x"}), json_type, 400),
+        ("no serviceUrl", without("serviceUrl"), json_type, 400),
+        ("membersAdded not a list", with_(membersAdded="x"), json_type, 400),
+        ("too big", with_(text="x" * 300_000), json_type, 413),
+    ]
+
+
+async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    await post(bot, caller.start())
+    store: RedisCallStore = bot.app[STORE_KEY]
+    before = await dump(store, caller.conversation_id)
+    for label, body, content_type, expected in bad_requests(caller):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = await bot.post(
+            "/api/messages", data=body, headers=headers, skip_auto_headers=["Content-Type"]
+        )
+        assert response.status == expected, label
+        if expected != 413:
+            reason = (await response.json())["error"]
+            assert reason and "\n" not in reason, label
+    assert await dump(store, caller.conversation_id) == before
+    assert len(channel.for_conversation(caller.conversation_id)) == 1
+
+
+async def test_health_and_readiness(bot: TestClient[Any, Any]) -> None:
+    assert (await bot.get("/healthz")).status == 200
+    ready = await bot.get("/readyz")
+    assert ready.status == 200 and (await ready.json()) == {"status": "ready"}
+
+
+async def test_get_without_upgrade_is_a_4xx(bot: TestClient[Any, Any]) -> None:
+    response = await bot.get("/api/messages")
+    assert response.status == 400
+
+
+async def test_the_streaming_upgrade_is_routed_to_the_sdk(bot: TestClient[Any, Any]) -> None:
+    """The upgrade reaches CloudAdapter's streaming path, which demands a channel token:
+    without one (or with a bad one) it is a 401, not the SDK's 500."""
+    for headers in ({}, {"Authorization": "Bearer not-a-jwt", "channelid": "telephony"}):
+        with pytest.raises(WSServerHandshakeError) as refused:
+            await bot.ws_connect("/api/messages", headers=headers)
+        assert refused.value.status == 401
+
+
+async def test_readyz_fails_when_redis_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MicrosoftAppId", raising=False)
+    settings = load_settings(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT_SECONDS=1)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        assert (await client.get("/healthz")).status == 200
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        caller = Caller("http://127.0.0.1:9/")
+        response = await client.post("/api/messages", json=caller.say("hi"))
+        assert response.status == 503 and response.headers["Retry-After"] == "1"

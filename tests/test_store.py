@@ -1,0 +1,184 @@
+"""The store contract, run against the embedded fake and a real Redis server alike."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from adapters.keys import CallField, Keyspace
+from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention
+from orchestrator.call import Call, Line, Step
+from orchestrator.engine import Commit
+from orchestrator.errors import StoreUnavailable
+from orchestrator.turn import Turn
+from states import State
+
+
+def turn_for(
+    call: Call, *, state: str | None = None, lines: int = 1, steps: list[Step] | None = None
+) -> Turn:
+    call = replace(call, transcript=list(call.transcript))
+    new_lines = [Line("caller", f"line {call.version}.{i}", "2026-11-23T10:00:00.000Z") for i in range(lines)]
+    call.transcript.extend(new_lines)
+    if state:
+        call.state = state
+    return Turn(call=call, lines=new_lines, steps=steps or [])
+
+
+async def test_an_unknown_call_loads_as_none(store: RedisCallStore) -> None:
+    loaded = await store.load("nobody", "a1")
+    assert loaded.call is None and not loaded.duplicate
+
+
+async def test_commit_then_load_round_trips_the_call(store: RedisCallStore) -> None:
+    turn = turn_for(Call(id="c1"), lines=2, steps=[Step("request_agent", "bot", "transferring", "asked")])
+    turn.call.state, turn.call.attempts, turn.call.target = State.TRANSFERRING, 1, "+14251231234"
+    turn.call.reference, turn.reference_changed = '{"conversation":{"id":"c1"}}', True
+    assert await store.commit(turn, "a1") is Commit.APPLIED
+    assert turn.call.version == 1
+    loaded = (await store.load("c1", "a2")).call
+    assert loaded is not None
+    assert (loaded.state, loaded.version, loaded.attempts, loaded.target) == (
+        "transferring",
+        1,
+        1,
+        "+14251231234",
+    )
+    assert loaded.reference == '{"conversation":{"id":"c1"}}'
+    assert [line.text for line in loaded.transcript] == ["line 0.0", "line 0.1"]
+    history = await store.history("c1")
+    assert [step for _, step in history] == [Step("request_agent", "bot", "transferring", "asked")]
+
+
+async def test_a_stale_version_is_a_conflict_and_writes_nothing(store: RedisCallStore) -> None:
+    first = turn_for(Call(id="c1"))
+    assert await store.commit(first, "a1") is Commit.APPLIED
+    stale = turn_for(Call(id="c1"), state=State.ENDED, steps=[Step("hang_up", "bot", "ended")])
+    assert await store.commit(stale, "a2") is Commit.CONFLICT
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and loaded.state == State.BOT and loaded.version == 1
+    assert len(loaded.transcript) == 1 and await store.history("c1") == []
+    assert not (await store.load("c1", "a2")).duplicate
+
+
+async def test_an_activity_is_applied_once(store: RedisCallStore) -> None:
+    call = Call(id="c1")
+    assert await store.commit(turn_for(call), "a1") is Commit.APPLIED
+    assert (await store.load("c1", "a1")).duplicate
+    loaded = (await store.load("c1")).call
+    assert loaded is not None
+    # A second delivery that raced past the load is stopped by the commit itself.
+    assert await store.commit(turn_for(loaded), "a1") is Commit.DUPLICATE
+    after = (await store.load("c1")).call
+    assert after is not None and after.version == 1 and len(after.transcript) == 1
+
+
+async def test_a_retried_commit_with_the_same_token_is_not_applied_twice(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """redis-py retries a command whose reply was lost; the script must recognise its own commit."""
+    turn = turn_for(Call(id="c1"), steps=[Step("request_agent", "bot", "transferring")])
+    keys = list(store.keys.call("c1"))
+    args = store._commit_args(turn, "a1", "token-1")
+    script = redis_client.register_script(COMMIT_SCRIPT)
+    assert (await script(keys=keys, args=args))[0] == 1
+    assert (await script(keys=keys, args=args))[0:2] == [2, 1]  # same token: "already yours"
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and loaded.version == 1 and len(loaded.transcript) == 1
+    assert len(await store.history("c1")) == 1
+
+
+async def test_the_transcript_is_capped_in_redis(redis_client: Redis, key_prefix: str) -> None:
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(transcript_max=3))
+    call = Call(id="c1")
+    for i in range(5):
+        turn = turn_for(call)
+        assert await store.commit(turn, f"a{i}") is Commit.APPLIED
+        call = turn.call
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and [line.text for line in loaded.transcript] == [
+        "line 2.0",
+        "line 3.0",
+        "line 4.0",
+    ]
+
+
+async def test_the_watchdog_deadline_comes_from_redis_time(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    turn = turn_for(Call(id="c1"), state=State.TRANSFERRING)
+    turn.watchdog_seconds = 30
+    await store.commit(turn, "a1")
+    seconds, micros = await redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    assert 25_000 < turn.call.deadline_ms - now_ms <= 30_000
+    record = await redis_client.hgetall(store.keys.call("c1").call)
+    assert int(record[CallField.DEADLINE]) == turn.call.deadline_ms
+    # Leaving ``transferring`` disarms it.
+    loaded = (await store.load("c1")).call
+    assert loaded is not None
+    disarm = turn_for(loaded, state=State.FAILED)
+    disarm.call.deadline_ms = 0
+    await store.commit(disarm, "a2")
+    assert (await redis_client.hget(store.keys.call("c1").call, CallField.DEADLINE)) == "0"
+
+
+async def test_live_calls_expire_when_idle_and_ended_calls_after_retention(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    turn = turn_for(Call(id="c1"), steps=[Step("x", "bot", "bot")])
+    await store.commit(turn, "a1")
+    for key in store.keys.call("c1"):
+        assert 3590 < await redis_client.ttl(key) <= 3600, key
+    ended = turn_for(turn.call, state=State.ENDED, steps=[Step("hang_up", "bot", "ended")])
+    await store.commit(ended, "a2")
+    for key in store.keys.call("c1"):
+        assert 590 < await redis_client.ttl(key) <= 600, key
+
+
+async def test_timestamps_are_stamped_by_redis(store: RedisCallStore, redis_client: Redis) -> None:
+    turn = turn_for(Call(id="c1"))
+    await store.commit(turn, "a1")
+    record = await redis_client.hgetall(store.keys.call("c1").call)
+    assert record[CallField.CREATED] == record[CallField.UPDATED] == record[CallField.SINCE]
+    assert record[CallField.ID] == "c1" and record[CallField.STATE] == "bot"
+    later = turn_for(turn.call, state=State.TRANSFERRING)
+    await store.commit(later, "a2")
+    after = await redis_client.hgetall(store.keys.call("c1").call)
+    assert int(after[CallField.SINCE]) >= int(record[CallField.SINCE])
+    assert after[CallField.CREATED] == record[CallField.CREATED]
+
+
+async def test_transcript_lines_are_plain_json(store: RedisCallStore, redis_client: Redis) -> None:
+    turn = turn_for(Call(id="c1"))
+    await store.commit(turn, "a1")
+    raw = await redis_client.lrange(store.keys.call("c1").transcript, 0, -1)
+    assert json.loads(raw[0]) == {"role": "caller", "text": "line 0.0", "at": "2026-11-23T10:00:00.000Z"}
+
+
+def test_all_keys_of_a_call_share_one_cluster_slot() -> None:
+    keys = Keyspace("cc")
+    for conversation_id in ["plain", "with{brace}", "}{", "a" * 500, "çà/ü:✓"]:
+        call_keys = keys.call(conversation_id)
+        assert len({key_slot(k.encode()) for k in call_keys}) == 1
+        assert call_keys.call.count("{") == call_keys.call.count("}") == 1
+    assert keys.call("a").call != keys.call("b").call
+
+
+async def test_ping(store: RedisCallStore) -> None:
+    assert await store.ping()
+
+
+async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
+    dead = Redis.from_url("redis://127.0.0.1:1", decode_responses=True, socket_connect_timeout=1)
+    store = RedisCallStore(dead, Keyspace("x"))
+    assert not await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.load("c1")
+    with pytest.raises(StoreUnavailable):
+        await store.commit(turn_for(Call(id="c1")), "a1")
+    await dead.aclose()
