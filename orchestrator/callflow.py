@@ -46,7 +46,10 @@ def normalize_input(text: str) -> str:
 def _e164(number: str) -> str:
     if not _E164.match(number):
         raise ValueError(f"{number!r} is not an E.164 number (like +14251231234, no spaces or dashes)")
-    parsed = phonenumbers.parse(number, None)
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException as e:
+        raise ValueError(f"{number!r} is not a phone number: {e}") from e
     # is_possible, not is_valid: test and sample numbers (the reference's +14251231234)
     # are well-formed but not assigned, and the channel dials them all the same.
     if not phonenumbers.is_possible_number(parsed):
@@ -185,7 +188,7 @@ def parse_callflow(raw: str, label: str = "callflow") -> CallFlow:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
         raise ConfigError(where, f"not valid YAML: {problem}") from e
     if not isinstance(data, dict):
         raise ConfigError(label, "the call flow must be a YAML mapping (prompts, routes, transfer, ...)")

@@ -68,7 +68,8 @@ def test_transitions_table_only_uses_known_states() -> None:
 def test_turns_never_construct_a_machine(runner: TurnRunner) -> None:
     with mock.patch.object(transitions.Machine, "__init__", side_effect=AssertionError("built")):
         call = Call(id="c")
-        for event in [CallStarted(), CallerInput("agent"), HandoffStatus("accepted"), CallEnded()]:
+        events: list[Event] = [CallStarted(), CallerInput("agent"), HandoffStatus("accepted"), CallEnded()]
+        for event in events:
             call = run(runner, call, event).call
     assert call.state == State.ENDED
 

@@ -1,0 +1,135 @@
+"""Real bot processes on the real Redis: a call survives kill -9, and two processes
+racing on the same calls apply every activity exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+import yaml
+
+from adapters.keys import Keyspace
+from adapters.store import decode_line
+from tests.channel import Caller, ChannelStandIn
+from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
+from tests.process import ROOT, BotProcess
+
+pytestmark = pytest.mark.real_redis
+
+
+@pytest.fixture
+def bot_env(key_prefix: str) -> Iterator[dict[str, str]]:
+    require_real_redis_sync()
+    yield {"REDIS_URL": REAL_REDIS_URL, "REDIS_KEY_PREFIX": key_prefix, "TRANSCRIPT_MAX_ENTRIES": "1000"}
+    client = redis.Redis.from_url(REAL_REDIS_URL)
+    keys = list(client.scan_iter(match=f"{key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def post(session: aiohttp.ClientSession, bot: BotProcess, activity: dict[str, Any]) -> int:
+    async with session.post(f"{bot.url}/api/messages", json=activity) as response:
+        return response.status
+
+
+async def test_a_call_survives_kill_9_and_restart(
+    bot_env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    caller = Caller(channel.url)
+    cid = caller.conversation_id
+    first = await BotProcess(bot_env, tmp_path, "first").start()
+    try:
+        for activity in [caller.start(), caller.say("1"), caller.say("remember me")]:
+            assert await post(session, first, activity) == 201, first.log()
+    finally:
+        first.kill()
+    assert first.proc is not None and first.proc.returncode == -9
+
+    second = await BotProcess(bot_env, tmp_path, "second").start()
+    try:
+        assert await post(session, second, caller.say("agent")) == 201, second.log()
+    finally:
+        second.stop()
+    handoff = channel.for_conversation(cid)[-1]
+    assert handoff["name"] == "handoff.initiate"
+    lines = [(a["from"]["role"], a["text"]) for a in handoff["attachments"][0]["content"]["activities"]]
+    assert [text for role, text in lines if role == "user"] == ["1", "remember me", "agent"]
+    assert len(lines) == 6  # welcome, 1, billing, remember me, echo, agent
+    assert lines[4] == ("bot", 'What I heard was "remember me"')
+
+
+async def test_two_processes_apply_every_activity_exactly_once(
+    bot_env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    """Each call gets transfer requests, failed statuses and plain messages, every one
+    delivered twice to either process, all in flight at once. Serial semantics must
+    hold: the history is one unbroken chain and every count agrees with it."""
+    flow = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
+    flow["transfer"]["max_attempts"] = 20
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
+    env = {**bot_env, "CALLFLOW_FILE": str(tmp_path / "flow.yaml")}
+    calls, each = 8, 8
+    bots = [await BotProcess(env, tmp_path, f"bot{i}").start() for i in range(2)]
+    try:
+        callers = [Caller(channel.url) for _ in range(calls)]
+        deliveries = {
+            caller.conversation_id: [caller.say("agent") for _ in range(each)]
+            + [caller.status({"state": "failed", "message": "busy"}) for _ in range(each)]
+            + [caller.say(f"msg {c}-{i}") for i in range(each)]
+            for c, caller in enumerate(callers)
+        }
+        pick = random.Random(7)
+        work = [(pick.choice(bots), a) for acts in deliveries.values() for a in acts for _ in range(2)]
+        pick.shuffle(work)
+        gate = asyncio.Semaphore(48)
+
+        async def deliver(bot: BotProcess, activity: dict[str, Any]) -> int:
+            async with gate:
+                return await post(session, bot, activity)
+
+        statuses = await asyncio.gather(*(deliver(bot, activity) for bot, activity in work))
+        assert Counter(statuses) == Counter({201: len(work)}), [b.log() for b in bots]
+    finally:
+        for bot in bots:
+            bot.stop()
+
+    replies = channel.reply_counts()
+    client: Any = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    keys = Keyspace(bot_env["REDIS_KEY_PREFIX"])
+    for c, (cid, activities) in enumerate(deliveries.items()):
+        assert all(replies[a["id"]] <= 1 for a in activities)
+        call_keys = keys.call(cid)
+        record = client.hgetall(call_keys.call)
+        assert int(record["version"]) == len(activities) == client.hlen(call_keys.seen)
+
+        steps = [fields for _, fields in client.xrange(call_keys.history)]
+        state = "bot"
+        for step in steps:  # one unbroken chain: no two turns ran on the same version
+            assert step["from"] == state, steps
+            state = step["to"]
+        assert record["state"] == state
+
+        transfers = sum(s["to"] == "transferring" and s["from"] != "transferring" for s in steps)
+        failures = sum(s["from"] == "transferring" and s["to"] == "failed" for s in steps)
+        sent = channel.for_conversation(cid)
+        assert int(record["attempts"]) == transfers == sum(a.get("name") == "handoff.initiate" for a in sent)
+        assert failures == sum("could not take your call" in a.get("text", "") for a in sent)
+
+        lines = [decode_line(raw) for raw in client.lrange(call_keys.transcript, 0, -1)]
+        said = Counter(line.text for line in lines if line.role == "caller")
+        assert said == Counter({"agent": each, **{f"msg {c}-{i}": 1 for i in range(each)}})
+    client.close()
