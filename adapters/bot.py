@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import datetime
 
-from botbuilder.core import Bot, TurnContext
+from botbuilder.core import Bot, InvokeResponse, TurnContext
 from botbuilder.schema import (
     Activity,
     ActivityTypes,
@@ -24,6 +24,13 @@ from orchestrator.turn import Say, Transfer, Turn
 
 log = logging.getLogger(__name__)
 
+# The Telephony channel sends no invoke activities; answer any with a 400 and a reason
+# rather than the SDK's default 501.
+NO_INVOKES = Activity(
+    type=ActivityTypes.invoke_response,
+    value=InvokeResponse(status=400, body={"error": "this bot handles no invoke activities"}),
+)
+
 
 class CallBot(Bot):  # type: ignore[misc]
     """Thin: every decision is the engine's; this class only translates."""
@@ -33,6 +40,9 @@ class CallBot(Bot):  # type: ignore[misc]
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
+        if activity.type == ActivityTypes.invoke:
+            await turn_context.send_activity(NO_INVOKES)
+            return
         event = event_from_activity(activity)
         if event is None:
             return

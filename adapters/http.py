@@ -16,6 +16,7 @@ from botbuilder.core import Bot, serializer_helper
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity
 from msrest.exceptions import DeserializationError  # type: ignore[attr-defined]
+from msrest.serialization import Model
 
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
@@ -95,7 +96,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
         return problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
     if invoke_response:
-        return web.json_response(data=serializer_helper(invoke_response.body), status=invoke_response.status)
+        body = invoke_response.body
+        # expectReplies hands back a plain dict, which botbuilder's own helper cannot serialise.
+        data = serializer_helper(body) if isinstance(body, Model) else body
+        return web.json_response(data=data, status=invoke_response.status)
     return web.Response(status=201)
 
 

@@ -300,3 +300,38 @@ async def test_readyz_fails_when_redis_is_unreachable(
         caller = Caller("http://127.0.0.1:9/")
         response = await client.post("/api/messages", json=caller.say("hi"))
         assert response.status == 503 and response.headers["Retry-After"] == "1"
+
+
+async def test_expect_replies_returns_the_replies_in_the_response(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """botbuilder 4.17.1 answers deliveryMode expectReplies with a 500; here it works."""
+    caller = Caller(channel.url)
+    response = await bot.post("/api/messages", json={**caller.say("1"), "deliveryMode": "expectReplies"})
+    assert response.status == 200
+    (reply,) = (await response.json())["activities"]
+    assert reply["text"].startswith("Hello and thank you for calling billing department.")
+    assert channel.for_conversation(caller.conversation_id) == []
+
+
+async def test_odd_but_well_formed_activities_never_get_a_5xx(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    message = caller.say("hi")
+    odd = {
+        "invoke": (caller._base("invoke", name="x", value={}), 400),
+        "typing": (caller._base("typing"), 201),
+        "an unknown type": (caller._base("somethingNew"), 201),
+        "membersAdded with an empty member": ({**caller.start(), "membersAdded": [{}]}, 201),
+        "no from": ({k: v for k, v in message.items() if k != "from"}, 201),
+        "no recipient": ({k: v for k, v in message.items() if k != "recipient"}, 201),
+        "null text": ({**message, "id": "n1", "text": None}, 201),
+        "a bad timestamp": ({**message, "timestamp": "not a date"}, 400),
+        "attachments not a list": ({**message, "attachments": "x"}, 400),
+        "a bad boolean": ({**message, "conversation": {"id": "x", "isGroup": "yes"}}, 400),
+        "suggestedActions not an object": ({**message, "suggestedActions": "x"}, 400),
+    }
+    for label, (activity, expected) in odd.items():
+        response = await bot.post("/api/messages", json=activity)
+        assert response.status == expected, label
