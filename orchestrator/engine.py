@@ -7,6 +7,7 @@ has succeeded, so a turn that loses a race, or meets a Redis outage, says nothin
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,8 @@ from orchestrator.callflow import CallFlow
 from orchestrator.errors import CommitConflict
 from orchestrator.events import Event
 from orchestrator.turn import Turn, TurnRunner
+
+log = logging.getLogger(__name__)
 
 MAX_COMMIT_ATTEMPTS = 64
 
@@ -67,6 +70,16 @@ class Engine:
             turn = self.runner.run(call, event, now=_now(), reference=reference)
             outcome = await self.store.commit(turn, activity_id)
             if outcome is Commit.APPLIED:
+                for step in turn.steps:
+                    log.info(
+                        "call %s v%d: %s %s -> %s (%s)",
+                        conversation_id,
+                        turn.call.version,
+                        step.trigger,
+                        step.source,
+                        step.dest,
+                        step.reason,
+                    )
                 return turn
             if outcome is Commit.DUPLICATE:
                 return None  # applied meanwhile by another delivery of the same activity
