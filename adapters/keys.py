@@ -36,6 +36,20 @@ class CallField:
     SINCE = "since"  # ms, Redis server time, when the call entered its state
 
 
+class HistoryField:
+    """Fields of each history stream entry (the entry id is the Redis time it was written)."""
+
+    TRIGGER = "trigger"
+    FROM = "from"
+    TO = "to"
+    REASON = "reason"
+    ACTIVITY = "activity"  # the id of the activity whose turn wrote it
+    VERSION = "version"  # the call version that turn produced
+
+
+# commit.lua spells these field names too; tests/test_store.py checks it uses no others.
+
+
 class Keyspace:
     """Key names under one prefix (``REDIS_KEY_PREFIX``), so deployments can share a Redis."""
 

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from adapters.keys import CallField, Keyspace
+from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit, Loaded
 from orchestrator.errors import StoreUnavailable
@@ -121,7 +122,7 @@ class RedisCallStore:
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while reading history: {e}") from e
         return [
-            (entry_id, Step(f["trigger"], f["from"], f["to"], f.get("reason", ""))) for entry_id, f in entries
+            (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""))) for entry_id, f in entries
         ]
 
     async def ping(self) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from adapters.keys import CallField, Keyspace
+from adapters.keys import CallField, HistoryField, Keyspace
 from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit
@@ -182,3 +183,10 @@ async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.commit(turn_for(Call(id="c1")), "a1")
     await dead.aclose()
+
+
+def test_the_commit_script_uses_only_the_field_names_defined_in_keys() -> None:
+    names = set(re.findall(r"'([a-z_]+)'", COMMIT_SCRIPT))
+    defined = {v for k, v in vars(CallField).items() if k.isupper()}
+    defined |= {v for k, v in vars(HistoryField).items() if k.isupper()}
+    assert names and names <= defined, names - defined

@@ -1,0 +1,53 @@
+"""Start-up: a bad setting or call flow file stops ``python app.py`` with one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.process import ROOT
+
+DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+
+
+def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("CALLFLOW_FILE", "REDIS_URL", "PORT")}
+    return subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def bad_flow(tmp_path: Path, **transfer: object) -> str:
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["transfer"].update(transfer)
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PORT": "eighty"}, "configuration error: PORT: "),
+        ({"REDIS_URL": "http://redis:6379"}, "configuration error: REDIS_URL: must start with"),
+        ({"CALLFLOW_FILE": "/no/such/flow.yaml"}, "configuration error: CALLFLOW_FILE: no such file"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_it(env: dict[str, str], expected: str) -> None:
+    result = start(env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+
+
+def test_a_bad_call_flow_stops_start_up_naming_the_field(tmp_path: Path) -> None:
+    path = bad_flow(tmp_path, targets=["+1 425-123-1234"])
+    result = start({"CALLFLOW_FILE": path})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"configuration error: {path}: transfer.targets.0: '+1 425-123-1234'"), last
+    assert "Traceback" not in result.stderr
