@@ -20,7 +20,7 @@ from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine
 from orchestrator.events import event_from_activity
 from orchestrator.handoff import create_handoff_initiation
-from orchestrator.turn import Say, Transfer, Turn
+from orchestrator.turn import Handoff, Say, Turn
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class CallBot(Bot):  # type: ignore[misc]
             )
 
     @staticmethod
-    def _reply(turn_context: TurnContext, turn: Turn, effect: Say | Transfer) -> Activity:
+    def _reply(turn_context: TurnContext, turn: Turn, effect: Say | Handoff) -> Activity:
         if isinstance(effect, Say):
             return Activity(
                 type=ActivityTypes.message,

@@ -2,25 +2,24 @@
 -- de-duplicate on the activity id, then write the record, transcript and history.
 --
 -- KEYS: call, transcript, history, seen                     (one hash slot)
--- ARGV: expected_version, activity_id ('' = none), token, ttl_seconds,
+-- ARGV: expected_version, dedupe_key (the activity id), token, ttl_seconds,
 --       transcript_max, history_max, watchdog_ms (> 0 arms the deadline),
 --       n_fields, field, value, ... , n_lines, line, ... ,
 --       n_steps, trigger, source, dest, reason, ...
--- Returns {1, version, deadline}  committed
---         {2, version, 0}         already committed by this same token (a retried reply)
+-- Returns {1, version, deadline}  applied
+--         {2, version, deadline}  already applied by this same token (a retried command)
 --         {0, 0, 0}               duplicate: the activity was applied by another commit
 --         {-1, version, 0}        conflict: the call is at another version; reload, rerun
 local call, transcript, history, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local activity, token = ARGV[2], ARGV[3]
 
-if activity ~= '' then
-  local prior = redis.call('HGET', seen, activity)
-  if prior then
-    if prior == token then
-      return {2, tonumber(redis.call('HGET', call, 'version')), 0}
-    end
-    return {0, 0, 0}
+local prior = redis.call('HGET', seen, activity)
+if prior then
+  if prior == token then
+    local record = redis.call('HMGET', call, 'version', 'deadline')
+    return {2, tonumber(record[1] or '0'), tonumber(record[2] or '0')}
   end
+  return {0, 0, 0}
 end
 
 local version = tonumber(redis.call('HGET', call, 'version') or '0')
@@ -76,9 +75,7 @@ for _ = 1, n_steps do
   i = i + 4
 end
 
-if activity ~= '' then
-  redis.call('HSET', seen, activity, token)
-end
+redis.call('HSET', seen, activity, token)
 local ttl = ARGV[4]
 redis.call('EXPIRE', call, ttl)
 redis.call('EXPIRE', seen, ttl)

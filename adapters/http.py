@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +31,9 @@ STORE_KEY = web.AppKey("store", RedisCallStore)
 # Fields we read, and the JSON type each must have when present.
 _OBJECT_FIELDS = ("from", "recipient", "conversation")
 _STRING_FIELDS = ("id", "channelId", "serviceUrl", "text", "name", "locale")
+# Only a body with a \uD800-\uDFFF escape can decode to a lone surrogate (which cannot
+# be stored or sent); the full check runs just for those.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def problem(status: int, reason: str, **headers: str) -> web.Response:
@@ -45,6 +49,10 @@ def parse_activity(body: bytes, content_type: str) -> Activity | web.Response:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         return problem(400, f"malformed JSON: {e}")
+    except RecursionError:
+        return problem(400, "malformed JSON: nested too deeply")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(data):
+        return problem(400, "malformed JSON: a \\u escape is an unpaired surrogate, not a character")
     if not isinstance(data, dict):
         return problem(400, f"the body must be an activity object, not a JSON {type(data).__name__}")
     reason = _activity_problem(data)
@@ -55,6 +63,14 @@ def parse_activity(body: bytes, content_type: str) -> Activity | web.Response:
     except (DeserializationError, TypeError, ValueError, AttributeError) as e:
         return problem(400, f"not a valid activity: {e}")
     return activity
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _activity_problem(data: dict[str, Any]) -> str:
@@ -115,7 +131,7 @@ async def streaming(request: web.Request) -> web.StreamResponse:
             raise
         # Before the upgrade the SDK only authenticates; it raises PermissionError for a
         # bad token and ValueError for a missing one (it needs a token even with auth off).
-        log.info("streaming connection refused: %r", e)
+        log.warning("streaming connection refused before the upgrade: %r", e)
         return problem(401, "the streaming connection needs a valid channel token")
     return ws
 

@@ -1,7 +1,7 @@
 """The call store: calls in Redis, committed one turn at a time by compare-and-set.
 
-Takes any ``redis.asyncio`` client made with ``decode_responses=True`` (a server, a
-cluster or the embedded fakeredis), so every backend runs the same code.
+Takes any ``redis.asyncio`` client made with ``decode_responses=True`` (a real server
+or the embedded fakeredis), so every backend runs the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import RedisError
 
 from adapters.keys import CallField, Keyspace
 from adapters.keys import HistoryField as H
@@ -23,7 +23,12 @@ from orchestrator.errors import StoreUnavailable
 from orchestrator.turn import Turn
 from states import State
 
-UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+# Connection loss, timeouts, a read-only replica after failover, OOM, CLUSTERDOWN, ...:
+# the turn is not applied and the channel's redelivery will try again.
+UNAVAILABLE = (RedisError, OSError)
+KNOWN_STATES = frozenset(s.value for s in State)
+# commit.lua's status codes: applied, applied earlier by this same token, duplicate, conflict.
+_OUTCOMES = {1: Commit.APPLIED, 2: Commit.APPLIED, 0: Commit.DUPLICATE, -1: Commit.CONFLICT}
 COMMIT_SCRIPT = resources.files("adapters").joinpath("commit.lua").read_text(encoding="utf-8")
 
 
@@ -70,19 +75,20 @@ class RedisCallStore:
         call = turn.call
         keys = self.keys.call(call.id)
         token = uuid.uuid4().hex
-        args = self._commit_args(turn, activity_id, token)
+        # Without an activity id the token itself is the key, so a command redis-py
+        # retries after a lost reply is still recognised as this commit.
+        args = self._commit_args(turn, activity_id or f"~{token}", token)
         try:
             status, version, deadline = await self._commit(keys=list(keys), args=args)
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while committing a turn: {e}") from e
-        if status in (1, 2):
+        outcome = _OUTCOMES[status]
+        if outcome is Commit.APPLIED:
             call.version = int(version)
-            if status == 1 and deadline:
-                call.deadline_ms = int(deadline)
-            return Commit.APPLIED
-        return Commit.DUPLICATE if status == 0 else Commit.CONFLICT
+            call.deadline_ms = int(deadline)
+        return outcome
 
-    def _commit_args(self, turn: Turn, activity_id: str, token: str) -> list[Any]:
+    def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
         call, keep = turn.call, self.retention
         ended = call.state == State.ENDED
         fields: dict[str, Any] = {
@@ -97,7 +103,7 @@ class RedisCallStore:
             fields[CallField.REFERENCE] = call.reference
         args: list[Any] = [
             call.version,
-            activity_id,
+            dedupe_key,
             token,
             keep.ended_seconds if ended else keep.live_seconds,
             keep.transcript_max,
@@ -143,9 +149,14 @@ def decode_line(raw: str) -> Line:
 
 
 def _call_from(conversation_id: str, record: dict[str, str], lines: list[str]) -> Call:
+    state = record.get(CallField.STATE, State.BOT.value)
+    if state not in KNOWN_STATES:
+        # Written by a newer version (a rolling deploy) or by hand: refuse the turn, so
+        # the channel redelivers it, perhaps to an instance that knows the state.
+        raise StoreUnavailable(f"call {conversation_id!r} is in state {state!r}, unknown to this version")
     return Call(
         id=conversation_id,
-        state=record.get(CallField.STATE, State.BOT.value),
+        state=state,
         version=int(record.get(CallField.VERSION, 0)),
         attempts=int(record.get(CallField.ATTEMPTS, 0)),
         target=record.get(CallField.TARGET, ""),

@@ -93,7 +93,7 @@ class Transfer(_Strict):
     """Where transfers go and what the caller hears when they fail."""
 
     targets: Annotated[list[PhoneNumber], Field(min_length=1)]
-    timeout_seconds: float = Field(60, gt=0, le=3600)
+    timeout_seconds: float = Field(60, ge=1, le=3600)
     max_attempts: int = Field(3, ge=1, le=20)
     announce_prompt: PromptName | None = None
     retry_prompt: PromptName
@@ -142,6 +142,8 @@ class CallFlow(_Strict):
         for i, route in enumerate(self.routes):
             for phrase in route.match:
                 key = normalize_input(phrase)
+                if not key:
+                    raise ValueError(f"routes.{i}.match: {phrase!r} is only spaces and punctuation")
                 if key in seen:
                     raise ValueError(f"routes.{i}.match: {phrase!r} is already matched by routes.{seen[key]}")
                 seen[key] = i

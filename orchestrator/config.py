@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigError, describe_validation
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+APP_TYPES = ("MultiTenant", "SingleTenant", "UserAssignedMSI")
 
 
 class Settings(BaseSettings):
@@ -49,6 +50,27 @@ class Settings(BaseSettings):
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
         return value
+
+    @field_validator("APP_TYPE")
+    @classmethod
+    def _app_type(cls, value: str) -> str:
+        for known in APP_TYPES:
+            if value.lower() == known.lower():
+                return known
+        raise ValueError(f"must be one of {', '.join(APP_TYPES)}")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        # Checked here so start-up stops with a line naming the setting, where
+        # botbuilder would raise a bare Exception from inside its credential factory.
+        # (A ConfigError is not a ValueError, so pydantic lets it through as it is.)
+        if self.APP_PASSWORD and not self.APP_ID:
+            raise ConfigError("MicrosoftAppId", "required when MicrosoftAppPassword is set")
+        if self.APP_TYPE != "MultiTenant" and not self.APP_ID:
+            raise ConfigError("MicrosoftAppId", f"required when MicrosoftAppType is {self.APP_TYPE}")
+        if self.APP_TYPE != "MultiTenant" and not self.APP_TENANTID:
+            raise ConfigError("MicrosoftAppTenantId", f"required when MicrosoftAppType is {self.APP_TYPE}")
+        return self
 
     @field_validator("LOG_LEVEL")
     @classmethod

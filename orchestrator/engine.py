@@ -54,7 +54,6 @@ class Engine:
 
     def __init__(self, store: CallStore, flow: CallFlow, *, transcript_max: int = 50) -> None:
         self.store = store
-        self.flow = flow
         self.runner = TurnRunner(flow, transcript_max=transcript_max)
         self.conflicts = 0  # commits lost to a concurrent turn, since start
 

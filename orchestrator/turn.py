@@ -44,21 +44,21 @@ class Say:
 
 
 @dataclass(slots=True, frozen=True)
-class Transfer:
+class Handoff:
     """Send ``handoff.initiate`` to this target, with the call's transcript."""
 
     target: str
     attempt: int
 
 
-Effect = Say | Transfer
+Effect = Say | Handoff
 
 
 @dataclass(slots=True)
 class Turn:
     """What one event did to one call."""
 
-    call: Call  # the call after the turn (``version`` is the one it was loaded at)
+    call: Call  # the call after the turn; ``version`` is the loaded one until the commit sets it
     effects: list[Effect] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)  # appended to the transcript
     steps: list[Step] = field(default_factory=list)  # appended to the history
@@ -114,9 +114,8 @@ class TurnRunner:
                     self._fire(Trigger.ACCEPT, reason=TELEPHONY_TRANSFERRED)
                 self._fire(Trigger.HANG_UP, reason="caller hung up")
         cap = self._transcript_max
-        if len(call.transcript) > cap:
+        if len(call.transcript) > cap:  # as the store's LTRIM does
             del call.transcript[:-cap]
-        turn.lines = turn.lines[-cap:]
         return turn
 
     def _on_input(self, text: str) -> None:
@@ -138,7 +137,7 @@ class TurnRunner:
     def _fire(self, trigger: Trigger, reason: str) -> None:
         """Trigger the machine; a trigger the current state does not take is recorded."""
         try:
-            self.machine.events[trigger.value].trigger(self, reason=reason)
+            self.trigger(trigger.value, reason=reason)  # type: ignore[attr-defined]
         except MachineError:
             self._ignore(trigger.value, f"not valid in state {self.state} ({reason})")
 
@@ -169,7 +168,7 @@ class TurnRunner:
         self._turn.watchdog_seconds = transfer.timeout_seconds
         if transfer.announce_prompt:
             self._say(transfer.announce_prompt)
-        self._turn.effects.append(Transfer(call.target, call.attempts))
+        self._turn.effects.append(Handoff(call.target, call.attempts))
 
     def say_retry(self, event: EventData) -> None:
         call, transfer = self._turn.call, self.flow.transfer

@@ -261,3 +261,17 @@ def test_target_with_unknown_country_code_is_a_config_error() -> None:
 
 def test_yaml_with_control_character_is_one_line_error() -> None:
     config_error("voice: en-US\x07JennyNeural\n")
+
+
+@pytest.mark.parametrize("phrase", ["?", "...", "  ! "])
+def test_a_route_phrase_of_only_punctuation_is_refused(phrase: str) -> None:
+    doc = default_doc()
+    doc["routes"][0]["match"] = [phrase]
+    error = config_error(yaml.safe_dump(doc))
+    assert "routes.0.match" in str(error) and "\n" not in str(error)
+
+
+def test_a_sub_second_transfer_timeout_is_refused() -> None:
+    doc = default_doc()
+    doc["transfer"]["timeout_seconds"] = 0.0004
+    assert "transfer.timeout_seconds" in str(config_error(yaml.safe_dump(doc)))

@@ -127,3 +127,30 @@ def test_variable_names_are_case_sensitive(monkeypatch: pytest.MonkeyPatch) -> N
     settings = load_settings()
     assert settings.PORT == 3978
     assert settings.APP_ID == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MicrosoftAppType": "Multi"}, "MicrosoftAppType"),
+        ({"MicrosoftAppType": "SingleTenant"}, "MicrosoftAppId"),
+        ({"MicrosoftAppType": "SingleTenant", "MicrosoftAppId": "app"}, "MicrosoftAppTenantId"),
+        ({"MicrosoftAppType": "UserAssignedMSI", "MicrosoftAppId": "app"}, "MicrosoftAppTenantId"),
+        ({"MicrosoftAppPassword": "secret"}, "MicrosoftAppId"),
+    ],
+)
+def test_bot_framework_credentials_are_checked_together(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert info.value.where == named and "\n" not in str(info.value)
+
+
+def test_app_type_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MicrosoftAppType", "singletenant")
+    monkeypatch.setenv("MicrosoftAppId", "app")
+    monkeypatch.setenv("MicrosoftAppTenantId", "tenant")
+    assert load_settings().APP_TYPE == "SingleTenant"

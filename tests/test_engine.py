@@ -12,7 +12,7 @@ from adapters.store import RedisCallStore
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, Event, HandoffStatus
-from orchestrator.turn import Say, Transfer, Turn
+from orchestrator.turn import Handoff, Say, Turn
 
 
 def generous_flow() -> CallFlow:
@@ -44,7 +44,7 @@ async def test_concurrent_turns_on_one_call_are_serialised(store: RedisCallStore
         assert step.source == state
         state = step.dest
     assert call.state == state
-    transfers = sum(isinstance(e, Transfer) for turn in applied for e in turn.effects)
+    transfers = sum(isinstance(e, Handoff) for turn in applied for e in turn.effects)
     assert call.attempts == transfers == sum(s.dest == "transferring" != s.source for s in history)
     retry_prompts = sum(
         isinstance(e, Say) and e.prompt.name == "transfer_retry" for turn in applied for e in turn.effects

@@ -102,6 +102,9 @@ async def test_a_whole_call(bot: TestClient[Any, Any], channel: ChannelStandIn) 
     assert handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
     assert handoff["replyToId"] == ask["id"] and handoff["relatesTo"]["conversation"]["id"] == cid
     assert handoff["entities"] == []
+    # EventFactory gives the event an id, which the adapter clears on send: C#'s
+    # CloudAdapterBase.SendActivitiesAsync does the same, so the wire matches.
+    assert "id" not in handoff
     (attachment,) = handoff["attachments"]
     assert (attachment["contentType"], attachment["name"]) == ("application/json", "Transcript")
     transcript = attachment["content"]["activities"]
@@ -245,6 +248,15 @@ def bad_requests(caller: Caller) -> list[tuple[str, bytes, str, int]]:
         ("no serviceUrl", without("serviceUrl"), json_type, 400),
         ("membersAdded not a list", with_(membersAdded="x"), json_type, 400),
         ("too big", with_(text="x" * 300_000), json_type, 413),
+        (
+            "nested too deeply",
+            b'{"type": "message", "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            json_type,
+            400,
+        ),
+        ("a lone surrogate in text", with_(text="\ud800"), json_type, 400),
+        ("a lone surrogate in the conversation id", with_(conversation={"id": "c\udfff"}), json_type, 400),
+        ("a lone surrogate in the activity id", with_(id="\udbff"), json_type, 400),
     ]
 
 
@@ -335,3 +347,18 @@ async def test_odd_but_well_formed_activities_never_get_a_5xx(
     for label, (activity, expected) in odd.items():
         response = await bot.post("/api/messages", json=activity)
         assert response.status == expected, label
+
+
+async def test_a_call_in_a_state_this_version_does_not_know_is_refused_with_503(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """A record written by a newer version (rolling deploy) or by hand: refuse, keep it."""
+    caller = Caller(channel.url)
+    await post(bot, caller.say("hello"))
+    store: RedisCallStore = bot.app[STORE_KEY]
+    await store.redis.hset(store.keys.call(caller.conversation_id).call, "state", "on_hold")
+    before = await dump(store, caller.conversation_id)
+    for activity in [caller.say("agent"), caller.hang_up(), caller.status({"state": "accepted"})]:
+        response = await bot.post("/api/messages", json=activity)
+        assert response.status == 503
+    assert await dump(store, caller.conversation_id) == before

@@ -190,3 +190,31 @@ def test_the_commit_script_uses_only_the_field_names_defined_in_keys() -> None:
     defined = {v for k, v in vars(CallField).items() if k.isupper()}
     defined |= {v for k, v in vars(HistoryField).items() if k.isupper()}
     assert names and names <= defined, names - defined
+
+
+async def test_a_retried_commit_without_an_activity_id_is_not_applied_twice(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    turn = turn_for(Call(id="c1"))
+    keys = list(store.keys.call("c1"))
+    args = store._commit_args(turn, "~token-1", "token-1")
+    script = redis_client.register_script(COMMIT_SCRIPT)
+    assert (await script(keys=keys, args=args))[0] == 1
+    assert (await script(keys=keys, args=args))[0:2] == [2, 1]
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and loaded.version == 1 and len(loaded.transcript) == 1
+
+
+async def test_every_redis_failure_is_reported_as_unavailable(
+    store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ReadOnlyError, ResponseError
+
+    for error in [ReadOnlyError("You can't write against a read only replica."), ResponseError("OOM")]:
+
+        async def failing(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(store, "_commit", failing)
+        with pytest.raises(StoreUnavailable):
+            await store.commit(turn_for(Call(id="c1")), "a1")

@@ -18,7 +18,7 @@ from orchestrator.events import (
     InvalidStatus,
     status_from_value,
 )
-from orchestrator.turn import TELEPHONY_TRANSFERRED, Say, Transfer, Turn, TurnRunner
+from orchestrator.turn import TELEPHONY_TRANSFERRED, Handoff, Say, Turn, TurnRunner
 from states import TRANSITIONS, State, Trigger, build_machine
 from states.call import callback_names
 
@@ -101,7 +101,7 @@ def test_a_repeated_call_start_is_recorded_and_silent(runner: TurnRunner) -> Non
 def test_asking_for_an_agent_transfers_to_the_first_target(runner: TurnRunner, text: str) -> None:
     turn = run(runner, Call(id="c"), CallerInput(text))
     assert turn.call.state == State.TRANSFERRING
-    assert turn.effects == [Transfer("+14251231234", 1)]
+    assert turn.effects == [Handoff("+14251231234", 1)]
     assert turn.call.attempts == 1 and turn.watchdog_seconds == 60
     assert [(s.trigger, s.source, s.dest) for s in turn.steps] == [("request_agent", "bot", "transferring")]
 
