@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -13,14 +15,15 @@ from botbuilder.integration.aiohttp import (
 )
 
 from adapters.bot import CallBot
-from adapters.http import ADAPTER_KEY, BOT_KEY, STORE_KEY, add_routes
+from adapters.http import ADAPTER_KEY, BOT_KEY, SCHEDULER_KEY, STORE_KEY, add_routes
 from adapters.keys import Keyspace
 from adapters.redis_client import create_redis
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
 from orchestrator.engine import Engine
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StoreUnavailable
+from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger("app")
 
@@ -40,9 +43,18 @@ def create_app(config: Settings | None = None) -> web.Application:
             ended_seconds=CONFIG.CALL_RETENTION_SECONDS,
             transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES,
             history_max=CONFIG.HISTORY_MAX_ENTRIES,
+            delivery_grace_ms=int(CONFIG.DELIVERY_GRACE_SECONDS * 1000),
         ),
     )
-    BOT = CallBot(Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES))
+    ENGINE = Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES)
+    BOT = CallBot(ENGINE, ADAPTER, CONFIG.APP_ID)
+    SCHEDULER = Scheduler(
+        ENGINE,
+        STORE,
+        BOT,
+        poll_seconds=CONFIG.SCHEDULER_POLL_SECONDS,
+        lease_seconds=CONFIG.SCHEDULER_LEASE_SECONDS,
+    )
     if not CONFIG.APP_ID:
         log.warning(
             "MicrosoftAppId is not set: Bot Framework authentication is OFF and anyone who "
@@ -54,6 +66,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP[ADAPTER_KEY] = ADAPTER
     APP[BOT_KEY] = BOT
     APP[STORE_KEY] = STORE
+    APP[SCHEDULER_KEY] = SCHEDULER
 
     async def redis_lifetime(app: web.Application) -> AsyncIterator[None]:
         if not await STORE.ping():
@@ -61,7 +74,19 @@ def create_app(config: Settings | None = None) -> web.Application:
         yield
         await STORE.redis.aclose()
 
+    async def scheduler_lifetime(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(SCHEDULER.run(), name="scheduler")
+        yield
+        # Shutdown: in-flight requests have finished; stop claiming and hand back what
+        # is claimed but not done, so another instance takes it at once.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(StoreUnavailable):
+            await SCHEDULER.release()
+
     APP.cleanup_ctx.append(redis_lifetime)
+    APP.cleanup_ctx.append(scheduler_lifetime)
     add_routes(APP)
     return APP
 

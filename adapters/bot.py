@@ -7,10 +7,12 @@ import logging
 from datetime import datetime
 
 from botbuilder.core import Bot, InvokeResponse, TurnContext
+from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import (
     Activity,
     ActivityTypes,
     ChannelAccount,
+    ConversationReference,
     InputHints,
     RoleTypes,
     Transcript,
@@ -18,6 +20,7 @@ from botbuilder.schema import (
 
 from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine
+from orchestrator.errors import StoreUnavailable
 from orchestrator.events import event_from_activity
 from orchestrator.handoff import create_handoff_initiation
 from orchestrator.turn import Handoff, Say, Turn
@@ -33,10 +36,16 @@ NO_INVOKES = Activity(
 
 
 class CallBot(Bot):  # type: ignore[misc]
-    """Thin: every decision is the engine's; this class only translates."""
+    """Thin: every decision is the engine's; this class only translates, both ways.
 
-    def __init__(self, engine: Engine) -> None:
+    It is also the scheduler's way to the channel: ``render``, ``send`` and ``unpark``
+    speak to a call proactively, through its stored conversation reference.
+    """
+
+    def __init__(self, engine: Engine, adapter: CloudAdapter, app_id: str = "") -> None:
         self.engine = engine
+        self.adapter = adapter
+        self.app_id = app_id
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
@@ -51,33 +60,70 @@ class CallBot(Bot):  # type: ignore[misc]
             event,
             activity_id=activity.id or "",
             reference=conversation_reference(activity),
+            render=lambda turn: [_reply(turn, effect, turn_context) for effect in turn.effects],
         )
-        if turn is None or not turn.effects:
+        if turn is None or not turn.replies:
             return
-        replies = [self._reply(turn_context, turn, effect) for effect in turn.effects]
         try:
-            await turn_context.send_activities(replies)
+            await turn_context.send_activities(turn.replies)
         except Exception:
-            # The turn is committed; a redelivery of this activity is a duplicate and
-            # would not speak again, so there is nothing better to do than to say so.
             log.exception(
-                "call %s: turn committed at version %s but its %d replies were not delivered",
+                "call %s v%d: %d replies not delivered%s",
                 turn.call.id,
                 turn.call.version,
-                len(replies),
+                len(turn.replies),
+                "; parked, they will be re-sent" if turn.delivery_key else "",
             )
+            return
+        await self._acknowledge(turn)
+
+    async def _acknowledge(self, turn: Turn) -> None:
+        if not turn.delivery_key:
+            return
+        try:
+            await self.engine.store.acknowledge(turn.call.id, turn.delivery_key)
+        except StoreUnavailable as e:
+            # The replies went out; only a re-send (a duplicate prompt) can follow.
+            log.warning("call %s: delivered replies not acknowledged: %s", turn.call.id, e)
+
+    # --- the scheduler's way to the channel ----------------------------------------
+
+    def render(self, turn: Turn) -> list[Activity]:
+        """Replies for a turn with no incoming activity (a timer)."""
+        return proactive_replies(turn)
+
+    async def send(self, reference: str, replies: list[Activity]) -> None:
+        """Speak to a call proactively (the adapter's continue-conversation)."""
+        ref = ConversationReference().deserialize(json.loads(reference))
+
+        async def speak(turn_context: TurnContext) -> None:
+            await turn_context.send_activities(replies)
+
+        await self.adapter.continue_conversation(ref, speak, self.app_id or None)
 
     @staticmethod
-    def _reply(turn_context: TurnContext, turn: Turn, effect: Say | Handoff) -> Activity:
-        if isinstance(effect, Say):
-            return Activity(
-                type=ActivityTypes.message,
-                text=effect.prompt.text,
-                speak=effect.prompt.ssml,
-                input_hint=InputHints.accepting_input,
-            )
-        transcript = Transcript(activities=transcript_activities(turn.call, turn_context.activity))
-        return create_handoff_initiation(turn_context, {"TargetPhoneNumber": effect.target}, transcript)
+    def unpark(payload: str) -> list[Activity]:
+        """The activities of an outbox entry."""
+        return [Activity().deserialize(data) for data in json.loads(payload)]
+
+
+def proactive_replies(turn: Turn) -> list[Activity]:
+    """A turn's replies when no caller activity is being answered (a timer's turn)."""
+    return [_reply(turn, effect, None) for effect in turn.effects]
+
+
+def _reply(turn: Turn, effect: Say | Handoff, turn_context: TurnContext | None) -> Activity:
+    if isinstance(effect, Say):
+        return Activity(
+            type=ActivityTypes.message,
+            text=effect.prompt.text,
+            speak=effect.prompt.ssml,
+            input_hint=InputHints.accepting_input,
+        )
+    if turn_context is None:
+        raise ValueError("a handoff is only initiated in reply to the caller")
+    transcript = Transcript(activities=transcript_activities(turn.call, turn_context.activity))
+    return create_handoff_initiation(turn_context, {"TargetPhoneNumber": effect.target}, transcript)
 
 
 def conversation_reference(activity: Activity) -> str:

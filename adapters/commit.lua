@@ -1,19 +1,23 @@
 -- Commit one turn of one call, atomically: compare-and-set on the version,
--- de-duplicate on the activity id, then write the record, transcript and history.
+-- de-duplicate on the activity id, write the record, transcript and history, keep the
+-- call's watchdog in its shard's due schedule, and park replies that must be
+-- delivered in the outbox until the sender acknowledges them.
 --
--- KEYS: call, transcript, history, seen                     (one hash slot)
--- ARGV: expected_version, dedupe_key (the activity id), token, ttl_seconds,
---       transcript_max, history_max, watchdog_ms (> 0 arms the deadline),
---       n_fields, field, value, ... , n_lines, line, ... ,
+-- KEYS: call, transcript, history, seen, outbox, due              (one hash slot)
+-- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
+--       5 transcript_max, 6 history_max,
+--       7 watchdog_ms (> 0 arms the deadline), 8 watchdog member of due,
+--       9 outbox payload ('' = none), 10 outbox member of due, 11 outbox grace ms,
+--       12 n_fields, field, value, ... , n_lines, line, ... ,
 --       n_steps, trigger, source, dest, reason, ...
 -- Returns {1, version, deadline}  applied
 --         {2, version, deadline}  already applied by this same token (a retried command)
 --         {0, 0, 0}               duplicate: the activity was applied by another commit
 --         {-1, version, 0}        conflict: the call is at another version; reload, rerun
-local call, transcript, history, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local activity, token = ARGV[2], ARGV[3]
+local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local key, token = ARGV[2], ARGV[3]
 
-local prior = redis.call('HGET', seen, activity)
+local prior = redis.call('HGET', seen, key)
 if prior then
   if prior == token then
     local record = redis.call('HMGET', call, 'version', 'deadline')
@@ -31,32 +35,50 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 version = version + 1
 local old_state = redis.call('HGET', call, 'state')
+local state = old_state
 local fields = {'version', version, 'updated', now}
 if version == 1 then
   fields[#fields + 1] = 'created'
   fields[#fields + 1] = now
 end
 
-local i = 9
-for _ = 1, tonumber(ARGV[8]) do
+local i = 13
+for _ = 1, tonumber(ARGV[12]) do
   local name, value = ARGV[i], ARGV[i + 1]
   fields[#fields + 1] = name
   fields[#fields + 1] = value
-  if name == 'state' and value ~= old_state then
-    fields[#fields + 1] = 'since'
-    fields[#fields + 1] = now
+  if name == 'state' then
+    state = value
+    if value ~= old_state then
+      fields[#fields + 1] = 'since'
+      fields[#fields + 1] = now
+    end
   end
   i = i + 2
 end
 
 local deadline = 0
-local watchdog = tonumber(ARGV[7])
-if watchdog > 0 then
-  deadline = now + watchdog
+if tonumber(ARGV[7]) > 0 then
+  deadline = now + tonumber(ARGV[7])
   fields[#fields + 1] = 'deadline'
   fields[#fields + 1] = deadline
 end
 redis.call('HSET', call, unpack(fields))
+
+-- A watchdog is scheduled exactly while the call is transferring.
+if state == 'transferring' then
+  if deadline == 0 then
+    deadline = tonumber(redis.call('HGET', call, 'deadline') or '0')
+  end
+  redis.call('ZADD', due, deadline, ARGV[8])
+else
+  redis.call('ZREM', due, ARGV[8])
+end
+
+if ARGV[9] ~= '' then
+  redis.call('HSET', outbox, key, ARGV[9])
+  redis.call('ZADD', due, now + tonumber(ARGV[11]), ARGV[10])
+end
 
 local n_lines = tonumber(ARGV[i])
 i = i + 1
@@ -71,14 +93,13 @@ i = i + 1
 for _ = 1, n_steps do
   redis.call('XADD', history, 'MAXLEN', ARGV[6], '*',
     'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
-    'activity', activity, 'version', version)
+    'activity', key, 'version', version)
   i = i + 4
 end
 
-redis.call('HSET', seen, activity, token)
+redis.call('HSET', seen, key, token)
 local ttl = ARGV[4]
-redis.call('EXPIRE', call, ttl)
-redis.call('EXPIRE', seen, ttl)
-redis.call('EXPIRE', transcript, ttl)
-redis.call('EXPIRE', history, ttl)
+for _, k in ipairs({call, seen, transcript, history, outbox}) do
+  redis.call('EXPIRE', k, ttl)
+end
 return {1, version, deadline}

@@ -21,12 +21,14 @@ from msrest.serialization import Model
 
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
+from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 ADAPTER_KEY = web.AppKey("adapter", CloudAdapter)
 BOT_KEY = web.AppKey("bot", Bot)
 STORE_KEY = web.AppKey("store", RedisCallStore)
+SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 
 # Fields we read, and the JSON type each must have when present.
 _OBJECT_FIELDS = ("from", "recipient", "conversation")

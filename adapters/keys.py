@@ -1,14 +1,21 @@
 """Every Redis key and hash field the product uses, in one place.
 
-All keys of one call share a Redis Cluster hash tag made from a hash of the
-conversation id (never the raw id: a ``{`` or ``}`` in it would move the slot), so
-every script and transaction on a call touches one slot. See docs/redis-keys.md.
+Calls are spread over ``SHARDS`` Redis Cluster hash tags by a hash of the conversation
+id (never the raw id: a ``{`` or ``}`` in it would move the slot). All keys of one call,
+and the due-work schedule of its shard, carry that tag, so every script and
+transaction on a call touches one slot, and no schedule key holds every call's timers.
+See docs/redis-keys.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import NamedTuple
+
+from orchestrator.scheduler import DELIVERY, WATCHDOG
+
+SHARDS = 64  # part of every key name: changing it orphans existing calls
 
 
 class CallKeys(NamedTuple):
@@ -18,6 +25,7 @@ class CallKeys(NamedTuple):
     transcript: str  # LIST: JSON transcript lines, oldest first, capped
     history: str  # STREAM: one entry per transition or ignored event
     seen: str  # HASH: activity id -> commit token, for de-duplication
+    outbox: str  # HASH: delivery key -> JSON activities committed but not yet acknowledged
 
 
 class CallField:
@@ -50,6 +58,27 @@ class HistoryField:
 # commit.lua spells these field names too; tests/test_store.py checks it uses no others.
 
 
+class Due:
+    """Members of a shard's due schedule: JSON arrays, so any conversation id fits."""
+
+    WATCHDOG = WATCHDOG  # the no-answer deadline of a transferring call
+    DELIVERY = DELIVERY  # replies committed but not acknowledged as sent
+
+    @staticmethod
+    def watchdog(conversation_id: str) -> str:
+        return json.dumps([Due.WATCHDOG, conversation_id])
+
+    @staticmethod
+    def delivery(conversation_id: str, key: str) -> str:
+        return json.dumps([Due.DELIVERY, conversation_id, key])
+
+    @staticmethod
+    def parse(member: str) -> tuple[str, str, str]:
+        """(kind, conversation id, delivery key or "")."""
+        kind, conversation_id, *rest = json.loads(member)
+        return str(kind), str(conversation_id), str(rest[0]) if rest else ""
+
+
 class Keyspace:
     """Key names under one prefix (``REDIS_KEY_PREFIX``), so deployments can share a Redis."""
 
@@ -57,10 +86,19 @@ class Keyspace:
         self.prefix = prefix
 
     @staticmethod
-    def tag(conversation_id: str) -> str:
-        """The call's hash tag: 16 hex digits of BLAKE2b of the conversation id."""
-        return hashlib.blake2b(conversation_id.encode("utf-8"), digest_size=8).hexdigest()
+    def locate(conversation_id: str) -> tuple[int, str]:
+        """(shard, call hash): the shard from, and the hash of, BLAKE2b-64 of the id."""
+        digest = hashlib.blake2b(conversation_id.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % SHARDS, digest.hex()
 
     def call(self, conversation_id: str) -> CallKeys:
-        base = f"{self.prefix}:{{{self.tag(conversation_id)}}}"
-        return CallKeys(f"{base}:call", f"{base}:transcript", f"{base}:history", f"{base}:seen")
+        shard, call_hash = self.locate(conversation_id)
+        base = f"{self.prefix}:{{{shard}}}:{call_hash}"
+        return CallKeys(*(f"{base}:{name}" for name in CallKeys._fields))
+
+    def due(self, shard: int) -> str:
+        """ZSET of a shard's due work: member -> when (ms, Redis time). See ``DueMember``."""
+        return f"{self.prefix}:{{{shard}}}:due"
+
+    def due_for(self, conversation_id: str) -> str:
+        return self.due(self.locate(conversation_id)[0])

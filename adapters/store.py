@@ -15,11 +15,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.keys import CallField, Keyspace
+from adapters.keys import SHARDS, CallField, Due, Keyspace
 from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit, Loaded
 from orchestrator.errors import StoreUnavailable
+from orchestrator.scheduler import DueItem
 from orchestrator.turn import Turn
 from states import State
 
@@ -29,7 +30,15 @@ UNAVAILABLE = (RedisError, OSError)
 KNOWN_STATES = frozenset(s.value for s in State)
 # commit.lua's status codes: applied, applied earlier by this same token, duplicate, conflict.
 _OUTCOMES = {1: Commit.APPLIED, 2: Commit.APPLIED, 0: Commit.DUPLICATE, -1: Commit.CONFLICT}
-COMMIT_SCRIPT = resources.files("adapters").joinpath("commit.lua").read_text(encoding="utf-8")
+
+
+def _script(name: str) -> str:
+    return resources.files("adapters").joinpath(name).read_text(encoding="utf-8")
+
+
+COMMIT_SCRIPT = _script("commit.lua")
+CLAIM_SCRIPT = _script("claim.lua")
+RESCHEDULE_SCRIPT = _script("reschedule.lua")
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,16 +49,21 @@ class Retention:
     ended_seconds: int = 86_400
     transcript_max: int = 50
     history_max: int = 1000
+    delivery_grace_ms: int = 10_000  # unacknowledged replies are re-sent after this long
 
 
 class RedisCallStore:
     """Load and commit calls. One round trip each."""
+
+    shards = SHARDS
 
     def __init__(self, redis: Redis, keyspace: Keyspace, retention: Retention | None = None) -> None:
         self.redis = redis
         self.keys = keyspace
         self.retention = retention or Retention()
         self._commit = redis.register_script(COMMIT_SCRIPT)
+        self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded:
         """The call and its transcript, and whether ``activity_id`` was already applied."""
@@ -73,23 +87,92 @@ class RedisCallStore:
     async def commit(self, turn: Turn, activity_id: str = "") -> Commit:
         """Write the turn if the call is still at the version it was loaded at."""
         call = turn.call
-        keys = self.keys.call(call.id)
+        keys = [*self.keys.call(call.id), self.keys.due_for(call.id)]
         token = uuid.uuid4().hex
         # Without an activity id the token itself is the key, so a command redis-py
         # retries after a lost reply is still recognised as this commit.
-        args = self._commit_args(turn, activity_id or f"~{token}", token)
+        key = activity_id or f"~{token}"
+        args = self._commit_args(turn, key, token)
         try:
-            status, version, deadline = await self._commit(keys=list(keys), args=args)
+            status, version, deadline = await self._commit(keys=keys, args=args)
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while committing a turn: {e}") from e
         outcome = _OUTCOMES[status]
         if outcome is Commit.APPLIED:
             call.version = int(version)
             call.deadline_ms = int(deadline)
+            turn.delivery_key = key if turn.durable else ""
         return outcome
+
+    async def acknowledge(self, conversation_id: str, delivery_key: str) -> None:
+        """The replies parked under ``delivery_key`` reached the channel: forget them."""
+        keys = self.keys.call(conversation_id)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(keys.outbox, delivery_key)
+                pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, delivery_key))
+                await pipe.execute()
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while acknowledging a delivery: {e}") from e
+
+    async def parked(self, conversation_id: str, delivery_key: str) -> tuple[str, str] | None:
+        """(conversation reference, JSON replies) still waiting for delivery, if any."""
+        keys = self.keys.call(conversation_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.outbox, delivery_key)
+                pipe.hget(keys.call, CallField.REFERENCE)
+                payload, reference = await pipe.execute()
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while reading the outbox: {e}") from e
+        return (reference, payload) if payload and reference else None
+
+    async def claim_due(self, limit: int, lease_ms: int) -> tuple[int, list[DueItem]]:
+        """(Redis time in ms, the work due in any shard, now leased to this caller).
+
+        One pipelined round trip claims from every shard; ``limit`` is per shard.
+        """
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in range(SHARDS):
+                    await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
+                replies = await pipe.execute()
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while claiming due work: {e}") from e
+        items = [
+            DueItem(*Due.parse(member), shard=shard, member=member)
+            for shard, (_, *members) in enumerate(replies)
+            for member in members
+        ]
+        return max(int(reply[0]) for reply in replies), items
+
+    async def release(self, items: list[DueItem]) -> None:
+        """Make claimed items due now again (only those still scheduled)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in items:
+                    pipe.zadd(self.keys.due(item.shard), {item.member: 0}, xx=True)
+                await pipe.execute()
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while releasing claimed work: {e}") from e
+
+    async def forget(self, item: DueItem) -> None:
+        try:
+            await self.redis.zrem(self.keys.due(item.shard), item.member)
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while updating the schedule: {e}") from e
+
+    async def reschedule_watchdog(self, conversation_id: str) -> None:
+        """Schedule the call's watchdog at its deadline if it is transferring, else drop it."""
+        keys = [self.keys.call(conversation_id).call, self.keys.due_for(conversation_id)]
+        try:
+            await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
+        except UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis unavailable while rescheduling a watchdog: {e}") from e
 
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
         call, keep = turn.call, self.retention
+        outbox = json.dumps([reply.serialize() for reply in turn.replies]) if turn.durable else ""
         ended = call.state == State.ENDED
         fields: dict[str, Any] = {
             CallField.ID: call.id,
@@ -109,6 +192,10 @@ class RedisCallStore:
             keep.transcript_max,
             keep.history_max,
             int(turn.watchdog_seconds * 1000),
+            Due.watchdog(call.id),
+            outbox,
+            Due.delivery(call.id, dedupe_key),
+            keep.delivery_grace_ms,
             len(fields),
         ]
         for name, value in fields.items():

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
     TRANSCRIPT_MAX_ENTRIES: int = Field(50, ge=1, le=1000)
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
+    SCHEDULER_POLL_SECONDS: float = Field(0.2, gt=0, le=10)
+    SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)
+    DELIVERY_GRACE_SECONDS: float = Field(10, ge=1, le=600)
 
     APP_ID: str = Field("", validation_alias="MicrosoftAppId")
     APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestrator.call import Call
 from orchestrator.callflow import CallFlow
@@ -48,6 +49,11 @@ class CallStore(Protocol):
 
     async def commit(self, turn: Turn, activity_id: str = "") -> Commit: ...
 
+    async def acknowledge(self, conversation_id: str, key: str) -> None: ...
+
+
+Render = Callable[[Turn], list[Any]]
+
 
 class Engine:
     """Applies events to calls, exactly once per activity id, with no lost updates."""
@@ -58,15 +64,30 @@ class Engine:
         self.conflicts = 0  # commits lost to a concurrent turn, since start
 
     async def handle(
-        self, conversation_id: str, event: Event, *, activity_id: str = "", reference: str = ""
+        self,
+        conversation_id: str,
+        event: Event,
+        *,
+        activity_id: str = "",
+        reference: str = "",
+        render: Render | None = None,
     ) -> Turn | None:
-        """Apply one event; None if this activity was already applied (a redelivery)."""
+        """Apply one event; None if it was already applied (a redelivery) or, for an event
+        with no activity id (a timer), if it changed nothing.
+
+        ``render`` turns the turn's effects into the activities to send; replies that
+        must be delivered are committed with the turn (see ``Turn.durable``).
+        """
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             loaded = await self.store.load(conversation_id, activity_id)
             if loaded.duplicate:
                 return None
             call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=_now(), reference=reference)
+            if not activity_id and (turn.is_empty or call.is_new):
+                return None
+            if render is not None and turn.effects:
+                turn.replies = render(turn)
             outcome = await self.store.commit(turn, activity_id)
             if outcome is Commit.APPLIED:
                 for step in turn.steps:

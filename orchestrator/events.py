@@ -41,7 +41,14 @@ class CallEnded:
     """The call is over (``endOfConversation``)."""
 
 
-Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded
+@dataclass(slots=True, frozen=True)
+class WatchdogExpired:
+    """A transfer's no-answer deadline came due (``now_ms`` is Redis time)."""
+
+    now_ms: int
+
+
+Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | WatchdogExpired
 
 
 def event_from_activity(activity: Activity) -> Event | None:

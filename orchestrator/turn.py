@@ -7,6 +7,7 @@ and only then does the bot send anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from transitions import EventData, MachineError
 
@@ -19,6 +20,7 @@ from orchestrator.events import (
     Event,
     HandoffStatus,
     InvalidStatus,
+    WatchdogExpired,
 )
 from orchestrator.handoff import HandoffStates
 from states import State, Trigger, build_machine
@@ -34,6 +36,7 @@ STATUS_TRIGGERS = {
 # How a successful transfer shows on the Telephony channel: the bot is dropped from the
 # call and no handoff.status is sent.
 TELEPHONY_TRANSFERRED = "call ended while transferring (Telephony: the transfer connected)"
+TIMEOUT = "timeout"  # the no-answer watchdog: the channel redials forever and never says so
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +67,22 @@ class Turn:
     steps: list[Step] = field(default_factory=list)  # appended to the history
     watchdog_seconds: float = 0.0  # > 0: arm the no-answer deadline at commit
     reference_changed: bool = False
+    replies: list[Any] = field(default_factory=list)  # the effects as activities, to send
+    delivery_key: str = ""  # set by the commit when the replies were parked in the outbox
+
+    @property
+    def changed_state(self) -> bool:
+        return any(step.source != step.dest for step in self.steps)
+
+    @property
+    def durable(self) -> bool:
+        """Replies that must reach the caller (a transfer, its outcome's prompt) are parked
+        in the outbox with the commit and re-sent if they are not acknowledged."""
+        return bool(self.replies) and self.changed_state
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.effects or self.lines or self.steps or self.reference_changed)
 
 
 class TurnRunner:
@@ -109,6 +128,11 @@ class TurnRunner:
                 self._fire(STATUS_TRIGGERS[status], reason=message or status)
             case InvalidStatus(reason=reason):
                 self._ignore("handoff_status", reason)
+            case WatchdogExpired(now_ms=now_ms):
+                # Fenced by the deadline: a timer for an attempt that already ended, or
+                # claimed early, finds the call elsewhere or not yet due and does nothing.
+                if call.state == State.TRANSFERRING and 0 < call.deadline_ms <= now_ms:
+                    self._fire(Trigger.FAIL, reason=TIMEOUT)
             case CallEnded():
                 if call.state == State.TRANSFERRING:
                     self._fire(Trigger.ACCEPT, reason=TELEPHONY_TRANSFERRED)

@@ -19,6 +19,7 @@ class ChannelStandIn:
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.refuse_next = 0  # answer this many posts with a 503, as a failing channel
 
     async def start(self) -> ChannelStandIn:
         app = web.Application()
@@ -37,6 +38,9 @@ class ChannelStandIn:
             await self._runner.cleanup()
 
     async def _receive(self, request: web.Request) -> web.Response:
+        if self.refuse_next > 0:
+            self.refuse_next -= 1
+            return web.json_response({"error": "unavailable"}, status=503)
         activity = await request.json()
         activity["_path_conversation"] = request.match_info["conversation"]
         self.activities.append(activity)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -26,10 +27,16 @@ SECOND_TARGET = "+14255550100"
 
 
 @pytest.fixture
-def flow_file(tmp_path: Path) -> Path:
+def transfer_timeout() -> float:
+    return 60
+
+
+@pytest.fixture
+def flow_file(tmp_path: Path, transfer_timeout: float) -> Path:
     """The default flow with a second agent number."""
     data = yaml.safe_load(DEFAULT_FLOW.read_text())
     data["transfer"]["targets"] = ["+14251231234", SECOND_TARGET]
+    data["transfer"]["timeout_seconds"] = transfer_timeout
     path = tmp_path / "callflow.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -45,7 +52,13 @@ async def bot(
     if request.param == "real":
         await (await real_redis_or_skip()).aclose()
         redis_url = REAL_REDIS_URL
-    settings = load_settings(REDIS_URL=redis_url, REDIS_KEY_PREFIX=key_prefix, CALLFLOW_FILE=flow_file)
+    settings = load_settings(
+        REDIS_URL=redis_url,
+        REDIS_KEY_PREFIX=key_prefix,
+        CALLFLOW_FILE=flow_file,
+        DELIVERY_GRACE_SECONDS=1,
+        SCHEDULER_POLL_SECONDS=0.05,
+    )
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     yield client
@@ -362,3 +375,39 @@ async def test_a_call_in_a_state_this_version_does_not_know_is_refused_with_503(
         response = await bot.post("/api/messages", json=activity)
         assert response.status == 503
     assert await dump(store, caller.conversation_id) == before
+
+
+@pytest.mark.parametrize("transfer_timeout", [1])
+async def test_an_unanswered_transfer_times_out_and_the_caller_hears_the_retry_prompt(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """The Telephony channel redials forever and never reports; the watchdog speaks up,
+    proactively, through the stored conversation reference."""
+    caller = Caller(channel.url)
+    cid = caller.conversation_id
+    assert await post(bot, caller.say("agent")) == 201
+    await channel.wait_for(2, cid)
+    retry = channel.for_conversation(cid)[-1]
+    assert "could not take your call" in retry["text"]
+    assert await state_of(bot, cid) == "failed"
+    history = [(s.source, s.dest, s.reason) for _, s in await bot.app[STORE_KEY].history(cid)]
+    assert history[-1] == ("transferring", "failed", "timeout")
+
+
+async def test_replies_the_channel_refused_are_delivered_later(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """A transfer's handoff.initiate must not be lost when the channel fails to take it."""
+    caller = Caller(channel.url)
+    cid = caller.conversation_id
+    channel.refuse_next = 1
+    assert await post(bot, caller.say("agent")) == 201  # committed; the send failed
+    assert channel.for_conversation(cid) == []
+    await channel.wait_for(1, cid)  # re-sent by the scheduler after the grace period
+    (handoff,) = channel.for_conversation(cid)
+    assert handoff["name"] == "handoff.initiate" and handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
+    assert handoff["attachments"][0]["content"]["activities"][0]["text"] == "agent"
+    store: RedisCallStore = bot.app[STORE_KEY]
+    async with asyncio.timeout(10):  # acknowledged once the channel took it
+        while await store.redis.hlen(store.keys.call(cid).outbox):  # noqa: ASYNC110 - polling Redis
+            await asyncio.sleep(0.05)

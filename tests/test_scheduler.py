@@ -1,0 +1,185 @@
+"""Watchdogs and re-deliveries: due work in Redis, claimed with leases, done exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from botbuilder.schema import Activity
+from redis.asyncio import Redis
+
+from adapters.bot import CallBot, proactive_replies
+from adapters.keys import Due, Keyspace
+from adapters.store import RedisCallStore, Retention
+from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.engine import Engine
+from orchestrator.events import CallerInput, HandoffStatus
+from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
+from orchestrator.turn import TIMEOUT, Turn
+
+REFERENCE = '{"conversation":{"id":"%s"},"serviceUrl":"http://127.0.0.1:9/","channelId":"telephony"}'
+
+
+class RecordingChannel:
+    """Stands in for the bot's proactive path: records what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[Activity]]] = []
+
+    def render(self, turn: Turn) -> list[Activity]:
+        return proactive_replies(turn)
+
+    async def send(self, reference: str, replies: list[Any]) -> None:
+        self.sent.append((reference, replies))
+
+    unpark = staticmethod(CallBot.unpark)
+
+    def texts(self) -> list[str]:
+        return [reply.text for _, replies in self.sent for reply in replies]
+
+
+def flow(timeout: float = 1, max_attempts: int = 5) -> CallFlow:
+    data = load_callflow().model_dump()
+    data["transfer"].update(timeout_seconds=timeout, max_attempts=max_attempts)
+    return CallFlow.model_validate(data)
+
+
+@pytest.fixture
+def quick_store(redis_client: Redis, key_prefix: str) -> RedisCallStore:
+    """Parked replies come due 200 ms after their commit."""
+    return RedisCallStore(redis_client, Keyspace(key_prefix), Retention(delivery_grace_ms=200))
+
+
+async def until(condition: Callable[[], Any], scheduler: Scheduler, within: float = 10) -> None:
+    """Poll the scheduler until ``condition()`` holds (waiting for Redis time to pass)."""
+    async with asyncio.timeout(within):
+        while not condition():
+            await scheduler.poll()
+            await asyncio.sleep(0.05)
+
+
+async def transfer(engine: Engine, call: str) -> Turn:
+    turn = await engine.handle(
+        call, CallerInput("agent"), activity_id=f"{call}-agent", reference=REFERENCE % call
+    )
+    assert turn is not None and turn.call.state == "transferring"
+    return turn
+
+
+async def test_a_watchdog_is_scheduled_exactly_while_transferring(quick_store: RedisCallStore) -> None:
+    engine = Engine(quick_store, flow(timeout=60))
+    turn = await transfer(engine, "c1")
+    due = quick_store.keys.due_for("c1")
+    assert await quick_store.redis.zscore(due, Due.watchdog("c1")) == turn.call.deadline_ms
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1")
+    assert await quick_store.redis.zscore(due, Due.watchdog("c1")) is None
+
+
+async def test_the_watchdog_fails_an_unanswered_transfer_once(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=1)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    await until(lambda: scheduler.fired == 1, scheduler)
+    call = (await quick_store.load("c1")).call
+    assert call is not None and call.state == "failed" and call.failure == TIMEOUT
+    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert channel.sent[0][0] == REFERENCE % "c1"
+    for _ in range(5):
+        await scheduler.poll()
+    assert scheduler.fired == 1 and len(channel.sent) == 1
+    steps = [(s.source, s.dest, s.reason) for _, s in await quick_store.history("c1")]
+    assert steps[-1] == ("transferring", "failed", TIMEOUT)
+    assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0  # acknowledged
+
+
+async def test_a_status_racing_the_timeout_has_exactly_one_winner(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=1)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    calls = [f"race-{i}" for i in range(20)]
+    for call in calls:
+        await transfer(engine, call)
+    await asyncio.sleep(1.1)  # every deadline has passed
+    statuses = [
+        engine.handle(
+            call, HandoffStatus("failed", "busy"), activity_id=f"{call}-failed", render=channel.render
+        )
+        for call in calls
+    ]
+    _, *results = await asyncio.gather(scheduler.poll(), *statuses)
+    status_wins = sum(isinstance(turn, Turn) and turn.changed_state for turn in results)
+    assert status_wins + scheduler.fired == len(calls)
+    for call in calls:
+        fails = [
+            s for _, s in await quick_store.history(call) if (s.source, s.dest) == ("transferring", "failed")
+        ]
+        assert len(fails) == 1, call
+
+
+async def test_a_timer_for_an_attempt_that_ended_does_nothing(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    first = await transfer(engine, "c1")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1")
+    await engine.handle("c1", CallerInput("agent"), activity_id="a2")
+    second = (await quick_store.load("c1")).call
+    assert second is not None and second.attempts == 2
+    # The first attempt's watchdog, claimed after its deadline by a slow instance:
+    stale = DueItem(WATCHDOG, "c1", "", Keyspace.locate("c1")[0], Due.watchdog("c1"))
+    await scheduler._watchdog(first.call.deadline_ms + 1, stale)
+    after = (await quick_store.load("c1")).call
+    assert after is not None and after.state == "transferring" and after.version == second.version
+    assert scheduler.fired == 0 and channel.sent == []
+    assert (
+        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.watchdog("c1"))
+        == second.deadline_ms
+    )
+
+
+async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_store: RedisCallStore) -> None:
+    engine = Engine(quick_store, flow(timeout=60))
+    await transfer(engine, "c1")
+    due = quick_store.keys.due_for("c1")
+    await quick_store.redis.zadd(due, {Due.watchdog("c1"): 0})  # due now
+    _, claimed = await quick_store.claim_due(10, lease_ms=300)
+    assert [item.conversation_id for item in claimed] == ["c1"]
+    assert (await quick_store.claim_due(10, lease_ms=300))[1] == []  # leased to the first claimer
+    await asyncio.sleep(0.4)  # the claimer died; its lease lapses
+    _, again = await quick_store.claim_due(10, lease_ms=60_000)
+    assert again == claimed
+    await quick_store.release(again)  # a clean shutdown hands it back
+    assert (await quick_store.claim_due(10, lease_ms=60_000))[1] == claimed
+
+
+async def test_replies_parked_and_never_acknowledged_are_sent_again(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    turn = await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
+    assert turn is not None and turn.delivery_key == "s1"  # parked with the commit
+    # ... and the instance died before sending: nobody acknowledges.
+    await until(lambda: scheduler.redelivered == 1, scheduler)
+    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
+    assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0
+
+
+async def test_acknowledged_replies_are_not_sent_again(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    turn = await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
+    assert turn is not None
+    await quick_store.acknowledge("c1", turn.delivery_key)
+    await asyncio.sleep(0.3)
+    for _ in range(3):
+        await scheduler.poll()
+    assert channel.sent == [] and scheduler.redelivered == 0
+
+
+async def test_ordinary_replies_are_not_parked(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow()), RecordingChannel()
+    turn = await engine.handle("c1", CallerInput("hello"), activity_id="m1", render=channel.render)
+    assert turn is not None and turn.replies and not turn.durable and turn.delivery_key == ""
+    assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
