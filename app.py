@@ -28,6 +28,7 @@ from orchestrator.scheduler import Scheduler
 log = logging.getLogger("app")
 
 MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
+SHUTDOWN_SECONDS = 25.0  # inside docker-compose's stop_grace_period of 30 s
 
 
 def create_app(config: Settings | None = None) -> web.Application:
@@ -101,7 +102,8 @@ def main() -> None:
         APP = create_app(CONFIG)
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
-    web.run_app(APP, host=CONFIG.HOST, port=CONFIG.PORT, print=None)
+    # SIGTERM: stop accepting, give in-flight turns up to SHUTDOWN_SECONDS, then clean up.
+    web.run_app(APP, host=CONFIG.HOST, port=CONFIG.PORT, print=None, shutdown_timeout=SHUTDOWN_SECONDS)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ class Scheduler:
                 log.exception(
                     "due %s for call %s failed; it will be retried", item.kind, item.conversation_id
                 )
-            finally:
-                self._held.discard(item)
+            # Not in a finally: work cancelled by shutdown stays held, to be released.
+            self._held.discard(item)
 
     async def _watchdog(self, now_ms: int, item: DueItem) -> None:
         turn = await self.engine.handle(

@@ -20,6 +20,7 @@ class ChannelStandIn:
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.refuse_next = 0  # answer this many posts with a 503, as a failing channel
+        self.delay = 0.0  # seconds to wait before answering, as a slow channel
 
     async def start(self) -> ChannelStandIn:
         app = web.Application()
@@ -38,6 +39,8 @@ class ChannelStandIn:
             await self._runner.cleanup()
 
     async def _receive(self, request: web.Request) -> web.Response:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.refuse_next > 0:
             self.refuse_next -= 1
             return web.json_response({"error": "unavailable"}, status=503)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -133,3 +134,19 @@ async def test_two_processes_apply_every_activity_exactly_once(
         said = Counter(line.text for line in lines if line.role == "caller")
         assert said == Counter({"agent": each, **{f"msg {c}-{i}": 1 for i in range(each)}})
     client.close()
+
+
+async def test_sigterm_finishes_in_flight_turns_and_exits_cleanly(
+    bot_env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    bot = await BotProcess(bot_env, tmp_path, "graceful").start()
+    channel.delay = 1.0  # the reply is still being posted when SIGTERM arrives
+    caller = Caller(channel.url)
+    in_flight = asyncio.create_task(post(session, bot, caller.say("1")))
+    await asyncio.sleep(0.3)
+    assert bot.proc is not None
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await in_flight == 201
+    assert await asyncio.to_thread(bot.proc.wait, 30) == 0, bot.log()
+    (reply,) = channel.for_conversation(caller.conversation_id)
+    assert reply["text"].startswith("Hello and thank you for calling billing department.")

@@ -183,3 +183,29 @@ async def test_ordinary_replies_are_not_parked(quick_store: RedisCallStore) -> N
     turn = await engine.handle("c1", CallerInput("hello"), activity_id="m1", render=channel.render)
     assert turn is not None and turn.replies and not turn.durable and turn.delivery_key == ""
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
+
+
+async def test_work_claimed_at_shutdown_is_handed_back(quick_store: RedisCallStore) -> None:
+    """SIGTERM cancels the scheduler mid-work; what it held is due again at once."""
+    engine = Engine(quick_store, flow(timeout=60))
+    sending = asyncio.Event()
+
+    class StuckChannel(RecordingChannel):
+        async def send(self, reference: str, replies: list[Any]) -> None:
+            sending.set()
+            await asyncio.sleep(3600)
+
+    channel = StuckChannel()
+    scheduler = Scheduler(engine, quick_store, channel, lease_seconds=600)
+    await transfer(engine, "c1")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
+    await asyncio.sleep(0.3)  # the parked retry prompt comes due, unacknowledged
+    polling = asyncio.create_task(scheduler.poll())
+    await asyncio.wait_for(sending.wait(), 10)
+    polling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await polling
+    assert (await quick_store.claim_due(10, 600_000))[1] == []  # still leased to us
+    await scheduler.release()
+    _, items = await quick_store.claim_due(10, 600_000)
+    assert [(item.kind, item.key) for item in items] == [("delivery", "s1")]
