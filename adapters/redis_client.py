@@ -7,20 +7,31 @@ import logging
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from orchestrator.config import Settings
+from orchestrator.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def create_redis(settings: Settings) -> Redis:
+def create_redis(settings: Settings) -> Redis | RedisCluster:
     """The client the store runs on. Every call has a timeout, so no turn can hang."""
     if settings.REDIS_URL is None:
+        if settings.REDIS_CLUSTER:
+            raise ConfigError("REDIS_CLUSTER", "needs REDIS_URL, the address of a cluster node")
         log.warning(
             "REDIS_URL is not set: using an embedded in-process Redis (fakeredis). "
             "Call state is not shared between processes and is lost when this one exits."
         )
         return FakeRedis(server=FakeServer(), decode_responses=True)
+    if settings.REDIS_CLUSTER:
+        return RedisCluster.from_url(
+            settings.REDIS_URL,
+            decode_responses=True,
+            socket_timeout=settings.REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=settings.REDIS_TIMEOUT_SECONDS,
+        )
     return Redis.from_url(
         settings.REDIS_URL,
         decode_responses=True,

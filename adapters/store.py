@@ -1,11 +1,13 @@
 """The call store: calls in Redis, committed one turn at a time by compare-and-set.
 
-Takes any ``redis.asyncio`` client made with ``decode_responses=True`` (a real server
-or the embedded fakeredis), so every backend runs the same code.
+Takes any ``redis.asyncio`` client made with ``decode_responses=True`` (a server, a
+cluster, or the embedded fakeredis), so every backend runs the same code: every
+script and transaction touches the keys of one call's slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from adapters.keys import SHARDS, CallField, Due, Keyspace
@@ -57,7 +60,9 @@ class RedisCallStore:
 
     shards = SHARDS
 
-    def __init__(self, redis: Redis, keyspace: Keyspace, retention: Retention | None = None) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, keyspace: Keyspace, retention: Retention | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keyspace
         self.retention = retention or Retention()
@@ -130,13 +135,19 @@ class RedisCallStore:
     async def claim_due(self, limit: int, lease_ms: int) -> tuple[int, list[DueItem]]:
         """(Redis time in ms, the work due in any shard, now leased to this caller).
 
-        One pipelined round trip claims from every shard; ``limit`` is per shard.
+        One pipelined round trip claims from every shard (on a cluster, one concurrent
+        script call per shard); ``limit`` is per shard.
         """
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in range(SHARDS):
-                    await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
-                replies = await pipe.execute()
+            if isinstance(self.redis, RedisCluster):  # its pipelines cannot run scripts
+                replies = await asyncio.gather(
+                    *(self._claim(keys=[self.keys.due(s)], args=[limit, lease_ms]) for s in range(SHARDS))
+                )
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for shard in range(SHARDS):
+                        await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
+                    replies = await pipe.execute()
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while claiming due work: {e}") from e
         items = [

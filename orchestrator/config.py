@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     HOST: str = "0.0.0.0"
     LOG_LEVEL: str = "INFO"
     REDIS_URL: str | None = None
+    REDIS_CLUSTER: bool = False  # REDIS_URL is a seed node of a Redis Cluster
     REDIS_KEY_PREFIX: str = Field("cc", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     REDIS_TIMEOUT_SECONDS: float = Field(5.0, gt=0, le=14)
     CALLFLOW_FILE: Path | None = None

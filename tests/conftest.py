@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore, Retention
 from tests.channel import ChannelStandIn
+from tests.servers import IN_CI, REAL_REDIS_URL, RedisClusterServers
 
-REAL_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+__all__ = ["IN_CI", "REAL_REDIS_URL"]
 
 
 async def real_redis_or_skip() -> Redis:
@@ -52,24 +52,38 @@ def key_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A three-master Redis Cluster of the tests' own, started once, on first use."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["fake", "real", "cluster"])
 async def redis_client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Redis]:
-    """The same tests against the embedded fake and a real Redis server."""
+    """The same tests against the embedded fake, a real Redis server and a Redis Cluster."""
     if request.param == "fake":
         client: Redis = FakeRedis(server=FakeServer(), decode_responses=True)
         yield client
         await client.aclose()
         return
-    client = await real_redis_or_skip()
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = await real_redis_or_skip()
     yield client
     await delete_prefix(client, key_prefix)
     await client.aclose()
 
 
-async def delete_prefix(client: Redis, prefix: str) -> None:
+async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> None:
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
-    for start in range(0, len(keys), 500):
-        await client.delete(*keys[start : start + 500])
+    for key in keys:  # one by one: on a cluster they live in many slots
+        await client.delete(key)
 
 
 @pytest.fixture

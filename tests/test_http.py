@@ -42,7 +42,7 @@ def flow_file(tmp_path: Path, transfer_timeout: float) -> Path:
     return path
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["fake", "real", "cluster"])
 async def bot(
     request: pytest.FixtureRequest, flow_file: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[TestClient[Any, Any]]:
@@ -52,8 +52,11 @@ async def bot(
     if request.param == "real":
         await (await real_redis_or_skip()).aclose()
         redis_url = REAL_REDIS_URL
+    elif request.param == "cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
     settings = load_settings(
         REDIS_URL=redis_url,
+        REDIS_CLUSTER=request.param == "cluster",
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file,
         DELIVERY_GRACE_SECONDS=1,
@@ -62,7 +65,7 @@ async def bot(
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     yield client
-    if request.param == "real":
+    if request.param != "fake":
         await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
     await client.close()
 
