@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -65,12 +67,29 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = random.randint(20_000, 50_000)
+        if all(_bindable(p) for p in (port, port + 10_000)):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class RedisClusterServers:
     """A local cluster of three masters and no replicas."""
 
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.nodes = [
-            RedisServer(workdir, None, "--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            RedisServer(workdir, cluster_port(), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
             for _ in range(masters)
         ]
 
