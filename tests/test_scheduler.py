@@ -133,7 +133,10 @@ async def test_a_timer_for_an_attempt_that_ended_does_nothing(quick_store: Redis
     after = (await quick_store.load("c1")).call
     assert after is not None and after.state == "transferring" and after.version == second.version
     assert scheduler.fired == 0 and channel.sent == []
-    assert await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.watchdog("c1")) == second.deadline_ms
+    assert (
+        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.watchdog("c1"))
+        == second.deadline_ms
+    )
 
 
 async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_store: RedisCallStore) -> None:
