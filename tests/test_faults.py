@@ -136,7 +136,7 @@ async def test_redis_restarting_under_load_means_503s_then_recovery_and_no_half_
         for caller in callers:
             keys = store.keys.call(caller.conversation_id)
             record = await store.redis.hgetall(keys.call)
-            lines = [decode_line(raw) for raw in await store.redis.lrange(keys.transcript, 0, -1)]
+            lines = [decode_line(str(raw)) for raw in await store.redis.lrange(keys.transcript, 0, -1)]
             version = int(record["version"])
             assert version == await store.redis.hlen(keys.seen)  # one commit per activity
             assert len(lines) == 2 * version  # every commit wrote its caller and bot line
