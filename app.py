@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ log = logging.getLogger("app")
 
 MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
 SHUTDOWN_SECONDS = 25.0  # inside docker-compose's stop_grace_period of 30 s
+CLEANUP_SECONDS = 2.0  # each clean-up step after that
 
 
 def create_app(config: Settings | None = None) -> web.Application:
@@ -73,7 +73,10 @@ def create_app(config: Settings | None = None) -> web.Application:
         if not await STORE.ping():
             log.error("Redis is not reachable yet; /readyz fails until it is")
         yield
-        await STORE.redis.aclose()
+        try:
+            await asyncio.wait_for(STORE.redis.aclose(), CLEANUP_SECONDS)
+        except TimeoutError:
+            log.warning("Redis connections did not close within %s s", CLEANUP_SECONDS)
 
     async def scheduler_lifetime(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(SCHEDULER.run(), name="scheduler")
@@ -81,10 +84,11 @@ def create_app(config: Settings | None = None) -> web.Application:
         # Shutdown: in-flight requests have finished; stop claiming and hand back what
         # is claimed but not done, so another instance takes it at once.
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        with contextlib.suppress(StoreUnavailable):
-            await SCHEDULER.release()
+        await asyncio.wait({task}, timeout=CLEANUP_SECONDS)
+        try:
+            await asyncio.wait_for(SCHEDULER.release(), CLEANUP_SECONDS)
+        except (StoreUnavailable, TimeoutError) as e:
+            log.warning("claimed work not handed back (its leases will lapse): %r", e)
 
     APP.cleanup_ctx.append(redis_lifetime)
     APP.cleanup_ctx.append(scheduler_lifetime)

@@ -27,6 +27,8 @@ from orchestrator.turn import Handoff, Say, Turn
 
 log = logging.getLogger(__name__)
 
+REPLY_KEY = "replyKey"
+
 # The Telephony channel sends no invoke activities; answer any with a 400 and a reason
 # rather than the SDK's default 501.
 NO_INVOKES = Activity(
@@ -60,7 +62,7 @@ class CallBot(Bot):  # type: ignore[misc]
             event,
             activity_id=activity.id or "",
             reference=conversation_reference(activity),
-            render=lambda turn: [_reply(turn, effect, turn_context) for effect in turn.effects],
+            render=lambda turn: replies(turn, turn_context),
         )
         if turn is None or not turn.replies:
             return
@@ -109,7 +111,20 @@ class CallBot(Bot):  # type: ignore[misc]
 
 def proactive_replies(turn: Turn) -> list[Activity]:
     """A turn's replies when no caller activity is being answered (a timer's turn)."""
-    return [_reply(turn, effect, None) for effect in turn.effects]
+    return replies(turn, None)
+
+
+def replies(turn: Turn, turn_context: TurnContext | None) -> list[Activity]:
+    """The turn's effects as activities, each marked with an idempotency key.
+
+    Parked replies are sent at least once; ``channelData.replyKey`` (the call version the
+    turn commits, and the reply's place in it) lets a receiver drop a repeat.
+    """
+    rendered = [_reply(turn, effect, turn_context) for effect in turn.effects]
+    version = turn.call.version + 1  # what the commit's compare-and-set makes it
+    for index, activity in enumerate(rendered):
+        activity.channel_data = {REPLY_KEY: f"{version}.{index}"}
+    return rendered
 
 
 def _reply(turn: Turn, effect: Say | Handoff, turn_context: TurnContext | None) -> Activity:

@@ -65,6 +65,15 @@ class ChannelStandIn:
                 self._changed.clear()
                 await self._changed.wait()
 
+    def deliveries(self, conversation_id: str) -> dict[str, dict[str, Any]]:
+        """What reached this conversation, once per reply key (``channelData.replyKey``)."""
+        return {a["channelData"]["replyKey"]: a for a in self.for_conversation(conversation_id)}
+
+    def repeats(self) -> int:
+        """Activities that arrived more than once (the same call and reply key)."""
+        keys = Counter((a["_path_conversation"], a["channelData"]["replyKey"]) for a in self.activities)
+        return sum(count - 1 for count in keys.values())
+
     def reply_counts(self) -> Counter[str]:
         """How many activities the bot sent in reply to each incoming activity id."""
         return Counter(a.get("replyToId", "") for a in self.activities)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 class ReplyDroppingProxy:
@@ -17,6 +16,7 @@ class ReplyDroppingProxy:
         self.dropped = 0
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -30,9 +30,20 @@ class ReplyDroppingProxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        this = asyncio.current_task()
+        assert this is not None
+        self._connections.add(this)
+        try:
+            await self._pump(client_reader, client_writer)
+        finally:
+            self._connections.discard(this)
+
+    async def _pump(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         armed = asyncio.Event()
 
@@ -53,10 +64,10 @@ class ReplyDroppingProxy:
                 await client_writer.drain()
 
         tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        for writer in (client_writer, server_writer):
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for writer in (client_writer, server_writer):
+                writer.close()

@@ -65,9 +65,15 @@ async def bot(
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     yield client
-    if request.param != "fake":
-        await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
-    await client.close()
+    try:
+        async with asyncio.timeout(20):
+            if request.param != "fake":
+                await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+            await client.close()
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack()
+        raise
 
 
 async def post(bot: TestClient[Any, Any], activity: dict[str, Any]) -> int:

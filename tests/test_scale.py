@@ -1,0 +1,217 @@
+"""Scale-out: three bot processes on one real Redis, round-robin traffic with duplicate
+deliveries, and one instance killed with SIGKILL mid-run.
+
+Sizes: SCALE_CALLS (default 90) and SCALE_TIMERS (default 300); the closing notes quote
+runs with SCALE_CALLS=300 SCALE_TIMERS=1000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+import yaml
+
+from adapters.keys import SHARDS, Keyspace
+from tests.channel import Caller, ChannelStandIn
+from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
+from tests.process import ROOT, BotProcess
+
+pytestmark = pytest.mark.real_redis
+
+CALLS = int(os.environ.get("SCALE_CALLS", "90"))
+TIMERS = int(os.environ.get("SCALE_TIMERS", "300"))
+FIRST, SECOND = "+14251231234", "+14255550100"
+
+
+@pytest.fixture
+def env(key_prefix: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    require_real_redis_sync()
+    yield {
+        "REDIS_URL": REAL_REDIS_URL,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "DELIVERY_GRACE_SECONDS": "1",
+        "SCHEDULER_POLL_SECONDS": "0.1",
+        "SCHEDULER_LEASE_SECONDS": "2",
+    }
+    client = redis.Redis.from_url(REAL_REDIS_URL)
+    for key in client.scan_iter(match=f"{key_prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+def flow_file(tmp_path: Path, **transfer: Any) -> str:
+    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
+    data["transfer"].update(transfer)
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
+        yield client
+
+
+class LoadBalancer:
+    """Round-robin over the instances; like nginx's proxy_next_upstream, a request that
+    fails to connect, or dies with its instance, goes to the next one."""
+
+    def __init__(self, session: aiohttp.ClientSession, bots: list[BotProcess]) -> None:
+        self.session, self.bots = session, bots
+        self.next = 0
+        self.cut_off = 0  # requests an instance died with: they may have been applied
+
+    async def post(self, activity: dict[str, Any], start: int | None = None) -> int:
+        if start is None:
+            start, self.next = self.next, self.next + 1
+        for attempt in range(len(self.bots) * 4):
+            bot = self.bots[(start + attempt) % len(self.bots)]
+            try:
+                async with self.session.post(f"{bot.url}/api/messages", json=activity) as response:
+                    if response.status < 500:
+                        return response.status
+            except aiohttp.ServerDisconnectedError:
+                self.cut_off += 1
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no instance took activity {activity['id']}")
+
+
+async def start_bots(env: dict[str, str], tmp_path: Path, count: int = 3) -> list[BotProcess]:
+    return list(await asyncio.gather(*(BotProcess(env, tmp_path, f"bot{i}").start() for i in range(count))))
+
+
+def history(client: Any, keys: Keyspace, conversation_id: str) -> list[tuple[str, str, str]]:
+    return [(f["trigger"], f["from"], f["to"]) for _, f in client.xrange(keys.call(conversation_id).history)]
+
+
+async def test_calls_spread_over_three_instances_survive_one_being_killed(
+    env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    env = {**env, "CALLFLOW_FILE": flow_file(tmp_path, targets=[FIRST, SECOND])}
+    bots = await start_bots(env, tmp_path)
+    lb = LoadBalancer(session, bots)
+    pick = random.Random(11)
+    started = asyncio.Event()
+
+    async def call(i: int, caller: Caller) -> None:
+        script = [caller.start(), caller.say("1"), caller.say("agent"), caller.status({"state": "failed"})]
+        script += [caller.say("agent")]
+        script += [caller.status({"state": "accepted"}), caller.hang_up()] if i % 2 else [caller.hang_up()]
+        for n, activity in enumerate(script):
+            if n == 2 and i == CALLS // 3:
+                started.set()
+            first = lb.post(activity)
+            if pick.random() < 0.25:  # the channel delivers it twice, to another instance
+                await asyncio.gather(first, lb.post(activity, start=lb.next + 1))
+            else:
+                await first
+
+    async def kill_one() -> None:
+        await started.wait()
+        bots[0].kill()
+
+    callers = [Caller(channel.url) for _ in range(CALLS)]
+    try:
+        await asyncio.gather(kill_one(), *(call(i, c) for i, c in enumerate(callers)))
+
+        def complete() -> bool:
+            for caller in callers:
+                sent = channel.deliveries(caller.conversation_id).values()
+                if sum(a.get("name") == "handoff.initiate" for a in sent) < 2:
+                    return False
+            return True
+
+        async with asyncio.timeout(30):  # parked replies of the killed instance are re-sent
+            while not complete():  # noqa: ASYNC110 - waiting on an external process
+                await asyncio.sleep(0.2)
+    finally:
+        for bot in bots:
+            bot.stop()
+
+    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    keys = Keyspace(env["REDIS_KEY_PREFIX"])
+    expected = [
+        ("request_agent", "bot", "transferring"),
+        ("fail", "transferring", "failed"),
+        ("request_agent", "failed", "transferring"),
+        ("accept", "transferring", "accepted"),
+        ("hang_up", "accepted", "ended"),
+    ]
+    for caller in callers:
+        cid = caller.conversation_id
+        assert client.hget(keys.call(cid).call, "state") == "ended"
+        assert history(client, keys, cid) == expected, cid
+        sent = list(channel.deliveries(cid).values())
+        handoffs = [a["value"]["TargetPhoneNumber"] for a in sent if a.get("name") == "handoff.initiate"]
+        assert handoffs == [FIRST, SECOND], cid
+        assert sum("could not take your call" in a.get("text", "") for a in sent) == 1, cid
+    repeats = channel.repeats()
+    print(
+        f"\n{CALLS} calls, {len(channel.activities)} activities received, {repeats} repeats, "
+        f"{lb.cut_off} requests cut off by the kill"
+    )
+    assert repeats <= lb.cut_off  # only a reply sent just before the kill can come twice
+    client.close()
+
+
+async def test_watchdogs_fire_once_each_across_instances_with_one_killed(
+    env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    env = {**env, "CALLFLOW_FILE": flow_file(tmp_path, timeout_seconds=1, max_attempts=1)}
+    bots = await start_bots(env, tmp_path)
+    lb = LoadBalancer(session, bots)
+    callers = [Caller(channel.url) for _ in range(TIMERS)]
+    gate = asyncio.Semaphore(32)
+
+    async def transfer(caller: Caller) -> None:
+        async with gate:
+            assert await lb.post(caller.say("agent")) == 201
+
+    try:
+        await asyncio.gather(*(transfer(c) for c in callers[: TIMERS // 2]))
+        await asyncio.sleep(0.5)  # the first watchdogs come due and are being claimed ...
+        bots[1].kill()  # ... when an instance dies, holding some of them
+        await asyncio.gather(*(transfer(c) for c in callers[TIMERS // 2 :]))
+
+        def finals(caller: Caller) -> int:
+            return sum(
+                "no agent is available" in a.get("text", "")
+                for a in channel.deliveries(caller.conversation_id).values()
+            )
+
+        async with asyncio.timeout(60):
+            while not all(finals(c) for c in callers):  # noqa: ASYNC110 - waiting on other processes
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(2.5)  # longer than a lease: anything that would fire twice has
+    finally:
+        for bot in bots:
+            bot.stop()
+
+    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    keys = Keyspace(env["REDIS_KEY_PREFIX"])
+    missed = fired_twice = 0
+    for caller in callers:
+        cid = caller.conversation_id
+        timeouts = [h for h in history(client, keys, cid) if h[1:] == ("transferring", "failed")]
+        missed += not timeouts
+        fired_twice += len(timeouts) > 1
+        assert client.hget(keys.call(cid).call, "failure") == "timeout"
+        assert finals(caller) == 1
+    assert (missed, fired_twice) == (0, 0)
+    assert sum(client.zcard(keys.due(shard)) for shard in range(SHARDS)) == 0  # nothing left due
+    print(
+        f"\n{TIMERS} watchdogs: missed {missed}, fired twice {fired_twice}, "
+        f"{channel.repeats()} repeated prompts, {lb.cut_off} requests cut off by the kill"
+    )
+    client.close()
