@@ -176,5 +176,5 @@ def _real_redis() -> None:
     require_real_redis_sync()
 
 
-class TestCallModel(CallModel.TestCase):  # type: ignore[name-defined,misc]
+class TestCallModel(CallModel.TestCase):  # type: ignore[valid-type,misc]
     pass
