@@ -7,6 +7,7 @@ here first, so a client's mistake is a 4xx with a reason and never reaches the b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -29,6 +30,8 @@ ADAPTER_KEY = web.AppKey("adapter", CloudAdapter)
 BOT_KEY = web.AppKey("bot", Bot)
 STORE_KEY = web.AppKey("store", RedisCallStore)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
+
+TURN_SECONDS = 12.0  # inside the channel's 15 s
 
 # Fields we read, and the JSON type each must have when present.
 _OBJECT_FIELDS = ("from", "recipient", "conversation")
@@ -105,11 +108,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     try:
-        invoke_response = await adapter.process_activity(
-            request.headers.get("Authorization", ""), parsed, bot.on_turn
-        )
+        # The channel gives a turn 15 s; answer before that, so it redelivers rather
+        # than giving up (a turn cut short here was either committed or not at all).
+        async with asyncio.timeout(TURN_SECONDS):
+            invoke_response = await adapter.process_activity(
+                request.headers.get("Authorization", ""), parsed, bot.on_turn
+            )
     except PermissionError:
         return problem(401, "missing or invalid channel token")
+    except TimeoutError:
+        log.warning(
+            "activity %s not answered within %s s; the channel will redeliver", parsed.id, TURN_SECONDS
+        )
+        return problem(503, "the turn took too long; retry", **{"Retry-After": "1"})
     except (StoreUnavailable, CommitConflict) as e:
         log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
         return problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
@@ -25,17 +28,15 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
             "Call state is not shared between processes and is lost when this one exits."
         )
         return FakeRedis(server=FakeServer(), decode_responses=True)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.REDIS_TIMEOUT_SECONDS,
+        "socket_connect_timeout": settings.REDIS_TIMEOUT_SECONDS,
+        # redis-py retries a command on a dropped connection or a timeout (the commit
+        # script recognises its own retried run); its default back-off of up to 10 s
+        # between tries would outlast the channel's 15 s, so keep it short.
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+    }
     if settings.REDIS_CLUSTER:
-        return RedisCluster.from_url(
-            settings.REDIS_URL,
-            decode_responses=True,
-            socket_timeout=settings.REDIS_TIMEOUT_SECONDS,
-            socket_connect_timeout=settings.REDIS_TIMEOUT_SECONDS,
-        )
-    return Redis.from_url(
-        settings.REDIS_URL,
-        decode_responses=True,
-        socket_timeout=settings.REDIS_TIMEOUT_SECONDS,
-        socket_connect_timeout=settings.REDIS_TIMEOUT_SECONDS,
-        health_check_interval=30,
-    )
+        return RedisCluster.from_url(settings.REDIS_URL, **options)
+    return Redis.from_url(settings.REDIS_URL, health_check_interval=30, **options)

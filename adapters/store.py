@@ -229,11 +229,12 @@ class RedisCallStore:
             (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""))) for entry_id, f in entries
         ]
 
-    async def ping(self) -> bool:
-        """Whether Redis answers."""
+    async def ping(self, within: float = 2.0) -> bool:
+        """Whether Redis answers (in time: a Redis that accepts and never replies is down)."""
         try:
-            return bool(await self.redis.ping())
-        except UNAVAILABLE:
+            async with asyncio.timeout(within):
+                return bool(await self.redis.ping())
+        except (*UNAVAILABLE, TimeoutError):
             return False
 
 

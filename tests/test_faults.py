@@ -31,12 +31,12 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.stop()
 
 
-async def bot_on(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> TestClient[Any, Any]:
+async def bot_on(redis_url: str, monkeypatch: pytest.MonkeyPatch, timeout: float = 1) -> TestClient[Any, Any]:
     for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "CALLFLOW_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = load_settings(
         REDIS_URL=redis_url,
-        REDIS_TIMEOUT_SECONDS=1,
+        REDIS_TIMEOUT_SECONDS=timeout,
         DELIVERY_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
         TRANSCRIPT_MAX_ENTRIES=1000,
@@ -145,3 +145,31 @@ async def test_redis_restarting_under_load_means_503s_then_recovery_and_no_half_
     finally:
         stop.set()
         await bot.close()
+
+
+# Connections to the black hole are abandoned mid-command by design; redis-py then
+# leaves their transports to the garbage collector.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
+    channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A black hole: it accepts connections and never replies."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            writer.close()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    bot = await bot_on(f"redis://127.0.0.1:{port}/0", monkeypatch, timeout=0.2)
+    try:
+        response = await bot.post("/api/messages", json=Caller(channel.url).say("agent"))
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert (await bot.get("/readyz")).status == 503
+    finally:
+        await bot.close()
+        hole.close()
