@@ -31,12 +31,14 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.stop()
 
 
-async def bot_on(redis_url: str, monkeypatch: pytest.MonkeyPatch, timeout: float = 1) -> TestClient[Any, Any]:
+async def bot_on(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, redis_timeout: float = 1
+) -> TestClient[Any, Any]:
     for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "CALLFLOW_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = load_settings(
         REDIS_URL=redis_url,
-        REDIS_TIMEOUT_SECONDS=timeout,
+        REDIS_TIMEOUT_SECONDS=redis_timeout,
         DELIVERY_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
         TRANSCRIPT_MAX_ENTRIES=1000,
@@ -165,7 +167,7 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
 
     hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = hole.sockets[0].getsockname()[1]
-    bot = await bot_on(f"redis://127.0.0.1:{port}/0", monkeypatch, timeout=0.2)
+    bot = await bot_on(f"redis://127.0.0.1:{port}/0", monkeypatch, redis_timeout=0.2)
     try:
         response = await bot.post("/api/messages", json=Caller(channel.url).say("agent"))
         assert response.status == 503 and response.headers["Retry-After"] == "1"
