@@ -66,8 +66,10 @@ class ChannelStandIn:
                 await self._changed.wait()
 
     def deliveries(self, conversation_id: str) -> dict[str, dict[str, Any]]:
-        """What reached this conversation, once per reply key (``channelData.replyKey``)."""
-        return {a["channelData"]["replyKey"]: a for a in self.for_conversation(conversation_id)}
+        """What reached this conversation, once per reply key (``channelData.replyKey``), in
+        the order the bot produced it (a re-sent reply may arrive late)."""
+        by_key = {a["channelData"]["replyKey"]: a for a in self.for_conversation(conversation_id)}
+        return dict(sorted(by_key.items(), key=lambda item: tuple(map(int, item[0].split(".")))))
 
     def repeats(self) -> int:
         """Activities that arrived more than once (the same call and reply key)."""

@@ -1,14 +1,13 @@
-"""Scale-out: three bot processes on one real Redis, round-robin traffic with duplicate
-deliveries, and one instance killed with SIGKILL mid-run.
+"""Scale-out: three bot processes on one real Redis (or a Redis Cluster), round-robin
+traffic with duplicate deliveries, and one instance killed with SIGKILL mid-run.
 
-Sizes: SCALE_CALLS (default 90) and SCALE_TIMERS (default 300); the closing notes quote
-runs with SCALE_CALLS=300 SCALE_TIMERS=1000.
+The full-size variants (300 calls, 1,000 watchdogs) are marked ``heavy`` and left out
+of the default run: ``make test PYTEST_ARGS="-m heavy"`` runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 import redis
 import yaml
+from redis.cluster import RedisCluster
 
 from adapters.keys import SHARDS, Keyspace
 from tests.channel import Caller, ChannelStandIn
@@ -26,8 +26,6 @@ from tests.process import ROOT, BotProcess
 
 pytestmark = pytest.mark.real_redis
 
-CALLS = int(os.environ.get("SCALE_CALLS", "90"))
-TIMERS = int(os.environ.get("SCALE_TIMERS", "300"))
 FIRST, SECOND = "+14251231234", "+14255550100"
 
 
@@ -95,10 +93,21 @@ def history(client: Any, keys: Keyspace, conversation_id: str) -> list[tuple[str
     return [(f["trigger"], f["from"], f["to"]) for _, f in client.xrange(keys.call(conversation_id).history)]
 
 
+@pytest.mark.parametrize(
+    ("backend", "calls"), [("real", 90), ("cluster", 90), pytest.param("real", 300, marks=pytest.mark.heavy)]
+)
 async def test_calls_spread_over_three_instances_survive_one_being_killed(
-    env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+    backend: str,
+    calls: int,
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+    tmp_path: Path,
+    channel: ChannelStandIn,
+    session: aiohttp.ClientSession,
 ) -> None:
     env = {**env, "CALLFLOW_FILE": flow_file(tmp_path, targets=[FIRST, SECOND])}
+    if backend == "cluster":
+        env.update(REDIS_URL=request.getfixturevalue("redis_cluster").url, REDIS_CLUSTER="1")
     bots = await start_bots(env, tmp_path)
     lb = LoadBalancer(session, bots)
     pick = random.Random(11)
@@ -109,7 +118,7 @@ async def test_calls_spread_over_three_instances_survive_one_being_killed(
         script += [caller.say("agent")]
         script += [caller.status({"state": "accepted"}), caller.hang_up()] if i % 2 else [caller.hang_up()]
         for n, activity in enumerate(script):
-            if n == 2 and i == CALLS // 3:
+            if n == 2 and i == calls // 3:
                 started.set()
             first = lb.post(activity)
             if pick.random() < 0.25:  # the channel delivers it twice, to another instance
@@ -121,7 +130,7 @@ async def test_calls_spread_over_three_instances_survive_one_being_killed(
         await started.wait()
         bots[0].kill()
 
-    callers = [Caller(channel.url) for _ in range(CALLS)]
+    callers = [Caller(channel.url) for _ in range(calls)]
     try:
         await asyncio.gather(kill_one(), *(call(i, c) for i, c in enumerate(callers)))
 
@@ -139,7 +148,9 @@ async def test_calls_spread_over_three_instances_survive_one_being_killed(
         for bot in bots:
             bot.stop()
 
-    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    client: Any = (RedisCluster if backend == "cluster" else redis.Redis).from_url(
+        env["REDIS_URL"], decode_responses=True
+    )
     keys = Keyspace(env["REDIS_KEY_PREFIX"])
     expected = [
         ("request_agent", "bot", "transferring"),
@@ -158,20 +169,21 @@ async def test_calls_spread_over_three_instances_survive_one_being_killed(
         assert sum("could not take your call" in a.get("text", "") for a in sent) == 1, cid
     repeats = channel.repeats()
     print(
-        f"\n{CALLS} calls, {len(channel.activities)} activities received, {repeats} repeats, "
+        f"\n{backend}: {calls} calls, {len(channel.activities)} activities received, {repeats} repeats, "
         f"{lb.cut_off} requests cut off by the kill"
     )
     assert repeats <= lb.cut_off  # only a reply sent just before the kill can come twice
     client.close()
 
 
+@pytest.mark.parametrize("timers", [300, pytest.param(1000, marks=pytest.mark.heavy)])
 async def test_watchdogs_fire_once_each_across_instances_with_one_killed(
-    env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+    timers: int, env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
 ) -> None:
     env = {**env, "CALLFLOW_FILE": flow_file(tmp_path, timeout_seconds=1, max_attempts=1)}
     bots = await start_bots(env, tmp_path)
     lb = LoadBalancer(session, bots)
-    callers = [Caller(channel.url) for _ in range(TIMERS)]
+    callers = [Caller(channel.url) for _ in range(timers)]
     gate = asyncio.Semaphore(32)
 
     async def transfer(caller: Caller) -> None:
@@ -179,10 +191,10 @@ async def test_watchdogs_fire_once_each_across_instances_with_one_killed(
             assert await lb.post(caller.say("agent")) == 201
 
     try:
-        await asyncio.gather(*(transfer(c) for c in callers[: TIMERS // 2]))
+        await asyncio.gather(*(transfer(c) for c in callers[: timers // 2]))
         await asyncio.sleep(0.5)  # the first watchdogs come due and are being claimed ...
         bots[1].kill()  # ... when an instance dies, holding some of them
-        await asyncio.gather(*(transfer(c) for c in callers[TIMERS // 2 :]))
+        await asyncio.gather(*(transfer(c) for c in callers[timers // 2 :]))
 
         def finals(caller: Caller) -> int:
             return sum(
@@ -211,7 +223,7 @@ async def test_watchdogs_fire_once_each_across_instances_with_one_killed(
     assert (missed, fired_twice) == (0, 0)
     assert sum(client.zcard(keys.due(shard)) for shard in range(SHARDS)) == 0  # nothing left due
     print(
-        f"\n{TIMERS} watchdogs: missed {missed}, fired twice {fired_twice}, "
+        f"\n{timers} watchdogs: missed {missed}, fired twice {fired_twice}, "
         f"{channel.repeats()} repeated prompts, {lb.cut_off} requests cut off by the kill"
     )
     client.close()
