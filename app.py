@@ -35,6 +35,12 @@ def create_app(config: Settings | None = None) -> web.Application:
     """Build the bot; raises ConfigError for a bad setting or call flow file."""
     CONFIG = config or load_settings()
     FLOW = load_callflow(CONFIG.CALLFLOW_FILE)
+    if 2 * FLOW.transfer.timeout_seconds > CONFIG.CALL_IDLE_TTL_SECONDS:
+        # A transferring call must outlive its watchdog, or nobody hears the retry prompt.
+        raise ConfigError(
+            "CALL_IDLE_TTL_SECONDS",
+            f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)",
+        )
     ADAPTER = CloudAdapter(ConfigurationBotFrameworkAuthentication(CONFIG))
     STORE = RedisCallStore(
         create_redis(CONFIG),

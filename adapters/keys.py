@@ -97,7 +97,7 @@ class Keyspace:
         return CallKeys(*(f"{base}:{name}" for name in CallKeys._fields))
 
     def due(self, shard: int) -> str:
-        """ZSET of a shard's due work: member -> when (ms, Redis time). See ``DueMember``."""
+        """ZSET of a shard's due work: member (see ``Due``) -> when (ms, Redis time)."""
         return f"{self.prefix}:{{{shard}}}:due"
 
     def due_for(self, conversation_id: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -16,20 +17,22 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from adapters.keys import SHARDS, CallField, Due, Keyspace
 from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit, Loaded
 from orchestrator.errors import StoreUnavailable
-from orchestrator.scheduler import DueItem
+from orchestrator.scheduler import DueItem, Parked
 from orchestrator.turn import Turn
 from states import State
 
 # Connection loss, timeouts, a read-only replica after failover, OOM, CLUSTERDOWN, ...:
 # the turn is not applied and the channel's redelivery will try again.
-UNAVAILABLE = (RedisError, OSError)
+log = logging.getLogger(__name__)
+
+UNAVAILABLE = (RedisError, RedisClusterException, OSError)
 KNOWN_STATES = frozenset(s.value for s in State)
 # commit.lua's status codes: applied, applied earlier by this same token, duplicate, conflict.
 _OUTCOMES = {1: Commit.APPLIED, 2: Commit.APPLIED, 0: Commit.DUPLICATE, -1: Commit.CONFLICT}
@@ -52,13 +55,11 @@ class Retention:
     ended_seconds: int = 86_400
     transcript_max: int = 50
     history_max: int = 1000
-    delivery_grace_ms: int = 10_000  # unacknowledged replies are re-sent after this long
+    delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
 
 
 class RedisCallStore:
     """Load and commit calls. One round trip each."""
-
-    shards = SHARDS
 
     def __init__(
         self, redis: Redis | RedisCluster, keyspace: Keyspace, retention: Retention | None = None
@@ -120,20 +121,22 @@ class RedisCallStore:
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while acknowledging a delivery: {e}") from e
 
-    async def parked(self, conversation_id: str, delivery_key: str) -> tuple[str, str] | None:
-        """(conversation reference, JSON replies) still waiting for delivery, if any."""
+    async def parked(self, conversation_id: str, delivery_key: str) -> Parked | None:
+        """Replies still waiting for delivery under ``delivery_key``, if any."""
         keys = self.keys.call(conversation_id)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.outbox, delivery_key)
-                pipe.hget(keys.call, CallField.REFERENCE)
-                payload, reference = await pipe.execute()
+                pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE, CallField.UPDATED])
+                payload, (reference, state, updated) = await pipe.execute()
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while reading the outbox: {e}") from e
-        return (reference, payload) if payload and reference else None
+        if not payload:
+            return None
+        return Parked(reference or "", payload, state or "", int(updated or 0))
 
-    async def claim_due(self, limit: int, lease_ms: int) -> tuple[int, list[DueItem]]:
-        """(Redis time in ms, the work due in any shard, now leased to this caller).
+    async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]:
+        """The work due in any shard, now leased to this caller.
 
         One pipelined round trip claims from every shard (on a cluster, one concurrent
         script call per shard); ``limit`` is per shard.
@@ -141,21 +144,34 @@ class RedisCallStore:
         try:
             if isinstance(self.redis, RedisCluster):  # its pipelines cannot run scripts
                 replies = await asyncio.gather(
-                    *(self._claim(keys=[self.keys.due(s)], args=[limit, lease_ms]) for s in range(SHARDS))
+                    *(self._claim(keys=[self.keys.due(s)], args=[limit, lease_ms]) for s in range(SHARDS)),
+                    return_exceptions=True,
                 )
             else:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for shard in range(SHARDS):
                         await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
-                    replies = await pipe.execute()
+                    replies = await pipe.execute(raise_on_error=False)
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"Redis unavailable while claiming due work: {e}") from e
-        items = [
-            DueItem(*Due.parse(member), shard=shard, member=member)
-            for shard, (_, *members) in enumerate(replies)
-            for member in members
-        ]
-        return max(int(reply[0]) for reply in replies), items
+        items: list[DueItem] = []
+        failed = 0
+        for shard, reply in enumerate(replies):
+            if isinstance(reply, BaseException):  # one bad shard must not stop the others
+                failed += 1
+                log.warning("claiming due work in shard %d failed: %r", shard, reply)
+                continue
+            now, *members = reply
+            for member in members:
+                try:
+                    kind, conversation_id, key = Due.parse(member)
+                except (ValueError, TypeError):
+                    log.warning("shard %d: skipping a due member this version cannot read: %r", shard, member)
+                    continue
+                items.append(DueItem(kind, conversation_id, key, shard, member, int(now)))
+        if failed == SHARDS:
+            raise StoreUnavailable("Redis unavailable while claiming due work: every shard failed")
+        return items
 
     async def release(self, items: list[DueItem]) -> None:
         """Make claimed items due now again (only those still scheduled)."""

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
     SCHEDULER_POLL_SECONDS: float = Field(0.2, gt=0, le=10)
     SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)
-    DELIVERY_GRACE_SECONDS: float = Field(10, ge=1, le=600)
+    DELIVERY_GRACE_SECONDS: float = Field(20, ge=1, le=600)  # above a turn's 12 s budget
 
     APP_ID: str = Field("", validation_alias="MicrosoftAppId")
     APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)

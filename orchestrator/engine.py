@@ -71,9 +71,10 @@ class Engine:
         activity_id: str = "",
         reference: str = "",
         render: Render | None = None,
+        only_if_changed: bool = False,
     ) -> Turn | None:
-        """Apply one event; None if it was already applied (a redelivery) or, for an event
-        with no activity id (a timer), if it changed nothing.
+        """Apply one event; None if it was already applied (a redelivery), or, with
+        ``only_if_changed`` (a timer), if it changes nothing or the call is unknown.
 
         ``render`` turns the turn's effects into the activities to send; replies that
         must be delivered are committed with the turn (see ``Turn.durable``).
@@ -84,7 +85,7 @@ class Engine:
                 return None
             call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=_now(), reference=reference)
-            if not activity_id and (turn.is_empty or call.is_new):
+            if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             if render is not None and turn.effects:
                 turn.replies = render(turn)

@@ -13,18 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.engine import Engine
-from orchestrator.errors import StoreUnavailable
 from orchestrator.events import WatchdogExpired
 from orchestrator.turn import Turn
+from states import State
 
 log = logging.getLogger(__name__)
 
 WATCHDOG = "watchdog"
 DELIVERY = "delivery"
+
+
+SEND_SECONDS = 5.0  # a proactive send that takes longer is given up (and retried later)
+MAX_PARKED_MS = 10 * 60 * 1000  # parked replies older than this are dropped, not sent
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,14 +41,23 @@ class DueItem:
     key: str  # for DELIVERY: the outbox entry
     shard: int
     member: str  # as stored in the schedule
+    now_ms: int  # Redis time of the claim, on the node holding the shard
+
+
+@dataclass(slots=True, frozen=True)
+class Parked:
+    """Replies waiting in a call's outbox, and what the call looks like now."""
+
+    reference: str
+    payload: str
+    state: str
+    updated_ms: int
 
 
 class ScheduleStore(Protocol):
     """The schedule side of the call store (``adapters.store.RedisCallStore``)."""
 
-    shards: int
-
-    async def claim_due(self, limit: int, lease_ms: int) -> tuple[int, list[DueItem]]: ...
+    async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]: ...
 
     async def release(self, items: list[DueItem]) -> None: ...
 
@@ -51,7 +65,7 @@ class ScheduleStore(Protocol):
 
     async def reschedule_watchdog(self, conversation_id: str) -> None: ...
 
-    async def parked(self, conversation_id: str, key: str) -> tuple[str, str] | None: ...
+    async def parked(self, conversation_id: str, key: str) -> Parked | None: ...
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
@@ -77,68 +91,80 @@ class Scheduler:
         *,
         poll_seconds: float = 0.2,
         lease_seconds: float = 15.0,
-        batch: int = 500,
+        per_shard: int = 8,
         concurrency: int = 64,
     ) -> None:
         self.engine, self.store, self.channel = engine, store, channel
         self.poll_seconds = poll_seconds
         self.lease_ms = int(lease_seconds * 1000)
-        self.batch = batch
+        self.per_shard = per_shard
         self._gate = asyncio.Semaphore(concurrency)
-        self._held: set[DueItem] = set()
+        self._held: dict[DueItem, float] = {}  # claimed, not done -> when claimed (monotonic)
         self.fired = 0  # watchdogs that failed a transfer, since start
         self.redelivered = 0  # parked replies sent again, since start
 
     async def run(self) -> None:
-        """Poll until cancelled; a Redis outage only pauses it."""
+        """Poll until cancelled; trouble only pauses it, with a growing back-off."""
+        pause = self.poll_seconds
         while True:
             try:
-                done = await self.poll()
-            except StoreUnavailable as e:
-                log.warning("scheduler paused: %s", e)
-                done = 0
-            if done < self.batch:
-                await asyncio.sleep(self.poll_seconds * random.uniform(0.75, 1.25))
+                claimed = await self.poll()
+                pause = self.poll_seconds
+            except Exception as e:
+                claimed = 0
+                pause = min(pause * 2, 5.0)
+                log.warning("scheduler paused %.1f s: %r", pause, e)
+            if not claimed:
+                await asyncio.sleep(pause * random.uniform(0.75, 1.25))
 
     async def poll(self) -> int:
-        """Claim and do one batch of due work; how many items were claimed."""
-        now_ms, items = await self.store.claim_due(self.batch, self.lease_ms)
-        self._held.update(items)
-        await asyncio.gather(*(self._do(now_ms, item) for item in items))
+        """Claim and do one round of due work; how many items were claimed."""
+        items = await self.store.claim_due(self.per_shard, self.lease_ms)
+        now = time.monotonic()
+        self._held.update((item, now) for item in items)
+        await asyncio.gather(*(self._do(item) for item in items))
         return len(items)
 
     async def release(self) -> None:
         """Hand back claimed work not done yet (on shutdown), for others to take now."""
-        held, self._held = list(self._held), set()
+        held, self._held = list(self._held), {}
         if held:
             await self.store.release(held)
             log.info("released %d claimed items", len(held))
 
-    async def _do(self, now_ms: int, item: DueItem) -> None:
+    async def _do(self, item: DueItem) -> None:
         async with self._gate:
-            try:
-                if item.kind == WATCHDOG:
-                    await self._watchdog(now_ms, item)
-                else:
-                    await self._redeliver(item)
-            except Exception:
-                # The lease lapses and the item is claimed again: at least once.
-                log.exception(
-                    "due %s for call %s failed; it will be retried", item.kind, item.conversation_id
-                )
+            claimed = self._held.get(item, time.monotonic())
+            # Waited so long for a slot that the lease is nearly up: another instance may
+            # take it now, so leave it rather than do it twice.
+            if (time.monotonic() - claimed) * 1000 < self.lease_ms * 0.8:
+                try:
+                    if item.kind == WATCHDOG:
+                        await self._watchdog(item)
+                    elif item.kind == DELIVERY:
+                        await self._redeliver(item)
+                except Exception:
+                    # The lease lapses and the item is claimed again: at least once.
+                    log.exception(
+                        "due %s for call %s failed; it comes due again", item.kind, item.conversation_id
+                    )
             # Not in a finally: work cancelled by shutdown stays held, to be released.
-            self._held.discard(item)
+            self._held.pop(item, None)
 
-    async def _watchdog(self, now_ms: int, item: DueItem) -> None:
+    async def _watchdog(self, item: DueItem) -> None:
         turn = await self.engine.handle(
-            item.conversation_id, WatchdogExpired(now_ms), render=self.channel.render
+            item.conversation_id,
+            WatchdogExpired(item.now_ms),
+            render=self.channel.render,
+            only_if_changed=True,
         )
         if turn is None:  # not due yet, the attempt already ended, or the call is gone
             await self.store.reschedule_watchdog(item.conversation_id)
             return
         self.fired += 1
         if turn.replies:
-            await self.channel.send(turn.call.reference, turn.replies)
+            async with asyncio.timeout(SEND_SECONDS):
+                await self.channel.send(turn.call.reference, turn.replies)
             if turn.delivery_key:
                 await self.store.acknowledge(item.conversation_id, turn.delivery_key)
 
@@ -147,8 +173,19 @@ class Scheduler:
         if parked is None:  # acknowledged meanwhile, or expired with the call
             await self.store.forget(item)
             return
-        reference, payload = parked
-        await self.channel.send(reference, self.channel.unpark(payload))
+        stale = item.now_ms - parked.updated_ms > MAX_PARKED_MS
+        if parked.state == State.ENDED or stale or not parked.reference:
+            # Nobody to speak to any more: drop the replies rather than retry forever.
+            log.warning(
+                "call %s: dropping parked replies %s (%s)",
+                item.conversation_id,
+                item.key,
+                "call ended" if parked.state == State.ENDED else "too old or no reference",
+            )
+            await self.store.acknowledge(item.conversation_id, item.key)
+            return
+        async with asyncio.timeout(SEND_SECONDS):
+            await self.channel.send(parked.reference, self.channel.unpark(parked.payload))
         await self.store.acknowledge(item.conversation_id, item.key)
         self.redelivered += 1
         log.info("call %s: re-sent parked replies %s", item.conversation_id, item.key)

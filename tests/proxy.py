@@ -7,11 +7,12 @@ import asyncio
 
 class ReplyDroppingProxy:
     """Forwards bytes both ways; while ``drop_evalsha_replies`` > 0, a connection that
-    sends ``EVALSHA`` is cut when the server's reply comes back, so the script has run
-    but the client never hears of it (as when a connection drops mid-reply)."""
+    runs the script ``sha`` is cut when the server's reply comes back, so the script has
+    run but the client never hears of it (as when a connection drops mid-reply)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, sha: str) -> None:
         self.target_port = target_port
+        self.sha = sha.encode()
         self.drop_evalsha_replies = 0
         self.dropped = 0
         self.port = 0
@@ -49,7 +50,7 @@ class ReplyDroppingProxy:
 
         async def upstream() -> None:
             while data := await client_reader.read(65536):
-                if self.drop_evalsha_replies > 0 and b"EVALSHA" in data.upper():
+                if self.drop_evalsha_replies > 0 and self.sha in data:
                     self.drop_evalsha_replies -= 1
                     armed.set()
                 server_writer.write(data)

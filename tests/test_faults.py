@@ -4,6 +4,7 @@ tests' own, on loopback."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.http import STORE_KEY
-from adapters.store import RedisCallStore, decode_line
+from adapters.store import COMMIT_SCRIPT, RedisCallStore, decode_line
 from app import create_app
 from orchestrator.config import load_settings
 from tests.channel import Caller, ChannelStandIn
@@ -22,6 +23,8 @@ from tests.proxy import ReplyDroppingProxy
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.real_redis
+
+COMMIT_SHA = hashlib.sha1(COMMIT_SCRIPT.encode()).hexdigest()
 
 
 @pytest.fixture
@@ -52,12 +55,12 @@ async def test_a_lost_commit_reply_is_not_applied_twice(
     redis_server: RedisServer, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server ran the commit, the reply was lost, redis-py retried: one application."""
-    proxy = await ReplyDroppingProxy(redis_server.port).start()
+    proxy = await ReplyDroppingProxy(redis_server.port, COMMIT_SHA).start()
     bot = await bot_on(proxy.url, monkeypatch)
     try:
         caller = Caller(channel.url)
         proxy.drop_evalsha_replies = 1
-        response = await bot.post("/api/messages", json=caller.say("agent"))
+        response = await bot.post("/api/messages", json=caller.say("agent"))  # the commit's reply is lost
         assert response.status == 201 and proxy.dropped == 1
         call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
         assert call is not None and call.version == 1 and call.attempts == 1
@@ -73,7 +76,7 @@ async def test_a_commit_whose_every_reply_is_lost_is_answered_once_after_all(
 ) -> None:
     """redis-py gives up: 503, the channel redelivers, the redelivery is a duplicate, and
     the parked handoff.initiate is sent by the scheduler: once."""
-    proxy = await ReplyDroppingProxy(redis_server.port).start()
+    proxy = await ReplyDroppingProxy(redis_server.port, COMMIT_SHA).start()
     bot = await bot_on(proxy.url, monkeypatch)
     try:
         caller = Caller(channel.url)

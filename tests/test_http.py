@@ -420,3 +420,13 @@ async def test_replies_the_channel_refused_are_delivered_later(
     async with asyncio.timeout(10):  # acknowledged once the channel took it
         while await store.redis.hlen(store.keys.call(cid).outbox):  # noqa: ASYNC110 - polling Redis
             await asyncio.sleep(0.05)
+
+
+async def test_an_activity_without_an_id_still_starts_an_unknown_call(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url)
+    activity = {k: v for k, v in caller.say("1").items() if k != "id"}
+    assert await post(bot, activity) == 201
+    assert channel.for_conversation(caller.conversation_id)[-1]["text"].startswith("Hello and thank you")
+    assert await state_of(bot, caller.conversation_id) == "bot"

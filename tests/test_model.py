@@ -76,9 +76,11 @@ class CallModel(RuleBasedStateMachine):
         return self.loop.run_until_complete(coroutine)
 
     def teardown(self) -> None:
-        keys = [*self.store.keys.call(self.call)]
-        self.run(self.redis.delete(*keys))
-        self.run(self.redis.zrem(self.store.keys.due_for(self.call), Due.watchdog(self.call)))
+        self.run(self.redis.delete(*self.store.keys.call(self.call)))
+        due = self.store.keys.due_for(self.call)
+        mine = [m for m in self.run(self.redis.zrange(due, 0, -1)) if Due.parse(m)[1] == self.call]
+        if mine:
+            self.run(self.redis.zrem(due, *mine))
         self.run(self.redis.aclose())
         self.loop.close()
 
@@ -127,9 +129,9 @@ class CallModel(RuleBasedStateMachine):
         if call is None:
             return
         now = call.deadline_ms + 1 if late else max(call.deadline_ms - 1, 0)
-        item = DueItem(WATCHDOG, self.call, "", Keyspace.locate(self.call)[0], Due.watchdog(self.call))
+        item = DueItem(WATCHDOG, self.call, "", Keyspace.locate(self.call)[0], Due.watchdog(self.call), now)
         fired_before = self.scheduler.fired
-        self.run(self.scheduler._watchdog(now, item))
+        self.run(self.scheduler._watchdog(item))
         if self.scheduler.fired > fired_before:
             after = self._current()
             assert after.state == State.FAILED and after.failure == "timeout"

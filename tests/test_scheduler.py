@@ -15,7 +15,7 @@ from adapters.keys import Due, Keyspace
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
-from orchestrator.events import CallerInput, HandoffStatus
+from orchestrator.events import CallEnded, CallerInput, HandoffStatus
 from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
 from orchestrator.turn import TIMEOUT, Turn
 
@@ -58,6 +58,10 @@ async def until(condition: Callable[[], Any], scheduler: Scheduler, within: floa
         while not condition():
             await scheduler.poll()
             await asyncio.sleep(0.05)
+
+
+def members(items: list[DueItem]) -> list[tuple[str, str, str]]:
+    return [(item.kind, item.conversation_id, item.member) for item in items]
 
 
 async def transfer(engine: Engine, call: str) -> Turn:
@@ -128,8 +132,10 @@ async def test_a_timer_for_an_attempt_that_ended_does_nothing(quick_store: Redis
     assert second is not None and second.attempts == 2
     # The first attempt's watchdog, claimed now by a slow instance:
     seconds, micros = await quick_store.redis.time()
-    stale = DueItem(WATCHDOG, "c1", "", Keyspace.locate("c1")[0], Due.watchdog("c1"))
-    await scheduler._watchdog(seconds * 1000 + micros // 1000, stale)
+    now_ms = seconds * 1000 + micros // 1000
+    await scheduler._watchdog(
+        DueItem(WATCHDOG, "c1", "", Keyspace.locate("c1")[0], Due.watchdog("c1"), now_ms)
+    )
     after = (await quick_store.load("c1")).call
     assert after is not None and after.state == "transferring" and after.version == second.version
     assert scheduler.fired == 0 and channel.sent == []
@@ -144,14 +150,14 @@ async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_s
     await transfer(engine, "c1")
     due = quick_store.keys.due_for("c1")
     await quick_store.redis.zadd(due, {Due.watchdog("c1"): 0})  # due now
-    _, claimed = await quick_store.claim_due(10, lease_ms=300)
-    assert [item.conversation_id for item in claimed] == ["c1"]
-    assert (await quick_store.claim_due(10, lease_ms=300))[1] == []  # leased to the first claimer
+    claimed = members(await quick_store.claim_due(10, lease_ms=300))
+    assert claimed == [("watchdog", "c1", Due.watchdog("c1"))]
+    assert await quick_store.claim_due(10, lease_ms=300) == []  # leased to the first claimer
     await asyncio.sleep(0.4)  # the claimer died; its lease lapses
-    _, again = await quick_store.claim_due(10, lease_ms=60_000)
-    assert again == claimed
+    again = await quick_store.claim_due(10, lease_ms=60_000)
+    assert members(again) == claimed
     await quick_store.release(again)  # a clean shutdown hands it back
-    assert (await quick_store.claim_due(10, lease_ms=60_000))[1] == claimed
+    assert members(await quick_store.claim_due(10, lease_ms=60_000)) == claimed
 
 
 async def test_replies_parked_and_never_acknowledged_are_sent_again(quick_store: RedisCallStore) -> None:
@@ -207,7 +213,38 @@ async def test_work_claimed_at_shutdown_is_handed_back(quick_store: RedisCallSto
     polling.cancel()
     with pytest.raises(asyncio.CancelledError):
         await polling
-    assert (await quick_store.claim_due(10, 600_000))[1] == []  # still leased to us
+    assert await quick_store.claim_due(10, 600_000) == []  # still leased to us
     await scheduler.release()
-    _, items = await quick_store.claim_due(10, 600_000)
+    items = await quick_store.claim_due(10, 600_000)
     assert [(item.kind, item.key) for item in items] == [("delivery", "s1")]
+
+
+async def test_a_bad_shard_or_an_unreadable_member_does_not_stop_the_others(
+    quick_store: RedisCallStore,
+) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=1)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    shard = Keyspace.locate("c1")[0]
+    other = (shard + 1) % 64
+    await quick_store.redis.set(quick_store.keys.due(other), "not a sorted set")  # WRONGTYPE
+    unreadable = '["reminder"]'  # written by some future version
+    await quick_store.redis.zadd(quick_store.keys.due(shard), {unreadable: 0})
+    await until(lambda: scheduler.fired == 1, scheduler)
+    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert await quick_store.redis.zscore(quick_store.keys.due(shard), unreadable) is not None  # left alone
+    await quick_store.redis.delete(quick_store.keys.due(other))
+
+
+async def test_parked_replies_of_a_call_that_ended_are_dropped_not_sent(quick_store: RedisCallStore) -> None:
+    engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
+    await engine.handle("c1", CallEnded(), activity_id="bye")
+    await asyncio.sleep(0.3)  # the parked prompt comes due, unacknowledged
+    for _ in range(3):
+        await scheduler.poll()
+    assert channel.sent == []
+    assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
+    assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0
