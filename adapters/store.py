@@ -8,9 +8,11 @@ script and transaction touches the keys of one call's slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -34,6 +36,17 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE = (RedisError, RedisClusterException, OSError)
 KNOWN_STATES = frozenset(s.value for s in State)
+
+
+@contextlib.contextmanager
+def unavailable_while(action: str) -> Iterator[None]:
+    """Translate a Redis failure into StoreUnavailable, saying what was being done."""
+    try:
+        yield
+    except UNAVAILABLE as e:
+        raise StoreUnavailable(f"Redis unavailable while {action}: {e}") from e
+
+
 # commit.lua's status codes: applied, applied earlier by this same token, duplicate, conflict.
 _OUTCOMES = {1: Commit.APPLIED, 2: Commit.APPLIED, 0: Commit.DUPLICATE, -1: Commit.CONFLICT}
 
@@ -74,15 +87,13 @@ class RedisCallStore:
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded:
         """The call and its transcript, and whether ``activity_id`` was already applied."""
         keys = self.keys.call(conversation_id)
-        try:
+        with unavailable_while("loading a call"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.call)
                 pipe.lrange(keys.transcript, 0, -1)
                 if activity_id:
                     pipe.hexists(keys.seen, activity_id)
                 replies = await pipe.execute()
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while loading a call: {e}") from e
         record, lines = replies[0], replies[1]
         if activity_id and replies[2]:
             return Loaded(None, duplicate=True)
@@ -99,10 +110,8 @@ class RedisCallStore:
         # retries after a lost reply is still recognised as this commit.
         key = activity_id or f"~{token}"
         args = self._commit_args(turn, key, token)
-        try:
+        with unavailable_while("committing a turn"):
             status, version, deadline = await self._commit(keys=keys, args=args)
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while committing a turn: {e}") from e
         outcome = _OUTCOMES[status]
         if outcome is Commit.APPLIED:
             call.version = int(version)
@@ -113,24 +122,20 @@ class RedisCallStore:
     async def acknowledge(self, conversation_id: str, delivery_key: str) -> None:
         """The replies parked under ``delivery_key`` reached the channel: forget them."""
         keys = self.keys.call(conversation_id)
-        try:
+        with unavailable_while("acknowledging a delivery"):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hdel(keys.outbox, delivery_key)
                 pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, delivery_key))
                 await pipe.execute()
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while acknowledging a delivery: {e}") from e
 
     async def parked(self, conversation_id: str, delivery_key: str) -> Parked | None:
         """Replies still waiting for delivery under ``delivery_key``, if any."""
         keys = self.keys.call(conversation_id)
-        try:
+        with unavailable_while("reading the outbox"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.outbox, delivery_key)
                 pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE, CallField.UPDATED])
                 payload, (reference, state, updated) = await pipe.execute()
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while reading the outbox: {e}") from e
         if not payload:
             return None
         return Parked(reference or "", payload, state or "", int(updated or 0))
@@ -141,7 +146,7 @@ class RedisCallStore:
         One pipelined round trip claims from every shard (on a cluster, one concurrent
         script call per shard); ``limit`` is per shard.
         """
-        try:
+        with unavailable_while("claiming due work"):
             if isinstance(self.redis, RedisCluster):  # its pipelines cannot run scripts
                 replies = await asyncio.gather(
                     *(self._claim(keys=[self.keys.due(s)], args=[limit, lease_ms]) for s in range(SHARDS)),
@@ -152,8 +157,6 @@ class RedisCallStore:
                     for shard in range(SHARDS):
                         await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
                     replies = await pipe.execute(raise_on_error=False)
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while claiming due work: {e}") from e
         items: list[DueItem] = []
         failed = 0
         for shard, reply in enumerate(replies):
@@ -175,27 +178,21 @@ class RedisCallStore:
 
     async def release(self, items: list[DueItem]) -> None:
         """Make claimed items due now again (only those still scheduled)."""
-        try:
+        with unavailable_while("releasing claimed work"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
                     pipe.zadd(self.keys.due(item.shard), {item.member: 0}, xx=True)
                 await pipe.execute()
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while releasing claimed work: {e}") from e
 
     async def forget(self, item: DueItem) -> None:
-        try:
+        with unavailable_while("updating the schedule"):
             await self.redis.zrem(self.keys.due(item.shard), item.member)
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while updating the schedule: {e}") from e
 
     async def reschedule_watchdog(self, conversation_id: str) -> None:
         """Schedule the call's watchdog at its deadline if it is transferring, else drop it."""
         keys = [self.keys.call(conversation_id).call, self.keys.due_for(conversation_id)]
-        try:
+        with unavailable_while("rescheduling a watchdog"):
             await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while rescheduling a watchdog: {e}") from e
 
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
         call, keep = turn.call, self.retention
@@ -237,10 +234,8 @@ class RedisCallStore:
     async def history(self, conversation_id: str) -> list[tuple[str, Step]]:
         """The call's history, oldest first, as (stream entry id, step)."""
         keys = self.keys.call(conversation_id)
-        try:
+        with unavailable_while("reading history"):
             entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(keys.history)  # type: ignore[assignment]
-        except UNAVAILABLE as e:
-            raise StoreUnavailable(f"Redis unavailable while reading history: {e}") from e
         return [
             (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""))) for entry_id, f in entries
         ]
