@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
 from adapters.keys import SHARDS, CallField, Due, Keyspace
@@ -58,6 +59,7 @@ def _script(name: str) -> str:
 COMMIT_SCRIPT = _script("commit.lua")
 CLAIM_SCRIPT = _script("claim.lua")
 RESCHEDULE_SCRIPT = _script("reschedule.lua")
+RELEASE_SCRIPT = _script("release.lua")
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,6 +85,7 @@ class RedisCallStore:
         self._commit = redis.register_script(COMMIT_SCRIPT)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded:
         """The call and its transcript, and whether ``activity_id`` was already applied."""
@@ -147,16 +150,9 @@ class RedisCallStore:
         script call per shard); ``limit`` is per shard.
         """
         with unavailable_while("claiming due work"):
-            if isinstance(self.redis, RedisCluster):  # its pipelines cannot run scripts
-                replies = await asyncio.gather(
-                    *(self._claim(keys=[self.keys.due(s)], args=[limit, lease_ms]) for s in range(SHARDS)),
-                    return_exceptions=True,
-                )
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for shard in range(SHARDS):
-                        await self._claim(keys=[self.keys.due(shard)], args=[limit, lease_ms], client=pipe)
-                    replies = await pipe.execute(raise_on_error=False)
+            replies = await self._run_each(
+                self._claim, [([self.keys.due(shard)], [limit, lease_ms]) for shard in range(SHARDS)]
+            )
         items: list[DueItem] = []
         failed = 0
         for shard, reply in enumerate(replies):
@@ -176,13 +172,26 @@ class RedisCallStore:
             raise StoreUnavailable("Redis unavailable while claiming due work: every shard failed")
         return items
 
-    async def release(self, items: list[DueItem]) -> None:
-        """Make claimed items due now again (only those still scheduled)."""
+    async def release(self, items: list[DueItem], lease_ms: int) -> None:
+        """Make claimed items due now again, those still under the lease we took."""
         with unavailable_while("releasing claimed work"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for item in items:
-                    pipe.zadd(self.keys.due(item.shard), {item.member: 0}, xx=True)
-                await pipe.execute()
+            await self._run_each(
+                self._release,
+                [([self.keys.due(item.shard)], [item.member, item.now_ms + lease_ms]) for item in items],
+            )
+
+    async def _run_each(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run a script once per (keys, args), in one pipelined round trip on a single Redis
+        (on a cluster, whose pipelines cannot run scripts, concurrently). A failed call's
+        reply is its exception, so one bad shard does not sink the others."""
+        if isinstance(self.redis, RedisCluster):
+            return await asyncio.gather(
+                *(script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
+            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute(raise_on_error=False))
 
     async def forget(self, item: DueItem) -> None:
         with unavailable_while("updating the schedule"):

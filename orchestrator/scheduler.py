@@ -59,7 +59,7 @@ class ScheduleStore(Protocol):
 
     async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]: ...
 
-    async def release(self, items: list[DueItem]) -> None: ...
+    async def release(self, items: list[DueItem], lease_ms: int) -> None: ...
 
     async def forget(self, item: DueItem) -> None: ...
 
@@ -129,7 +129,7 @@ class Scheduler:
         """Hand back claimed work not done yet (on shutdown), for others to take now."""
         held, self._held = list(self._held), {}
         if held:
-            await self.store.release(held)
+            await self.store.release(held, self.lease_ms)
             log.info("released %d claimed items", len(held))
 
     async def _do(self, item: DueItem) -> None:

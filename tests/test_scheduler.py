@@ -150,13 +150,16 @@ async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_s
     await transfer(engine, "c1")
     due = quick_store.keys.due_for("c1")
     await quick_store.redis.zadd(due, {Due.watchdog("c1"): 0})  # due now
-    claimed = members(await quick_store.claim_due(10, lease_ms=300))
+    claimed_items = await quick_store.claim_due(10, lease_ms=300)
+    claimed = members(claimed_items)
     assert claimed == [("watchdog", "c1", Due.watchdog("c1"))]
     assert await quick_store.claim_due(10, lease_ms=300) == []  # leased to the first claimer
     await asyncio.sleep(0.4)  # the claimer died; its lease lapses
     again = await quick_store.claim_due(10, lease_ms=60_000)
     assert members(again) == claimed
-    await quick_store.release(again)  # a clean shutdown hands it back
+    await quick_store.release(claimed_items, 300)  # a lapsed lease, re-claimed since: not ours
+    assert await quick_store.claim_due(10, lease_ms=60_000) == []
+    await quick_store.release(again, 60_000)  # a clean shutdown hands back its own claim
     assert members(await quick_store.claim_due(10, lease_ms=60_000)) == claimed
 
 
