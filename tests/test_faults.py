@@ -51,49 +51,51 @@ async def bot_on(
     return client
 
 
-async def test_a_lost_commit_reply_is_not_applied_twice(
-    redis_server: RedisServer, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The server ran the commit, the reply was lost, redis-py retried: one application."""
+@pytest.fixture
+async def proxied(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[ReplyDroppingProxy, TestClient[Any, Any]]]:
+    """A bot whose Redis connections go through a proxy that can lose commit replies."""
     proxy = await ReplyDroppingProxy(redis_server.port, COMMIT_SHA).start()
     bot = await bot_on(proxy.url, monkeypatch)
-    try:
-        caller = Caller(channel.url)
-        proxy.drop_evalsha_replies = 1
-        response = await bot.post("/api/messages", json=caller.say("agent"))  # the commit's reply is lost
-        assert response.status == 201 and proxy.dropped == 1
-        call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
-        assert call is not None and call.version == 1 and call.attempts == 1
-        assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
-        assert len(await bot.app[STORE_KEY].history(caller.conversation_id)) == 1
-    finally:
-        await bot.close()
-        await proxy.stop()
+    yield proxy, bot
+    await bot.close()
+    await proxy.stop()
+
+
+async def test_a_lost_commit_reply_is_not_applied_twice(
+    proxied: tuple[ReplyDroppingProxy, TestClient[Any, Any]], channel: ChannelStandIn
+) -> None:
+    """The server ran the commit, the reply was lost, redis-py retried: one application."""
+    proxy, bot = proxied
+    caller = Caller(channel.url)
+    proxy.drop_evalsha_replies = 1
+    response = await bot.post("/api/messages", json=caller.say("agent"))  # the commit's reply is lost
+    assert response.status == 201 and proxy.dropped == 1
+    call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
+    assert call is not None and call.version == 1 and call.attempts == 1
+    assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
+    assert len(await bot.app[STORE_KEY].history(caller.conversation_id)) == 1
 
 
 async def test_a_commit_whose_every_reply_is_lost_is_answered_once_after_all(
-    redis_server: RedisServer, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+    proxied: tuple[ReplyDroppingProxy, TestClient[Any, Any]], channel: ChannelStandIn
 ) -> None:
     """redis-py gives up: 503, the channel redelivers, the redelivery is a duplicate, and
     the parked handoff.initiate is sent by the scheduler: once."""
-    proxy = await ReplyDroppingProxy(redis_server.port, COMMIT_SHA).start()
-    bot = await bot_on(proxy.url, monkeypatch)
-    try:
-        caller = Caller(channel.url)
-        ask = caller.say("agent")
-        proxy.drop_evalsha_replies = 100
-        assert (await bot.post("/api/messages", json=ask)).status == 503
-        proxy.drop_evalsha_replies = 0
-        assert (await bot.post("/api/messages", json=ask)).status == 201  # the redelivery
-        await channel.wait_for(1, caller.conversation_id)
-        await asyncio.sleep(1.5)  # past another grace period: nothing more may come
-        sent = channel.for_conversation(caller.conversation_id)
-        assert [a["name"] for a in sent] == ["handoff.initiate"]
-        call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
-        assert call is not None and call.version == 1
-    finally:
-        await bot.close()
-        await proxy.stop()
+    proxy, bot = proxied
+    caller = Caller(channel.url)
+    ask = caller.say("agent")
+    proxy.drop_evalsha_replies = 100
+    assert (await bot.post("/api/messages", json=ask)).status == 503
+    proxy.drop_evalsha_replies = 0
+    assert (await bot.post("/api/messages", json=ask)).status == 201  # the redelivery
+    await channel.wait_for(1, caller.conversation_id)
+    await asyncio.sleep(1.5)  # past another grace period: nothing more may come
+    sent = channel.for_conversation(caller.conversation_id)
+    assert [a["name"] for a in sent] == ["handoff.initiate"]
+    call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
+    assert call is not None and call.version == 1
 
 
 async def test_redis_restarting_under_load_means_503s_then_recovery_and_no_half_written_call(
