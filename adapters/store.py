@@ -240,6 +240,12 @@ class RedisCallStore:
             args += [step.trigger, step.source, step.dest, step.reason]
         return args
 
+    async def record(self, conversation_id: str) -> dict[str, str]:
+        """The call's record hash as stored (empty if the call is unknown)."""
+        with unavailable_while("reading a call"):
+            record: dict[str, str] = await self.redis.hgetall(self.keys.call(conversation_id).call)  # type: ignore[assignment]
+        return record
+
     async def history(self, conversation_id: str) -> list[tuple[str, Step]]:
         """The call's history, oldest first, as (stream entry id, step)."""
         keys = self.keys.call(conversation_id)

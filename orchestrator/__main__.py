@@ -1,0 +1,5 @@
+"""``python -m orchestrator``: the operator CLI."""
+
+from orchestrator.cli import cli
+
+cli()

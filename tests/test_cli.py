@@ -1,0 +1,109 @@
+"""The operator CLI, through click's runner, against the Redis the bots use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from redis.asyncio import Redis
+
+from adapters.keys import Keyspace
+from adapters.store import RedisCallStore
+from orchestrator.callflow import load_callflow
+from orchestrator.cli import cli, redact
+from orchestrator.engine import Engine
+from orchestrator.events import CallerInput, HandoffStatus
+from states.diagram import mermaid
+from tests.conftest import REAL_REDIS_URL, delete_prefix, require_real_redis_sync
+
+pytestmark = pytest.mark.real_redis
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def call_in_redis(key_prefix: str) -> Iterator[str]:
+    """A call with a transfer that failed, written by the engine as a bot would.
+
+    The CLI runs its own event loop, so this fixture and the tests are synchronous."""
+    require_real_redis_sync()
+
+    async def setup() -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        engine = Engine(RedisCallStore(client, Keyspace(key_prefix)), load_callflow())
+        await engine.handle("call-42", CallerInput("my card is 4111 1111 1111 1111"), activity_id="a1")
+        await engine.handle("call-42", CallerInput("agent"), activity_id="a2", reference='{"x": 1}')
+        await engine.handle("call-42", HandoffStatus("failed", "busy"), activity_id="a3")
+        await client.aclose()
+
+    async def cleanup() -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        await delete_prefix(client, key_prefix)
+        await client.aclose()
+
+    asyncio.run(setup())
+    yield key_prefix
+    asyncio.run(cleanup())
+
+
+def test_calls_show_json_has_the_whole_call_redacted(call_in_redis: str) -> None:
+    result = invoke(
+        "--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "calls", "show", "call-42", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    call = json.loads(result.output)
+    assert call["record"]["state"] == "failed" and call["record"]["attempts"] == "1"
+    assert call["record"]["failure"] == "busy" and call["record"]["reference"] == {"x": 1}
+    said = [line["text"] for line in call["transcript"] if line["role"] == "caller"]
+    assert said == ["my card is ************1111", "agent"]
+    assert [(s["trigger"], s["from"], s["to"]) for s in call["history"]] == [
+        ("request_agent", "bot", "transferring"),
+        ("fail", "transferring", "failed"),
+    ]
+    assert all(s["at"].endswith("Z") for s in call["history"])
+
+
+def test_calls_show_for_people(call_in_redis: str) -> None:
+    result = invoke("--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "calls", "show", "call-42")
+    assert result.exit_code == 0, result.output
+    assert "state failed" in result.output and "last failure: busy" in result.output
+    assert "4111 1111" not in result.output and "transferring" in result.output
+
+
+def test_an_unknown_call_is_an_error(call_in_redis: str) -> None:
+    result = CliRunner().invoke(
+        cli, ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "calls", "show", "nope"]
+    )
+    assert result.exit_code == 1 and "no call 'nope'" in result.output
+
+
+def test_an_unreachable_redis_is_one_line_and_exit_1() -> None:
+    result = CliRunner().invoke(cli, ["--redis-url", "redis://127.0.0.1:1/0", "calls", "show", "x"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: Redis at redis://127.0.0.1:1/0 is not reachable"]
+
+
+def test_diagram_prints_the_machine(tmp_path: Any) -> None:
+    assert invoke("diagram").output == mermaid()
+    target = tmp_path / "machine.mmd"
+    assert invoke("diagram", "-o", str(target)).exit_code == 0
+    assert target.read_text() == mermaid()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("card 4111111111111111 ok", "card ************1111 ok"),
+        ("call me on 425-555-0123", "call me on ******0123"),
+        ("account 1234-5678-9012", "account ********9012"),
+        ("press 1 then 0", "press 1 then 0"),
+    ],
+)
+def test_long_digit_runs_are_masked(text: str, expected: str) -> None:
+    assert redact(text) == expected
