@@ -3,7 +3,9 @@
 -- call's watchdog in its shard's due schedule, and park replies that must be
 -- delivered in the outbox until the sender acknowledges them.
 --
--- KEYS: call, transcript, history, seen, outbox, due              (one hash slot)
+-- KEYS: call, transcript, history, seen, outbox, due,
+--       the shard's index of the loaded state, the shard's index of the new state
+--                                                                  (one hash slot)
 -- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
 --       5 transcript_max, 6 history_max,
 --       7 watchdog_ms (> 0 arms the deadline), 8 watchdog member of due,
@@ -15,6 +17,7 @@
 --         {0, 0, 0}               duplicate: the activity was applied by another commit
 --         {-1, version, 0}        conflict: the call is at another version; reload, rerun
 local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local was_index, is_index = KEYS[7], KEYS[8]
 local key, token = ARGV[2], ARGV[3]
 
 local prior = redis.call('HGET', seen, key)
@@ -36,6 +39,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 version = version + 1
 local old_state = redis.call('HGET', call, 'state')
 local state = old_state
+local conversation = ''
 local fields = {'version', version, 'updated', now}
 if version == 1 then
   fields[#fields + 1] = 'created'
@@ -47,7 +51,9 @@ for _ = 1, tonumber(ARGV[12]) do
   local name, value = ARGV[i], ARGV[i + 1]
   fields[#fields + 1] = name
   fields[#fields + 1] = value
-  if name == 'state' then
+  if name == 'id' then
+    conversation = value
+  elseif name == 'state' then
     state = value
     if value ~= old_state then
       fields[#fields + 1] = 'since'
@@ -64,6 +70,17 @@ if tonumber(ARGV[7]) > 0 then
   fields[#fields + 1] = deadline
 end
 redis.call('HSET', call, unpack(fields))
+
+-- The shard's per-state index (conversation id -> since) follows the call.
+if state ~= old_state then
+  if old_state then
+    redis.call('ZREM', was_index, conversation)
+  end
+  redis.call('ZADD', is_index, now, conversation)
+  if state == 'ended' then  -- ended calls expire after the retention: so do their entries
+    redis.call('ZREMRANGEBYSCORE', is_index, '-inf', now - tonumber(ARGV[4]) * 1000)
+  end
+end
 
 -- A watchdog is scheduled exactly while the call is transferring.
 if state == 'transferring' then

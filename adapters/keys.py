@@ -100,5 +100,9 @@ class Keyspace:
         """ZSET of a shard's due work: member (see ``Due``) -> when (ms, Redis time)."""
         return f"{self.prefix}:{{{shard}}}:due"
 
+    def state_index(self, shard: int, state: str) -> str:
+        """ZSET of the shard's calls in ``state``: conversation id -> since (ms, Redis time)."""
+        return f"{self.prefix}:{{{shard}}}:state:{state}"
+
     def due_for(self, conversation_id: str) -> str:
         return self.due(self.locate(conversation_id)[0])

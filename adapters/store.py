@@ -107,7 +107,7 @@ class RedisCallStore:
     async def commit(self, turn: Turn, activity_id: str = "") -> Commit:
         """Write the turn if the call is still at the version it was loaded at."""
         call = turn.call
-        keys = [*self.keys.call(call.id), self.keys.due_for(call.id)]
+        keys = self._commit_keys(turn)
         token = uuid.uuid4().hex
         # Without an activity id the token itself is the key, so a command redis-py
         # retries after a lost reply is still recognised as this commit.
@@ -203,6 +203,15 @@ class RedisCallStore:
         with unavailable_while("rescheduling a watchdog"):
             await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
 
+    def _commit_keys(self, turn: Turn) -> list[str]:
+        shard = self.keys.locate(turn.call.id)[0]
+        return [
+            *self.keys.call(turn.call.id),
+            self.keys.due(shard),
+            self.keys.state_index(shard, turn.loaded_state),
+            self.keys.state_index(shard, turn.call.state),
+        ]
+
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
         call, keep = turn.call, self.retention
         outbox = json.dumps([reply.serialize() for reply in turn.replies]) if turn.durable else ""
@@ -239,6 +248,41 @@ class RedisCallStore:
         for step in turn.steps:
             args += [step.trigger, step.source, step.dest, step.reason]
         return args
+
+    async def list_calls(self, states: list[str], limit: int) -> list[dict[str, str]]:
+        """The records of up to ``limit`` calls in ``states``, latest state change first.
+
+        Read from the per-shard state indexes (never a keyspace scan): per shard, the
+        ``limit`` most recent entries of each state, merged. Entries of calls that
+        expired while live are skipped (see docs/redis-keys.md on reconciliation).
+        """
+        indexes = [self.keys.state_index(shard, state) for shard in range(SHARDS) for state in states]
+        with unavailable_while("listing calls"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    pipe.zrevrange(index, 0, limit - 1, withscores=True)
+                ranked = await pipe.execute()
+            entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
+            found_ids = [str(conversation_id) for conversation_id, _ in entries]
+            records: list[dict[str, str]] = []
+            for start in range(0, len(found_ids), limit):  # a window at a time, skipping expired
+                window = found_ids[start : start + limit]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for conversation_id in window:
+                        pipe.hgetall(self.keys.call(conversation_id).call)
+                        pipe.xrevrange(self.keys.call(conversation_id).history, count=1)
+                    replies = await pipe.execute()
+                for record, last in zip(replies[::2], replies[1::2], strict=True):
+                    if record and record.get(CallField.STATE) in states:
+                        if last:
+                            fields = last[0][1]
+                            record["last_transition"] = (
+                                f"{fields[H.TRIGGER]} {fields[H.FROM]} -> {fields[H.TO]}"
+                            )
+                        records.append(record)
+                if len(records) >= limit:
+                    break
+        return records[:limit]
 
     async def record(self, conversation_id: str) -> dict[str, str]:
         """The call's record hash as stored (empty if the call is unknown)."""

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from states import LIVE_STATES, State
 from states.diagram import mermaid
 
 T = TypeVar("T")
@@ -58,6 +59,37 @@ def cli(ctx: click.Context, redis_url: str, cluster: bool, prefix: str) -> None:
 @cli.group()
 def calls() -> None:
     """Live and recently ended calls."""
+
+
+@calls.command("list")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only calls in this state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def list_calls(options: dict[str, Any], state: str | None, limit: int, as_json: bool) -> None:
+    """Calls with their state, since when, attempts, target and last transition."""
+    states = [state] if state else [s.value for s in LIVE_STATES]
+    records = _run(options, lambda store: store.list_calls(states, limit))
+    rows = [
+        {
+            "id": r.get("id", ""),
+            "state": r.get("state", ""),
+            "since": _time(r.get("since")),
+            "attempts": int(r.get("attempts", 0)),
+            "target": r.get("target", ""),
+            "last_transition": r.get("last_transition", ""),
+        }
+        for r in records
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table("call", "state", "since", "attempts", "target", "last transition")
+    for row in rows:
+        table.add_row(
+            row["id"], row["state"], row["since"], str(row["attempts"]), row["target"], row["last_transition"]
+        )
+    Console().print(table)
 
 
 @calls.command("show")

@@ -62,6 +62,7 @@ class Turn:
     """What one event did to one call."""
 
     call: Call  # the call after the turn; ``version`` is the loaded one until the commit sets it
+    loaded_state: str = State.BOT.value  # the state the turn started from
     effects: list[Effect] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)  # appended to the transcript
     steps: list[Step] = field(default_factory=list)  # appended to the history
@@ -111,7 +112,7 @@ class TurnRunner:
     def run(self, call: Call, event: Event, *, now: str, reference: str = "") -> Turn:
         """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp."""
         call = replace(call, transcript=list(call.transcript))
-        self._turn = turn = Turn(call=call)
+        self._turn = turn = Turn(call=call, loaded_state=call.state)
         self._now = now
         if reference and reference != call.reference:
             call.reference = reference

@@ -107,3 +107,15 @@ def test_diagram_prints_the_machine(tmp_path: Any) -> None:
 )
 def test_long_digit_runs_are_masked(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def test_calls_list_by_state(call_in_redis: str) -> None:
+    base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "calls", "list"]
+    rows = json.loads(invoke(*base, "--state", "failed", "--json").output)
+    assert [(r["id"], r["state"], r["attempts"], r["target"]) for r in rows] == [
+        ("call-42", "failed", 1, "+14251231234")
+    ]
+    assert rows[0]["last_transition"] == "fail transferring -> failed" and rows[0]["since"].endswith("Z")
+    assert json.loads(invoke(*base, "--state", "transferring", "--json").output) == []
+    table = invoke(*base).output
+    assert "call-42" in table and "failed" in table

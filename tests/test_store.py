@@ -83,7 +83,7 @@ async def test_a_retried_commit_with_the_same_token_is_not_applied_twice(
 ) -> None:
     """redis-py retries a command whose reply was lost; the script must recognise its own commit."""
     turn = turn_for(Call(id="c1"), steps=[Step("request_agent", "bot", "transferring")])
-    keys = [*store.keys.call("c1"), store.keys.due_for("c1")]
+    keys = store._commit_keys(turn)
     args = store._commit_args(turn, "a1", "token-1")
     script = redis_client.register_script(COMMIT_SCRIPT)
     assert (await script(keys=keys, args=args))[0] == 1
@@ -199,7 +199,7 @@ async def test_a_retried_commit_without_an_activity_id_is_not_applied_twice(
     store: RedisCallStore, redis_client: Redis
 ) -> None:
     turn = turn_for(Call(id="c1"))
-    keys = [*store.keys.call("c1"), store.keys.due_for("c1")]
+    keys = store._commit_keys(turn)
     args = store._commit_args(turn, "~token-1", "token-1")
     script = redis_client.register_script(COMMIT_SCRIPT)
     assert (await script(keys=keys, args=args))[0] == 1
@@ -221,3 +221,29 @@ async def test_every_redis_failure_is_reported_as_unavailable(
         monkeypatch.setattr(store, "_commit", failing)
         with pytest.raises(StoreUnavailable):
             await store.commit(turn_for(Call(id="c1")), "a1")
+
+
+async def test_calls_are_listed_by_state_from_the_indexes(store: RedisCallStore) -> None:
+    from orchestrator.callflow import load_callflow
+    from orchestrator.engine import Engine
+    from orchestrator.events import CallEnded, CallerInput, HandoffStatus
+
+    engine = Engine(store, load_callflow())
+    for i in range(6):
+        await engine.handle(f"c{i}", CallerInput("agent" if i % 2 else "hello"), activity_id="a")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="b")
+    await engine.handle("c0", CallEnded(), activity_id="c")
+
+    def ids(records: list[dict[str, str]]) -> list[str]:
+        return [r["id"] for r in records]
+
+    assert sorted(ids(await store.list_calls(["transferring"], 10))) == ["c3", "c5"]
+    assert ids(await store.list_calls(["failed"], 10)) == ["c1"]
+    assert ids(await store.list_calls(["ended"], 10)) == ["c0"]
+    assert sorted(ids(await store.list_calls(["bot"], 10))) == ["c2", "c4"]
+    assert len(await store.list_calls(["bot", "transferring", "failed"], 3)) == 3
+    failed = (await store.list_calls(["failed"], 1))[0]
+    assert failed["last_transition"] == "fail transferring -> failed" and failed["attempts"] == "1"
+    for state, expected in [("bot", 2), ("transferring", 2), ("failed", 1), ("ended", 1), ("accepted", 0)]:
+        counts = [await store.redis.zcard(store.keys.state_index(s, state)) for s in range(64)]
+        assert sum(counts) == expected, state
