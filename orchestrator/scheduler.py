@@ -163,10 +163,7 @@ class Scheduler:
             return
         self.fired += 1
         if turn.replies:
-            async with asyncio.timeout(SEND_SECONDS):
-                await self.channel.send(turn.call.reference, turn.replies)
-            if turn.delivery_key:
-                await self.store.acknowledge(item.conversation_id, turn.delivery_key)
+            await self._send(item.conversation_id, turn.call.reference, turn.replies, turn.delivery_key)
 
     async def _redeliver(self, item: DueItem) -> None:
         parked = await self.store.parked(item.conversation_id, item.key)
@@ -184,8 +181,15 @@ class Scheduler:
             )
             await self.store.acknowledge(item.conversation_id, item.key)
             return
-        async with asyncio.timeout(SEND_SECONDS):
-            await self.channel.send(parked.reference, self.channel.unpark(parked.payload))
-        await self.store.acknowledge(item.conversation_id, item.key)
+        await self._send(
+            item.conversation_id, parked.reference, self.channel.unpark(parked.payload), item.key
+        )
         self.redelivered += 1
         log.info("call %s: re-sent parked replies %s", item.conversation_id, item.key)
+
+    async def _send(self, conversation_id: str, reference: str, replies: list[Any], key: str) -> None:
+        """Speak to the call, then acknowledge the parked replies under ``key`` (if any)."""
+        async with asyncio.timeout(SEND_SECONDS):
+            await self.channel.send(reference, replies)
+        if key:
+            await self.store.acknowledge(conversation_id, key)
