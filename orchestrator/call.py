@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from states import State
 
@@ -14,6 +15,12 @@ class Line:
     role: str
     text: str
     at: str
+
+
+def timestamp(epoch_ms: int | None = None) -> str:
+    """ISO 8601 in UTC to the millisecond (``...Z``): now, or an epoch time in ms."""
+    moment = datetime.now(UTC) if epoch_ms is None else datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 CALLER = "caller"

@@ -10,7 +10,6 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.call import timestamp
 from states import LIVE_STATES, State
 from states.diagram import mermaid
 
@@ -166,9 +166,7 @@ async def _call_details(store: Any, conversation_id: str) -> dict[str, Any] | No
 def _time(ms: str | None) -> str:
     if not ms or not ms.isdigit() or ms == "0":
         return "-"
-    return (
-        datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return timestamp(int(ms))
 
 
 def _run(options: dict[str, Any], action: Callable[[Any], Awaitable[T]]) -> T:

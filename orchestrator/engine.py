@@ -11,11 +11,10 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from orchestrator.call import Call
+from orchestrator.call import Call, timestamp
 from orchestrator.callflow import CallFlow
 from orchestrator.errors import CommitConflict
 from orchestrator.events import Event
@@ -84,7 +83,7 @@ class Engine:
             if loaded.duplicate:
                 return None
             call = loaded.call or Call(id=conversation_id)
-            turn = self.runner.run(call, event, now=_now(), reference=reference)
+            turn = self.runner.run(call, event, now=timestamp(), reference=reference)
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             if render is not None and turn.effects:
@@ -108,7 +107,3 @@ class Engine:
             # Back off with jitter so turns racing on one call spread out.
             await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
         raise CommitConflict(conversation_id, MAX_COMMIT_ATTEMPTS)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
