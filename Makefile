@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 test: lint
 	./scripts/ensure-redis
+	./scripts/ensure-browser
 	./scripts/ensure-compose
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
