@@ -1,18 +1,48 @@
 """State diagrams drawn from the machine definition itself, so docs cannot drift.
 
+``mermaid`` and ``dot`` are text and need nothing; ``render`` also makes SVG and PNG
+with Graphviz's ``dot`` binary. Each can highlight one state (a call's current one).
 ``python -m states.diagram`` rewrites the diagram in docs/state-machine.md.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from states.call import TRANSITIONS, State
 
 DOC = Path(__file__).parents[1] / "docs" / "state-machine.md"
 BEGIN, END = "```mermaid\n", "```\n"
+
+FORMATS = ("mermaid", "dot", "svg", "png")
+HIGHLIGHT_FILL, HIGHLIGHT_STROKE = "#ffd54f", "#e65100"
+GRAPHVIZ_TIMEOUT_SECONDS = 20.0  # the machine has five states: dot takes milliseconds, unless wedged
+
+
+class DiagramError(ValueError):
+    """A diagram that cannot be made: unknown format or state, or Graphviz failed."""
+
+
+class GraphvizMissing(DiagramError):
+    """The format needs Graphviz's ``dot`` and this machine has none."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(
+            f"the {fmt} format needs Graphviz's `dot` (apt install graphviz); mermaid and dot need nothing"
+        )
+        self.fmt = fmt
+
+
+class Arrow(NamedTuple):
+    """One drawn transition: an internal one (``dest: None``) is an arrow to itself."""
+
+    source: str
+    dest: str
+    label: str
 
 
 def _as_list(value: Any) -> list[str]:
@@ -21,18 +51,98 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def mermaid() -> str:
-    """A Mermaid ``stateDiagram-v2``: ``trigger [condition] / action`` on each arrow."""
-    lines = ["stateDiagram-v2", f"    [*] --> {State.BOT.value}"]
+def arrows() -> list[Arrow]:
+    """Every arrow of the machine, in ``TRANSITIONS`` order, labelled ``trigger [condition] / action``."""
+    drawn = []
     for row in TRANSITIONS:
         guard = " ".join(f"[{c}]" for c in _as_list(row.get("conditions")))
         actions = ", ".join(_as_list(row.get("after")))
         label = " ".join(filter(None, [str(row["trigger"]), guard, f"/ {actions}" if actions else ""]))
         for source in _as_list(row["source"]):
-            dest = source if row["dest"] is None else str(row["dest"])
-            lines.append(f"    {source} --> {dest} : {label}")
+            drawn.append(Arrow(source, source if row["dest"] is None else str(row["dest"]), label))
+    return drawn
+
+
+def _state(highlight: str | None) -> State | None:
+    """The state to highlight, checked: a typo must not quietly draw no highlight."""
+    if highlight is None:
+        return None
+    try:
+        return State(highlight)
+    except ValueError:
+        valid = ", ".join(s.value for s in State)
+        raise DiagramError(f"unknown state {highlight!r}: valid states are {valid}") from None
+
+
+def mermaid(highlight: str | None = None) -> str:
+    """A Mermaid ``stateDiagram-v2``; ``highlight`` names a state to draw filled."""
+    current = _state(highlight)
+    lines = ["stateDiagram-v2", f"    [*] --> {State.BOT.value}"]
+    lines += [f"    {a.source} --> {a.dest} : {a.label}" for a in arrows()]
     lines.append(f"    {State.ENDED.value} --> [*]")
+    if current is not None:
+        # Lower-case ``class``: Mermaid rejects the ``Class`` that transitions 0.9.3 writes.
+        lines.append(f"    classDef current fill:{HIGHLIGHT_FILL},stroke:{HIGHLIGHT_STROKE},stroke-width:3px")
+        lines.append(f"    class {current.value} current")
     return "\n".join(lines) + "\n"
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dot(highlight: str | None = None) -> str:
+    """The same diagram in Graphviz DOT; ``highlight`` names a state to draw filled."""
+    current = _state(highlight)
+    lines = [
+        "digraph call {",
+        "    rankdir=LR;",
+        '    node [shape=box, style=rounded, fontname="sans-serif"];',
+        '    edge [fontname="sans-serif", fontsize=10];',
+        '    __start__ [shape=point, width=0.2, label=""];',
+        '    __end__ [shape=doublecircle, style=filled, fillcolor=black, width=0.12, label=""];',
+    ]
+    filled = f'style="rounded,filled", fillcolor="{HIGHLIGHT_FILL}", color="{HIGHLIGHT_STROKE}", penwidth=3'
+    for state in State:
+        lines.append(f"    {_quoted(state.value)}{f' [{filled}]' if state is current else ''};")
+    lines.append(f"    __start__ -> {_quoted(State.BOT.value)};")
+    lines += [f"    {_quoted(a.source)} -> {_quoted(a.dest)} [label={_quoted(a.label)}];" for a in arrows()]
+    lines.append(f"    {_quoted(State.ENDED.value)} -> __end__;")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render(fmt: str, highlight: str | None = None) -> bytes:
+    """The diagram in ``fmt`` (one of ``FORMATS``), optionally highlighting a state.
+
+    svg and png run Graphviz's ``dot`` (blocking, at most ``GRAPHVIZ_TIMEOUT_SECONDS``):
+    call it off the event loop in a server. Raises ``DiagramError`` for an unknown format
+    or state, ``GraphvizMissing`` when ``dot`` is not installed.
+    """
+    if fmt not in FORMATS:
+        raise DiagramError(f"unknown diagram format {fmt!r}: valid formats are {', '.join(FORMATS)}")
+    if fmt == "mermaid":
+        return mermaid(highlight).encode()
+    source = dot(highlight)
+    if fmt == "dot":
+        return source.encode()
+    executable = shutil.which("dot")
+    if executable is None:
+        raise GraphvizMissing(fmt)
+    try:
+        done = subprocess.run(
+            [executable, f"-T{fmt}"],
+            input=source.encode(),
+            capture_output=True,
+            timeout=GRAPHVIZ_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise DiagramError(f"Graphviz `dot -T{fmt}` took over {GRAPHVIZ_TIMEOUT_SECONDS:g}s") from None
+    if done.returncode != 0:
+        error = done.stderr.decode(errors="replace").strip()
+        raise DiagramError(f"Graphviz `dot -T{fmt}` failed ({done.returncode}): {error}")
+    return done.stdout
 
 
 def update_doc(path: Path = DOC) -> bool:
