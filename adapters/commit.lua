@@ -4,20 +4,21 @@
 -- delivered in the outbox until the sender acknowledges them.
 --
 -- KEYS: call, transcript, history, seen, outbox, due,
---       the shard's index of the loaded state, the shard's index of the new state
---                                                                  (one hash slot)
+--       the shard's index of the loaded state, the shard's index of the new state,
+--       the shard's feed, its minute and hour transfer-counter buckets  (one hash slot)
 -- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
 --       5 transcript_max, 6 history_max,
 --       7 watchdog_ms (> 0 arms the deadline), 8 watchdog member of due,
 --       9 outbox payload ('' = none), 10 outbox member of due, 11 outbox grace ms,
 --       12 n_fields, field, value, ... , n_lines, line, ... ,
---       n_steps, trigger, source, dest, reason, ...
+--       n_steps, trigger, source, dest, reason, ...,
+--       n_counters, counter field, ..., minute bucket ttl, hour bucket ttl, feed max length
 -- Returns {1, version, deadline}  applied
 --         {2, version, deadline}  already applied by this same token (a retried command)
 --         {0, 0, 0}               duplicate: the activity was applied by another commit
 --         {-1, version, 0}        conflict: the call is at another version; reload, rerun
 local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local was_index, is_index = KEYS[7], KEYS[8]
+local was_index, is_index, feed = KEYS[7], KEYS[8], KEYS[9]
 local key, token = ARGV[2], ARGV[3]
 
 local prior = redis.call('HGET', seen, key)
@@ -39,7 +40,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 version = version + 1
 local old_state = redis.call('HGET', call, 'state')
 local state = old_state
-local conversation = ''
+local conversation, target = '', ''
 local fields = {'version', version, 'updated', now}
 if version == 1 then
   fields[#fields + 1] = 'created'
@@ -53,6 +54,8 @@ for _ = 1, tonumber(ARGV[12]) do
   fields[#fields + 1] = value
   if name == 'id' then
     conversation = value
+  elseif name == 'target' then
+    target = value
   elseif name == 'state' then
     state = value
     if value ~= old_state then
@@ -107,11 +110,33 @@ end
 
 local n_steps = tonumber(ARGV[i])
 i = i + 1
+local steps_at = i
+i = i + 4 * n_steps
+local n_counters = tonumber(ARGV[i])
+local counters_at = i + 1
+i = counters_at + n_counters
+local minute_ttl, hour_ttl, feed_max = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+
+-- The call's own history, and the shard's feed of every call's steps (for watchers).
+i = steps_at
 for _ = 1, n_steps do
   redis.call('XADD', history, 'MAXLEN', ARGV[6], '*',
     'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
     'activity', key, 'version', version)
+  redis.call('XADD', feed, 'MAXLEN', '~', feed_max, '*', 'call', conversation,
+    'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
+    'target', target)
   i = i + 4
+end
+
+-- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
+for c = counters_at, counters_at + n_counters - 1 do
+  redis.call('HINCRBY', KEYS[10], ARGV[c], 1)
+  redis.call('HINCRBY', KEYS[11], ARGV[c], 1)
+end
+if n_counters > 0 then
+  redis.call('EXPIRE', KEYS[10], minute_ttl)
+  redis.call('EXPIRE', KEYS[11], hour_ttl)
 end
 
 redis.call('HSET', seen, key, token)

@@ -55,6 +55,31 @@ class HistoryField:
     VERSION = "version"  # the call version that turn produced
 
 
+class FeedField:
+    """Fields of each entry of a shard's feed stream (the entry id is the Redis time)."""
+
+    CALL = "call"  # the conversation id
+    TRIGGER = HistoryField.TRIGGER
+    FROM = HistoryField.FROM
+    TO = HistoryField.TO
+    REASON = HistoryField.REASON
+    TARGET = "target"  # the call's current (or last) transfer target
+
+
+class StatsBucket(NamedTuple):
+    """A width of transfer-counter buckets, and how long its buckets are kept."""
+
+    name: str
+    seconds: int
+    keep_seconds: int
+
+
+# Each counted event goes into its minute and its hour bucket: windows up to two hours
+# are summed from minutes, longer ones (up to a week) from whole hours.
+MINUTE = StatsBucket("m", 60, 2 * 3600 + 120)
+HOUR = StatsBucket("h", 3600, 8 * 86_400)
+
+
 # commit.lua spells these field names too; tests/test_store.py checks it uses no others.
 
 
@@ -103,6 +128,17 @@ class Keyspace:
     def state_index(self, shard: int, state: str) -> str:
         """ZSET of the shard's calls in ``state``: conversation id -> since (ms, Redis time)."""
         return f"{self.prefix}:{{{shard}}}:state:{state}"
+
+    def feed(self, shard: int) -> str:
+        """STREAM of the shard's recent transitions, every call's (see ``FeedField``), capped."""
+        return f"{self.prefix}:{{{shard}}}:feed"
+
+    def stats(self, shard: int, bucket: StatsBucket, start: int) -> str:
+        """HASH of the shard's transfer counters for one time bucket: ``<outcome>:<target>`` -> n.
+
+        ``start`` is the bucket's start in units of its width (epoch minutes or hours).
+        """
+        return f"{self.prefix}:{{{shard}}}:stats:{bucket.name}:{start}"
 
     def due_for(self, conversation_id: str) -> str:
         return self.due(self.locate(conversation_id)[0])

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
-from adapters.keys import SHARDS, CallField, Due, Keyspace
+from adapters.keys import HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
 from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit, Loaded
@@ -60,6 +61,7 @@ COMMIT_SCRIPT = _script("commit.lua")
 CLAIM_SCRIPT = _script("claim.lua")
 RESCHEDULE_SCRIPT = _script("reschedule.lua")
 RELEASE_SCRIPT = _script("release.lua")
+PRUNE_SCRIPT = _script("prune.lua")
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,6 +73,7 @@ class Retention:
     transcript_max: int = 50
     history_max: int = 1000
     delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
+    feed_max: int = 1000  # recent steps kept per shard for watchers (about, as MAXLEN ~)
 
 
 class RedisCallStore:
@@ -86,6 +89,7 @@ class RedisCallStore:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+        self._prune = redis.register_script(PRUNE_SCRIPT)
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded:
         """The call and its transcript, and whether ``activity_id`` was already applied."""
@@ -193,6 +197,28 @@ class RedisCallStore:
                 await script(keys=keys, args=args, client=pipe)
             return list(await pipe.execute(raise_on_error=False))
 
+    async def prune_index(self, batch: int = 200) -> int:
+        """Reconcile the state indexes with the records: drop up to ``batch`` entries per
+        index whose call expired without a commit to remove them. How many went."""
+        keep = self.retention
+        older_than = int(time.time() * 1000) - 1000 * min(keep.live_seconds, keep.ended_seconds)
+        indexes = [
+            (shard, self.keys.state_index(shard, state)) for shard in range(SHARDS) for state in KNOWN_STATES
+        ]
+        with unavailable_while("reconciling the state indexes"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, index in indexes:
+                    pipe.zrangebyscore(index, "-inf", older_than, start=0, num=batch, withscores=True)
+                found = await pipe.execute()
+            calls = []
+            for (_, index), entries in zip(indexes, found, strict=True):
+                if entries:
+                    keys = [index, *(self.keys.call(str(member)).call for member, _ in entries)]
+                    args = [v for member, score in entries for v in (member, int(score))]
+                    calls.append((keys, args))
+            removed = await self._run_each(self._prune, calls) if calls else []
+        return sum(n for n in removed if isinstance(n, int))
+
     async def forget(self, item: DueItem) -> None:
         with unavailable_while("updating the schedule"):
             await self.redis.zrem(self.keys.due(item.shard), item.member)
@@ -205,11 +231,14 @@ class RedisCallStore:
 
     def _commit_keys(self, turn: Turn) -> list[str]:
         shard = self.keys.locate(turn.call.id)[0]
+        now = int(time.time())  # the counter bucket: this instance's clock is close enough
         return [
             *self.keys.call(turn.call.id),
             self.keys.due(shard),
             self.keys.state_index(shard, turn.loaded_state),
             self.keys.state_index(shard, turn.call.state),
+            self.keys.feed(shard),
+            *(self.keys.stats(shard, bucket, now // bucket.seconds) for bucket in (MINUTE, HOUR)),
         ]
 
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
@@ -247,42 +276,9 @@ class RedisCallStore:
         args.append(len(turn.steps))
         for step in turn.steps:
             args += [step.trigger, step.source, step.dest, step.reason]
+        counters = [f"{outcome}:{call.target}" for outcome in turn.outcomes]
+        args += [len(counters), *counters, MINUTE.keep_seconds, HOUR.keep_seconds, keep.feed_max]
         return args
-
-    async def list_calls(self, states: list[str], limit: int) -> list[dict[str, str]]:
-        """The records of up to ``limit`` calls in ``states``, latest state change first.
-
-        Read from the per-shard state indexes (never a keyspace scan): per shard, the
-        ``limit`` most recent entries of each state, merged. Entries of calls that
-        expired while live are skipped (see docs/redis-keys.md on reconciliation).
-        """
-        indexes = [self.keys.state_index(shard, state) for shard in range(SHARDS) for state in states]
-        with unavailable_while("listing calls"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for index in indexes:
-                    pipe.zrevrange(index, 0, limit - 1, withscores=True)
-                ranked = await pipe.execute()
-            entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
-            found_ids = [str(conversation_id) for conversation_id, _ in entries]
-            records: list[dict[str, str]] = []
-            for start in range(0, len(found_ids), limit):  # a window at a time, skipping expired
-                window = found_ids[start : start + limit]
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for conversation_id in window:
-                        pipe.hgetall(self.keys.call(conversation_id).call)
-                        pipe.xrevrange(self.keys.call(conversation_id).history, count=1)
-                    replies = await pipe.execute()
-                for record, last in zip(replies[::2], replies[1::2], strict=True):
-                    if record and record.get(CallField.STATE) in states:
-                        if last:
-                            fields = last[0][1]
-                            record["last_transition"] = (
-                                f"{fields[H.TRIGGER]} {fields[H.FROM]} -> {fields[H.TO]}"
-                            )
-                        records.append(record)
-                if len(records) >= limit:
-                    break
-        return records[:limit]
 
     async def record(self, conversation_id: str) -> dict[str, str]:
         """The call's record hash as stored (empty if the call is unknown)."""
@@ -332,5 +328,6 @@ def _call_from(conversation_id: str, record: dict[str, str], lines: list[str]) -
         deadline_ms=int(record.get(CallField.DEADLINE, 0)),
         failure=record.get(CallField.FAILURE, ""),
         reference=record.get(CallField.REFERENCE, ""),
+        since_ms=int(record.get(CallField.SINCE, 0)),
         transcript=[decode_line(raw) for raw in lines],
     )

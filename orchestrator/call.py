@@ -49,6 +49,7 @@ class Call:
     deadline_ms: int = 0  # Redis server time; 0 when no watchdog is armed
     failure: str = ""  # the last failed transfer's reason
     reference: str = ""  # JSON conversation reference, to reach the call proactively
+    since_ms: int = 0  # Redis server time the call entered its state (as loaded)
     transcript: list[Line] = field(default_factory=list)
 
     @property

@@ -30,6 +30,7 @@ DELIVERY = "delivery"
 
 SEND_SECONDS = 5.0  # a proactive send that takes longer is given up (and retried later)
 MAX_PARKED_MS = 10 * 60 * 1000  # parked replies older than this are dropped, not sent
+PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with the records
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +65,8 @@ class ScheduleStore(Protocol):
     async def forget(self, item: DueItem) -> None: ...
 
     async def reschedule_watchdog(self, conversation_id: str) -> None: ...
+
+    async def prune_index(self) -> int: ...
 
     async def parked(self, conversation_id: str, key: str) -> Parked | None: ...
 
@@ -106,8 +109,13 @@ class Scheduler:
     async def run(self) -> None:
         """Poll until cancelled; trouble only pauses it, with a growing back-off."""
         pause = self.poll_seconds
+        next_prune = time.monotonic() + PRUNE_SECONDS * random.random()
         while True:
             try:
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_SECONDS * random.uniform(0.75, 1.25)
+                    if pruned := await self.store.prune_index():
+                        log.info("pruned %d index entries of expired calls", pruned)
                 claimed = await self.poll()
                 pause = self.poll_seconds
             except Exception as e:

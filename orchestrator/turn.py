@@ -7,6 +7,7 @@ and only then does the bot send anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from transitions import EventData, MachineError
@@ -37,6 +38,15 @@ STATUS_TRIGGERS = {
 # call and no handoff.status is sent.
 TELEPHONY_TRANSFERRED = "call ended while transferring (Telephony: the transfer connected)"
 TIMEOUT = "timeout"  # the no-answer watchdog: the channel redials forever and never says so
+
+
+class Outcome(StrEnum):
+    """What a turn did to a transfer, as counted per target by the stats and metrics."""
+
+    STARTED = "started"
+    ACCEPTED = "accepted"
+    FAILED = "failed"
+    TIMEOUT = "timeout"  # failed by the no-answer watchdog
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,6 +90,21 @@ class Turn:
         """Replies that must reach the caller (a transfer, its outcome's prompt) are parked
         in the outbox with the commit and re-sent if they are not acknowledged."""
         return bool(self.replies) and self.changed_state
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        """The transfer outcomes of this turn's transitions (for ``call.target``)."""
+        found: list[Outcome] = []
+        for step in self.steps:
+            if step.source == step.dest:
+                continue
+            if step.dest == State.TRANSFERRING:
+                found.append(Outcome.STARTED)
+            elif step.dest == State.ACCEPTED:
+                found.append(Outcome.ACCEPTED)
+            elif step.dest == State.FAILED:
+                found.append(Outcome.TIMEOUT if step.reason == TIMEOUT else Outcome.FAILED)
+        return found
 
     @property
     def is_empty(self) -> bool:

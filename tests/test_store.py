@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from adapters.keys import CallField, HistoryField, Keyspace
+from adapters.keys import CallField, FeedField, HistoryField, Keyspace
 from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention
 from orchestrator.call import Call, Line, Step
 from orchestrator.engine import Commit
@@ -191,6 +191,7 @@ def test_the_commit_script_uses_only_the_field_names_defined_in_keys() -> None:
     names = set(re.findall(r"'([a-z_]+)'", COMMIT_SCRIPT))
     defined = {v for k, v in vars(CallField).items() if k.isupper()}
     defined |= {v for k, v in vars(HistoryField).items() if k.isupper()}
+    defined |= {v for k, v in vars(FeedField).items() if k.isupper()}
     defined |= {s.value for s in State}
     assert names and names <= defined, names - defined
 
@@ -221,29 +222,3 @@ async def test_every_redis_failure_is_reported_as_unavailable(
         monkeypatch.setattr(store, "_commit", failing)
         with pytest.raises(StoreUnavailable):
             await store.commit(turn_for(Call(id="c1")), "a1")
-
-
-async def test_calls_are_listed_by_state_from_the_indexes(store: RedisCallStore) -> None:
-    from orchestrator.callflow import load_callflow
-    from orchestrator.engine import Engine
-    from orchestrator.events import CallEnded, CallerInput, HandoffStatus
-
-    engine = Engine(store, load_callflow())
-    for i in range(6):
-        await engine.handle(f"c{i}", CallerInput("agent" if i % 2 else "hello"), activity_id="a")
-    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="b")
-    await engine.handle("c0", CallEnded(), activity_id="c")
-
-    def ids(records: list[dict[str, str]]) -> list[str]:
-        return [r["id"] for r in records]
-
-    assert sorted(ids(await store.list_calls(["transferring"], 10))) == ["c3", "c5"]
-    assert ids(await store.list_calls(["failed"], 10)) == ["c1"]
-    assert ids(await store.list_calls(["ended"], 10)) == ["c0"]
-    assert sorted(ids(await store.list_calls(["bot"], 10))) == ["c2", "c4"]
-    assert len(await store.list_calls(["bot", "transferring", "failed"], 3)) == 3
-    failed = (await store.list_calls(["failed"], 1))[0]
-    assert failed["last_transition"] == "fail transferring -> failed" and failed["attempts"] == "1"
-    for state, expected in [("bot", 2), ("transferring", 2), ("failed", 1), ("ended", 1), ("accepted", 0)]:
-        counts = [await store.redis.zcard(store.keys.state_index(s, state)) for s in range(64)]
-        assert sum(counts) == expected, state

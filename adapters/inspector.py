@@ -1,0 +1,183 @@
+"""What operators read: calls by state, counts, transfer counters and the feed of steps.
+
+Everything is read from the per-shard indexes, counters and feeds the commit script
+keeps (never a keyspace scan), in one pipelined round trip per question. On a Redis
+Cluster the same pipelines are split by node by redis-py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.keys import HOUR, MINUTE, SHARDS, CallField, FeedField, StatsBucket
+from adapters.keys import HistoryField as H
+from adapters.store import RedisCallStore, unavailable_while
+from states import State
+
+MAX_WINDOW_SECONDS = 7 * 86_400  # hour buckets are kept for eight days
+
+Command = tuple[str, tuple[Any, ...], dict[str, Any]]  # a pipeline method, its args and kwargs
+
+
+@dataclass(slots=True, frozen=True)
+class FeedEntry:
+    """One step of some call, as the shard feeds hold it."""
+
+    id: str  # the stream entry id: "<ms>-<seq>", Redis time
+    call: str
+    trigger: str
+    source: str
+    dest: str
+    reason: str
+    target: str
+
+    @property
+    def at_ms(self) -> int:
+        return int(self.id.split("-")[0])
+
+
+@dataclass(slots=True, frozen=True)
+class TransferCounts:
+    """Transfer counters summed over a window: per target, outcome -> count."""
+
+    from_ms: int
+    to_ms: int
+    by_target: dict[str, Counter[str]]
+
+
+class CallInspector:
+    """Read-only views of the calls in a store's Redis."""
+
+    def __init__(self, store: RedisCallStore) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.keys = store.keys
+
+    async def _pipelined(self, action: str, commands: list[Command]) -> list[Any]:
+        with unavailable_while(action):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, args, kwargs in commands:
+                    getattr(pipe, name)(*args, **kwargs)
+                return list(await pipe.execute())
+
+    async def state_counts(self) -> dict[str, int]:
+        """Calls per state: the sizes of every shard's state indexes."""
+        states = [s.value for s in State]
+        commands: list[Command] = [
+            ("zcard", (self.keys.state_index(shard, state),), {})
+            for shard in range(SHARDS)
+            for state in states
+        ]
+        sizes = await self._pipelined("counting calls", commands)
+        counts = dict.fromkeys(states, 0)
+        for (_, (key,), _), size in zip(commands, sizes, strict=True):
+            counts[key.rsplit(":", 1)[1]] += int(size)
+        return counts
+
+    async def transfer_counts(self, window_seconds: int, now_s: float | None = None) -> TransferCounts:
+        """Transfers started, accepted, failed and timed out per target over the last
+        ``window_seconds`` (to the minute up to two hours, to the hour beyond)."""
+        if not 0 < window_seconds <= MAX_WINDOW_SECONDS:
+            raise ValueError(f"the window must be between 1 s and {MAX_WINDOW_SECONDS // 86_400} days")
+        now = int(time.time() if now_s is None else now_s)
+        bucket: StatsBucket = MINUTE if window_seconds <= 2 * 3600 else HOUR
+        last = now // bucket.seconds
+        first = last - -(-window_seconds // bucket.seconds) + 1  # ceil: whole buckets cover the window
+        commands: list[Command] = [
+            ("hgetall", (self.keys.stats(shard, bucket, start),), {})
+            for shard in range(SHARDS)
+            for start in range(first, last + 1)
+        ]
+        by_target: dict[str, Counter[str]] = {}
+        for counters in await self._pipelined("reading transfer counters", commands):
+            for field, value in counters.items():
+                outcome, _, target = field.partition(":")
+                by_target.setdefault(target, Counter())[outcome] += int(value)
+        return TransferCounts(first * bucket.seconds * 1000, now * 1000, by_target)
+
+    async def recent(self, limit: int) -> list[FeedEntry]:
+        """The ``limit`` most recent steps of any call, newest first."""
+        commands: list[Command] = [
+            ("xrevrange", (self.keys.feed(shard),), {"count": limit}) for shard in range(SHARDS)
+        ]
+        entries = [_entry(e) for found in await self._pipelined("reading the feed", commands) for e in found]
+        entries.sort(key=lambda e: tuple(map(int, e.id.split("-"))), reverse=True)
+        return entries[:limit]
+
+    async def feed_heads(self) -> list[str]:
+        """Each shard feed's last entry id ("0-0" when empty): where a watcher starts."""
+        commands: list[Command] = [
+            ("xrevrange", (self.keys.feed(shard),), {"count": 1}) for shard in range(SHARDS)
+        ]
+        return [
+            found[0][0] if found else "0-0" for found in await self._pipelined("reading the feed", commands)
+        ]
+
+    async def feed_since(self, heads: list[str], count: int = 500) -> list[FeedEntry]:
+        """Steps after ``heads`` (advanced in place), oldest first."""
+        commands: list[Command] = [
+            ("xread", ({self.keys.feed(shard): heads[shard]},), {"count": count}) for shard in range(SHARDS)
+        ]
+        entries: list[FeedEntry] = []
+        for shard, reply in enumerate(await self._pipelined("reading the feed", commands)):
+            for _stream, found in _streams(reply):
+                for raw in found:
+                    entries.append(_entry(raw))
+                    heads[shard] = raw[0]
+        entries.sort(key=lambda e: tuple(map(int, e.id.split("-"))))
+        return entries
+
+    async def list_calls(self, states: list[str], limit: int) -> list[dict[str, str]]:
+        """The records of up to ``limit`` calls in ``states``, latest state change first.
+
+        Per shard, the ``limit`` most recent index entries of each state, merged; then
+        the records of a window of them at a time. Entries of calls that expired while
+        live (until the scheduler prunes them) are skipped.
+        """
+        indexes = [self.keys.state_index(shard, state) for shard in range(SHARDS) for state in states]
+        ranked = await self._pipelined(
+            "listing calls", [("zrevrange", (index, 0, limit - 1), {"withscores": True}) for index in indexes]
+        )
+        entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
+        found_ids = [str(conversation_id) for conversation_id, _ in entries]
+        records: list[dict[str, str]] = []
+        for start in range(0, len(found_ids), limit):
+            commands: list[Command] = []
+            for conversation_id in found_ids[start : start + limit]:
+                keys = self.keys.call(conversation_id)
+                commands += [("hgetall", (keys.call,), {}), ("xrevrange", (keys.history,), {"count": 1})]
+            replies = await self._pipelined("listing calls", commands)
+            for record, last in zip(replies[::2], replies[1::2], strict=True):
+                if record and record.get(CallField.STATE) in states:
+                    if last:
+                        fields = last[0][1]
+                        record["last_transition"] = f"{fields[H.TRIGGER]} {fields[H.FROM]} -> {fields[H.TO]}"
+                    records.append(record)
+            if len(records) >= limit:
+                break
+        return records[:limit]
+
+
+def _streams(reply: Any) -> list[tuple[str, list[Any]]]:
+    """XREAD's reply as (stream, entries) pairs: RESP2 gives a list, RESP3 a dict."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(stream, found) for stream, found in reply]
+
+
+def _entry(raw: tuple[str, dict[str, str]]) -> FeedEntry:
+    entry_id, f = raw
+    return FeedEntry(
+        entry_id,
+        f.get(FeedField.CALL, ""),
+        f.get(FeedField.TRIGGER, ""),
+        f.get(FeedField.FROM, ""),
+        f.get(FeedField.TO, ""),
+        f.get(FeedField.REASON, ""),
+        f.get(FeedField.TARGET, ""),
+    )

@@ -1,0 +1,155 @@
+"""Operator reads (indexes, counts, transfer counters, the feed) and index pruning, on
+the embedded fake, a real Redis and a Redis Cluster."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from adapters.inspector import CallInspector
+from adapters.keys import HOUR, MINUTE, SHARDS
+from adapters.store import RedisCallStore
+from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.engine import Engine
+from orchestrator.events import CallEnded, CallerInput, HandoffStatus, WatchdogExpired
+
+TARGETS = ("+14251231234", "+14255550100")
+
+
+def two_target_flow() -> CallFlow:
+    flow = load_callflow()
+    return flow.model_copy(update={"transfer": flow.transfer.model_copy(update={"targets": list(TARGETS)})})
+
+
+async def populate(store: RedisCallStore) -> Engine:
+    """c0 ended, c1 failed (busy), c2/c4 bot, c3 transferring, c5 timed out then accepted on retry."""
+    engine = Engine(store, two_target_flow())
+    for i in range(6):
+        await engine.handle(f"c{i}", CallerInput("agent" if i % 2 else "hello"), activity_id="a")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="b")
+    await engine.handle("c0", CallEnded(), activity_id="c")
+    await engine.handle("c5", WatchdogExpired(now_ms=2**62))
+    await engine.handle("c5", CallerInput("agent"), activity_id="d")
+    await engine.handle("c5", HandoffStatus("accepted"), activity_id="e")
+    return engine
+
+
+async def test_calls_are_listed_by_state_from_the_indexes(store: RedisCallStore) -> None:
+    await populate(store)
+    inspector = CallInspector(store)
+
+    def ids(records: list[dict[str, str]]) -> list[str]:
+        return [r["id"] for r in records]
+
+    assert ids(await inspector.list_calls(["transferring"], 10)) == ["c3"]
+    assert ids(await inspector.list_calls(["failed"], 10)) == ["c1"]
+    assert ids(await inspector.list_calls(["ended"], 10)) == ["c0"]
+    assert ids(await inspector.list_calls(["accepted"], 10)) == ["c5"]
+    assert sorted(ids(await inspector.list_calls(["bot"], 10))) == ["c2", "c4"]
+    assert len(await inspector.list_calls(["bot", "transferring", "failed"], 3)) == 3
+    failed = (await inspector.list_calls(["failed"], 1))[0]
+    assert failed["last_transition"] == "fail transferring -> failed" and failed["attempts"] == "1"
+
+
+async def test_state_counts_match_the_calls(store: RedisCallStore) -> None:
+    await populate(store)
+    counts = await CallInspector(store).state_counts()
+    assert counts == {"bot": 2, "transferring": 1, "accepted": 1, "failed": 1, "ended": 1}
+
+
+async def test_transfer_counters_per_target(store: RedisCallStore) -> None:
+    await populate(store)
+    inspector = CallInspector(store)
+    counts = await inspector.transfer_counts(3600)
+    first, second = TARGETS
+    # Attempt 1 of c1, c3, c5 dialled the first target; c5's retry the second.
+    assert counts.by_target[first] == {"started": 3, "failed": 1, "timeout": 1}
+    assert counts.by_target[second] == {"started": 1, "accepted": 1}
+    assert counts.from_ms <= time.time() * 1000 - 3540_000 and counts.to_ms >= counts.from_ms
+    # Longer windows are summed from hour buckets, with the same totals.
+    assert (await inspector.transfer_counts(86_400)).by_target == counts.by_target
+    # A window that ended before any of it: nothing (the buckets of an hour from now).
+    later = await inspector.transfer_counts(60, now_s=time.time() + 7200)
+    assert later.by_target == {}
+
+
+async def test_counters_are_kept_for_their_bucket_only(store: RedisCallStore) -> None:
+    await populate(store)
+    shard = store.keys.locate("c1")[0]
+    now = int(time.time())
+    minute = store.keys.stats(shard, MINUTE, now // 60)
+    ttl = await store.redis.ttl(minute)
+    assert 0 < ttl <= MINUTE.keep_seconds
+    hour_ttl = await store.redis.ttl(store.keys.stats(shard, HOUR, now // 3600))
+    assert MINUTE.keep_seconds < hour_ttl <= HOUR.keep_seconds
+
+
+@pytest.mark.parametrize("window", [0, -5, 8 * 86_400])
+async def test_a_window_out_of_range_is_refused(store: RedisCallStore, window: int) -> None:
+    with pytest.raises(ValueError, match="window"):
+        await CallInspector(store).transfer_counts(window)
+
+
+async def test_the_feed_holds_every_calls_steps_newest_first(store: RedisCallStore) -> None:
+    await populate(store)
+    everything = await CallInspector(store).recent(100)
+    assert len(everything) == 8 and ("c0", "hang_up") in {(e.call, e.trigger) for e in everything}
+    assert all(a.at_ms >= b.at_ms for a, b in itertools.pairwise(everything))
+    # Steps of one call keep their order (steps of different calls in one ms may tie).
+    recent = [e for e in everything if e.call == "c5"][:3]
+    assert [(e.call, e.trigger, e.source, e.dest) for e in recent] == [
+        ("c5", "accept", "transferring", "accepted"),
+        ("c5", "request_agent", "failed", "transferring"),
+        ("c5", "fail", "transferring", "failed"),
+    ]
+    assert recent[0].target == TARGETS[1] and recent[2].reason == "timeout"
+    assert len(await CallInspector(store).recent(4)) == 4
+
+
+async def test_a_watcher_sees_only_what_happens_after_it_starts(store: RedisCallStore) -> None:
+    engine = await populate(store)
+    inspector = CallInspector(store)
+    heads = await inspector.feed_heads()
+    assert len(heads) == SHARDS
+    assert await inspector.feed_since(heads) == []
+    await engine.handle("c3", HandoffStatus("failed", "no answer"), activity_id="f")
+    await engine.handle("c9", CallerInput("agent"), activity_id="g")
+    seen = await inspector.feed_since(heads)
+    assert sorted((e.call, e.source, e.dest, e.reason) for e in seen) == [
+        ("c3", "transferring", "failed", "no answer"),
+        ("c9", "bot", "transferring", "caller asked for an agent"),
+    ]
+    assert await inspector.feed_since(heads) == []  # the heads moved on
+
+
+async def test_pruning_drops_only_entries_of_expired_calls(store: RedisCallStore) -> None:
+    await populate(store)
+    inspector = CallInspector(store)
+    # c2 and c3 expire without ending (nobody called again within the idle TTL).
+    for conversation_id in ("c2", "c3"):
+        await store.redis.delete(store.keys.call(conversation_id).call)
+    assert await store.prune_index() == 0  # their entries are younger than any TTL: untouched
+    store.retention = type(store.retention)(live_seconds=1, ended_seconds=1)
+    await _age_entries(store, ["c2", "c3", "c4"], by_ms=5_000)
+    assert await store.prune_index() == 2
+    assert await inspector.state_counts() == {
+        "bot": 1,
+        "transferring": 0,
+        "accepted": 1,
+        "failed": 1,
+        "ended": 1,
+    }
+    assert await store.prune_index() == 0
+
+
+async def _age_entries(store: RedisCallStore, ids: list[str], by_ms: int) -> None:
+    """Move index entries back in time, as if the calls entered their state long ago."""
+    for conversation_id in ids:
+        shard = store.keys.locate(conversation_id)[0]
+        for state in ("bot", "transferring"):
+            index = store.keys.state_index(shard, state)
+            score = await store.redis.zscore(index, conversation_id)
+            if score is not None:
+                await store.redis.zadd(index, {conversation_id: score - by_ms})
