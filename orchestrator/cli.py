@@ -1,41 +1,32 @@
 """Operator CLI: ``python -m orchestrator`` (or ``cc-orchestrator``).
 
-Reads the same Redis the bots use, through the same store and key layout.
+Reads the same Redis the bots use, through the same key layout, and shows what
+``orchestrator.inspection`` makes of it: rich tables for people, ``--json`` for scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.call import timestamp
-from states import LIVE_STATES, State
-from states.diagram import mermaid
+from orchestrator import inspection
+from states import State
+from states.diagram import FORMATS, DiagramError, render
+
+if TYPE_CHECKING:
+    from adapters.inspector import CallInspector
 
 T = TypeVar("T")
-
-# Runs of 8 or more digits (spaces and dashes allowed between them): card, account and
-# phone numbers a caller may have said. The last four stay readable.
-_LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
-
-
-def redact(text: str) -> str:
-    """Text for operator eyes: long digit runs masked but for their last four digits."""
-
-    def mask(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        return "*" * (len(digits) - 4) + digits[-4:]
-
-    return _LONG_DIGITS.sub(mask, text)
+WATCH_POLL_SECONDS = 0.25
 
 
 @click.group()
@@ -67,22 +58,10 @@ def calls() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def list_calls(options: dict[str, Any], state: str | None, limit: int, as_json: bool) -> None:
-    """Calls with their state, since when, attempts, target and last transition."""
-    states = [state] if state else [s.value for s in LIVE_STATES]
-    records = _run(options, lambda store: store.list_calls(states, limit))
-    rows = [
-        {
-            "id": r.get("id", ""),
-            "state": r.get("state", ""),
-            "since": _time(r.get("since")),
-            "attempts": int(r.get("attempts", 0)),
-            "target": r.get("target", ""),
-            "last_transition": r.get("last_transition", ""),
-        }
-        for r in records
-    ]
+    """Live calls (or those in STATE) with since when, attempts, target and last transition."""
+    rows = _run(options, lambda inspector: inspection.list_calls(inspector, state, limit))
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        _echo_json(rows)
         return
     table = Table("call", "state", "since", "attempts", "target", "last transition")
     for row in rows:
@@ -98,11 +77,11 @@ def list_calls(options: dict[str, Any], state: str | None, limit: int, as_json: 
 @click.pass_obj
 def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
     """One call whole: state, attempts, targets, times, transcript and history."""
-    call = _run(options, lambda store: _call_details(store, conversation_id))
+    call = _run(options, lambda inspector: inspection.call_details(inspector, conversation_id))
     if call is None:
         raise click.ClickException(f"no call {conversation_id!r} (unknown, or expired)")
     if as_json:
-        click.echo(json.dumps(call, indent=2, ensure_ascii=False))
+        _echo_json(call)
         return
     console = Console()
     record = call["record"]
@@ -112,8 +91,9 @@ def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
         f"  target {record.get('target') or '-'}"
     )
     console.print(
-        f"created {_time(record.get('created'))}  in this state since {_time(record.get('since'))}"
-        f"  updated {_time(record.get('updated'))}"
+        f"created {inspection.when(record.get('created'))}"
+        f"  in this state since {inspection.when(record.get('since'))}"
+        f"  updated {inspection.when(record.get('updated'))}"
     )
     if record.get("failure"):
         console.print(f"last failure: {record['failure']}")
@@ -127,50 +107,120 @@ def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
     console.print(timeline)
 
 
+@calls.command("watch")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only steps into or out of STATE.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--count", type=click.IntRange(1), help="Stop after this many steps (default: until Ctrl-C).")
+@click.pass_obj
+def watch(options: dict[str, Any], state: str | None, as_json: bool, count: int | None) -> None:
+    """Steps of every call, from every instance, as they are committed, until Ctrl-C."""
+    console = Console(highlight=False)
+
+    async def follow(inspector: CallInspector) -> None:
+        heads = await inspector.feed_heads()
+        shown = 0
+        while count is None or shown < count:
+            for entry in await inspector.feed_since(heads):
+                if state and state not in (entry.source, entry.dest):
+                    continue
+                row = inspection.transition_row(entry)
+                if as_json:
+                    click.echo(json.dumps(row, ensure_ascii=False))
+                else:
+                    reason = f"  ({row['reason']})" if row["reason"] else ""
+                    console.print(
+                        f"{row['at']}  [bold]{row['call']}[/bold]  {row['trigger']}  "
+                        f"{row['from']} -> [bold]{row['to']}[/bold]{reason}  {row['target']}",
+                        markup=True,
+                    )
+                shown += 1
+                if count is not None and shown >= count:
+                    return
+            await asyncio.sleep(WATCH_POLL_SECONDS)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _run(options, follow)
+
+
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid", show_default=True)
+@click.option(
+    "--window", default="1h", show_default=True, help="Transfers over the last 90s, 15m, 24h, 7d ..."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def stats(options: dict[str, Any], window: str, as_json: bool) -> None:
+    """Calls per state now; transfers started, accepted, failed, timed out per target."""
+    try:
+        inspection.parse_window(window)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--window") from None
+    figures = _run(options, lambda inspector: inspection.stats(inspector, window))
+    if as_json:
+        _echo_json(figures)
+        return
+    console = Console()
+    calls = Table(*figures["calls"], title="calls per state")
+    calls.add_row(*(str(n) for n in figures["calls"].values()))
+    console.print(calls)
+    outcomes = ["started", "accepted", "failed", "timeout"]
+    transfers = Table(
+        "target", *outcomes, "success rate", title=f"transfers, {figures['from']} to {figures['to']}"
+    )
+    for row in [*figures["targets"], {"target": "all", **figures["transfers"]}]:
+        rate = row["success_rate"]
+        transfers.add_row(
+            row["target"], *(str(row[o]) for o in outcomes), "-" if rate is None else f"{rate:.0%}"
+        )
+    console.print(transfers)
+
+
+@cli.command()
+@click.pass_obj
+def reconcile(options: dict[str, Any]) -> None:
+    """Drop state-index entries of calls that expired without ending (the bots do this
+    every minute too)."""
+
+    async def prune(inspector: CallInspector) -> int:
+        total = 0
+        while removed := await inspector.store.prune_index():
+            total += removed
+        return total
+
+    click.echo(f"removed {_run(options, prune)} index entries of expired calls")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="mermaid", show_default=True)
+@click.option("--call", "conversation_id", help="Highlight this call's current state (reads Redis).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
-def diagram(fmt: str, output: Path | None) -> None:
-    """The call state machine, drawn from the definition the bot runs."""
-    text = mermaid()
-    if output is None:
-        click.echo(text, nl=False)
+@click.pass_obj
+def diagram(options: dict[str, Any], fmt: str, conversation_id: str | None, output: Path | None) -> None:
+    """The call state machine, drawn from the definition the bot runs.
+
+    mermaid and dot need nothing installed; svg and png need Graphviz's `dot`."""
+    highlight = None
+    if conversation_id is not None:
+        record = _run(options, lambda inspector: inspector.store.record(conversation_id))
+        if not record:
+            raise click.ClickException(f"no call {conversation_id!r} (unknown, or expired)")
+        highlight = record.get("state")
+    try:
+        drawing = render(fmt, highlight)
+    except DiagramError as e:
+        raise click.ClickException(str(e)) from None
+    if output is not None:
+        output.write_bytes(drawing)
     else:
-        output.write_text(text, encoding="utf-8")
+        click.get_binary_stream("stdout").write(drawing)
 
 
-async def _call_details(store: Any, conversation_id: str) -> dict[str, Any] | None:
-    record = await store.record(conversation_id)
-    if not record:
-        return None
-    loaded = (await store.load(conversation_id)).call
-    history = await store.history(conversation_id)
-    return {
-        "record": {k: (v if k != "reference" else json.loads(v)) for k, v in record.items()},
-        "transcript": [
-            {"role": line.role, "text": redact(line.text), "at": line.at} for line in loaded.transcript
-        ],
-        "history": [
-            {
-                "at": _time(entry_id.split("-")[0]),
-                "trigger": step.trigger,
-                "from": step.source,
-                "to": step.dest,
-                "reason": redact(step.reason),
-            }
-            for entry_id, step in history
-        ],
-    }
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _time(ms: str | None) -> str:
-    if not ms or not ms.isdigit() or ms == "0":
-        return "-"
-    return timestamp(int(ms))
-
-
-def _run(options: dict[str, Any], action: Callable[[Any], Awaitable[T]]) -> T:
-    """Run one store action; an unreachable Redis is one line and exit status 1."""
+def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]]) -> T:
+    """Run one read against the bots' Redis; an unreachable Redis is one line and exit 1."""
+    from adapters.inspector import CallInspector
     from adapters.keys import Keyspace
     from adapters.redis_client import create_redis
     from adapters.store import RedisCallStore
@@ -185,7 +235,7 @@ def _run(options: dict[str, Any], action: Callable[[Any], Awaitable[T]]) -> T:
         try:
             if not await store.ping():
                 raise StoreUnavailable(f"Redis at {options['redis_url']} is not reachable")
-            return await action(store)
+            return await action(CallInspector(store))
         finally:
             await store.redis.aclose()
 

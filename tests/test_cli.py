@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import threading
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,8 @@ from redis.asyncio import Redis
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore
 from orchestrator.callflow import load_callflow
-from orchestrator.cli import cli, redact
+from orchestrator.cli import cli
+from orchestrator.inspection import redact
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
 from states.diagram import mermaid
@@ -119,3 +122,112 @@ def test_calls_list_by_state(call_in_redis: str) -> None:
     assert json.loads(invoke(*base, "--state", "transferring", "--json").output) == []
     table = invoke(*base).output
     assert "call-42" in table and "failed" in table
+
+
+def test_stats_counts_calls_and_transfers_per_target(call_in_redis: str) -> None:
+    base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "stats"]
+    figures = json.loads(invoke(*base, "--json", "--window", "15m").output)
+    assert figures["calls"] == {"bot": 0, "transferring": 0, "accepted": 0, "failed": 1, "ended": 0}
+    assert figures["targets"] == [
+        {
+            "target": "+14251231234",
+            "started": 1,
+            "accepted": 0,
+            "failed": 1,
+            "timeout": 0,
+            "success_rate": 0.0,
+        }
+    ]
+    assert figures["transfers"]["started"] == 1 and figures["window"] == "15m"
+    table = invoke(*base).output
+    assert "+14251231234" in table and "0%" in table and "failed" in table
+
+
+def test_stats_refuses_a_bad_window(call_in_redis: str) -> None:
+    result = CliRunner().invoke(cli, ["--redis-url", REAL_REDIS_URL, "stats", "--window", "soon"])
+    assert result.exit_code == 2 and "--window" in result.output and "15m" in result.output
+
+
+def test_diagram_highlights_a_calls_state(call_in_redis: str) -> None:
+    result = invoke("--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "diagram", "--call", "call-42")
+    assert result.output == mermaid(highlight="failed")
+    dot = invoke(
+        "--redis-url",
+        REAL_REDIS_URL,
+        "--prefix",
+        call_in_redis,
+        "diagram",
+        "--format",
+        "dot",
+        "--call",
+        "call-42",
+    )
+    assert dot.output.startswith("digraph") and "failed" in dot.output
+    missing = CliRunner().invoke(
+        cli, ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "diagram", "--call", "nope"]
+    )
+    assert missing.exit_code == 1 and "no call 'nope'" in missing.output
+
+
+def test_diagram_without_graphviz_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    result = CliRunner().invoke(cli, ["diagram", "--format", "svg"])
+    assert result.exit_code == 1 and "needs Graphviz" in result.output
+
+
+def test_diagram_as_svg_with_graphviz(tmp_path: Any) -> None:
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz is not installed (scripts/ensure-browser installs it)")
+    target = tmp_path / "machine.svg"
+    assert invoke("diagram", "--format", "svg", "-o", str(target)).exit_code == 0
+    assert "<svg" in target.read_text() and "transferring" in target.read_text()
+
+
+def test_calls_watch_shows_steps_committed_after_it_started(call_in_redis: str) -> None:
+    """The watch runs in a thread; steps are made until it has shown two of them."""
+    result: list[Any] = []
+    args = [
+        "--redis-url",
+        REAL_REDIS_URL,
+        "--prefix",
+        call_in_redis,
+        "calls",
+        "watch",
+        "--json",
+        "--count",
+        "2",
+    ]
+    watcher = threading.Thread(target=lambda: result.append(invoke(*args)))
+    watcher.start()
+
+    async def step(n: int) -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow())
+        await engine.handle(f"w{n}", CallerInput("agent"), activity_id="a")
+        await client.aclose()
+
+    made = 0
+    while watcher.is_alive() and made < 200:
+        asyncio.run(step(made))
+        made += 1
+        watcher.join(0.1)
+    assert not watcher.is_alive()
+    rows = [json.loads(line) for line in result[0].output.splitlines()]
+    assert len(rows) == 2
+    assert all(r["trigger"] == "request_agent" and r["to"] == "transferring" for r in rows)
+    assert {r["call"] for r in rows} <= {f"w{n}" for n in range(made)}  # never call-42's older steps
+
+
+def test_reconcile_removes_entries_of_expired_calls(call_in_redis: str) -> None:
+    async def expire() -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        keys = Keyspace(call_in_redis)
+        shard = keys.locate("call-42")[0]
+        await client.delete(keys.call("call-42").call)
+        await client.zadd(keys.state_index(shard, "failed"), {"call-42": 1})  # entered long ago
+        await client.aclose()
+
+    asyncio.run(expire())
+    base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis]
+    assert invoke(*base, "reconcile").output.strip() == "removed 1 index entries of expired calls"
+    assert json.loads(invoke(*base, "stats", "--json").output)["calls"]["failed"] == 0

@@ -1,0 +1,159 @@
+"""What operators see of calls, as plain JSON-ready data: one shape for the CLI, the HTTP
+operator API and the dashboard. Caller words are redacted here, before anyone sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.call import timestamp
+from orchestrator.turn import Outcome
+from states import State
+from states.diagram import arrows
+
+if TYPE_CHECKING:
+    from adapters.inspector import CallInspector, FeedEntry
+
+# Runs of 8 or more digits (spaces and dashes allowed between them): card, account and
+# phone numbers a caller may have said. The last four stay readable.
+_LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
+_WINDOW = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+CONCLUDED = (Outcome.ACCEPTED, Outcome.FAILED, Outcome.TIMEOUT)
+
+
+def redact(text: str) -> str:
+    """Text for operator eyes: long digit runs masked but for their last four digits."""
+
+    def mask(match: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", match.group())
+        return "*" * (len(digits) - 4) + digits[-4:]
+
+    return _LONG_DIGITS.sub(mask, text)
+
+
+def parse_window(text: str) -> int:
+    """``90s``, ``15m``, ``1h``, ``7d`` (or plain seconds) -> seconds."""
+    match = _WINDOW.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(
+            f"a window is a positive number with a unit s, m, h or d (like 15m or 24h), not {text!r}"
+        )
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def when(ms: str | int | None) -> str:
+    """An epoch time in ms (as stored) as ISO 8601, or "-" for none."""
+    text = str(ms or "")
+    return timestamp(int(text)) if text.isdigit() and int(text) else "-"
+
+
+def call_row(record: dict[str, str]) -> dict[str, Any]:
+    """One line of a calls listing."""
+    return {
+        "id": record.get("id", ""),
+        "state": record.get("state", ""),
+        "since": when(record.get("since")),
+        "attempts": int(record.get("attempts", 0)),
+        "target": record.get("target", ""),
+        "last_transition": record.get("last_transition", ""),
+    }
+
+
+async def list_calls(inspector: CallInspector, state: str | None, limit: int) -> list[dict[str, Any]]:
+    """Calls in ``state`` (default: every live state), latest state change first."""
+    states = [state] if state else [s.value for s in State if s != State.ENDED]
+    return [call_row(record) for record in await inspector.list_calls(states, limit)]
+
+
+async def call_details(inspector: CallInspector, conversation_id: str) -> dict[str, Any] | None:
+    """One call whole: record, redacted transcript and history timeline; None if unknown."""
+    store = inspector.store
+    record = await store.record(conversation_id)
+    if not record:
+        return None
+    loaded = (await store.load(conversation_id)).call
+    transcript = loaded.transcript if loaded is not None else []
+    history = await store.history(conversation_id)
+    shown: dict[str, Any] = {k: v for k, v in record.items() if k != "reference"}
+    shown["reference"] = json.loads(record["reference"]) if record.get("reference") else None
+    shown["failure"] = redact(record.get("failure", ""))
+    return {
+        "record": shown,
+        "transcript": [{"role": line.role, "text": redact(line.text), "at": line.at} for line in transcript],
+        "history": [
+            {
+                "at": when(entry_id.split("-")[0]),
+                "trigger": step.trigger,
+                "from": step.source,
+                "to": step.dest,
+                "reason": redact(step.reason),
+            }
+            for entry_id, step in history
+        ],
+    }
+
+
+def transition_row(entry: FeedEntry) -> dict[str, Any]:
+    """One step of the feed, for people."""
+    return {
+        "at": when(entry.at_ms),
+        "call": entry.call,
+        "trigger": entry.trigger,
+        "from": entry.source,
+        "to": entry.dest,
+        "reason": redact(entry.reason),
+        "target": entry.target,
+    }
+
+
+async def recent_transitions(inspector: CallInspector, limit: int) -> list[dict[str, Any]]:
+    return [transition_row(entry) for entry in await inspector.recent(limit)]
+
+
+def _rate(counts: dict[str, int]) -> float | None:
+    concluded = sum(counts.get(outcome, 0) for outcome in CONCLUDED)
+    return round(counts.get(Outcome.ACCEPTED, 0) / concluded, 4) if concluded else None
+
+
+async def stats(inspector: CallInspector, window: str) -> dict[str, Any]:
+    """Calls per state now, and transfers and their success rate per target over ``window``.
+
+    The success rate is accepted / (accepted + failed + timed out): transfers still
+    ringing are not counted against it.
+    """
+    seconds = parse_window(window)
+    calls = await inspector.state_counts()
+    counts = await inspector.transfer_counts(seconds)
+    outcomes = [o.value for o in Outcome]
+    targets = []
+    totals = dict.fromkeys(outcomes, 0)
+    for target, counter in sorted(counts.by_target.items()):
+        row: dict[str, Any] = {"target": target, **{o: counter.get(o, 0) for o in outcomes}}
+        row["success_rate"] = _rate(row)
+        targets.append(row)
+        for outcome in outcomes:
+            totals[outcome] += row[outcome]
+    return {
+        "window": window.strip(),
+        "from": when(counts.from_ms),
+        "to": when(counts.to_ms),
+        "calls": calls,
+        "transfers": {**totals, "success_rate": _rate(totals)},
+        "targets": targets,
+    }
+
+
+def machine() -> dict[str, Any]:
+    """The state machine as data, for drawing it (the dashboard does)."""
+    return {
+        "initial": State.BOT.value,
+        "final": State.ENDED.value,
+        "states": [s.value for s in State],
+        "transitions": [
+            {"trigger": a.label.split()[0], "source": a.source, "dest": a.dest, "label": a.label}
+            for a in arrows()
+        ],
+    }
