@@ -14,14 +14,16 @@ from botbuilder.integration.aiohttp import (
 )
 
 from adapters.bot import CallBot
-from adapters.http import ADAPTER_KEY, BOT_KEY, SCHEDULER_KEY, STORE_KEY, add_routes
+from adapters.http import ADAPTER_KEY, BOT_KEY, METRICS_KEY, SCHEDULER_KEY, STORE_KEY, add_routes
 from adapters.keys import Keyspace
+from adapters.operator_api import add_operator_routes
 from adapters.redis_client import create_redis
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError, StoreUnavailable
+from orchestrator.metrics import Metrics
 from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger("app")
@@ -53,7 +55,8 @@ def create_app(config: Settings | None = None) -> web.Application:
             delivery_grace_ms=int(CONFIG.DELIVERY_GRACE_SECONDS * 1000),
         ),
     )
-    ENGINE = Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES)
+    METRICS = Metrics()
+    ENGINE = Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES, metrics=METRICS)
     BOT = CallBot(ENGINE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
         ENGINE,
@@ -69,11 +72,25 @@ def create_app(config: Settings | None = None) -> web.Application:
             "before exposing the bot."
         )
 
+    METRICS.tally(
+        "cc_commit_conflicts",
+        "Commits lost to a concurrent turn on the call, and rerun",
+        lambda: ENGINE.conflicts,
+    )
+    METRICS.tally(
+        "cc_duplicate_activities", "Deliveries of an activity already applied", lambda: ENGINE.duplicates
+    )
+    METRICS.tally("cc_watchdogs_fired", "Transfers failed by the no-answer watchdog", lambda: SCHEDULER.fired)
+    METRICS.tally(
+        "cc_replies_redelivered", "Parked replies sent again by the scheduler", lambda: SCHEDULER.redelivered
+    )
+
     APP = web.Application(client_max_size=MAX_BODY_BYTES)
     APP[ADAPTER_KEY] = ADAPTER
     APP[BOT_KEY] = BOT
     APP[STORE_KEY] = STORE
     APP[SCHEDULER_KEY] = SCHEDULER
+    APP[METRICS_KEY] = METRICS
 
     async def redis_lifetime(app: web.Application) -> AsyncIterator[None]:
         if not await STORE.ping():
@@ -99,6 +116,10 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP.cleanup_ctx.append(redis_lifetime)
     APP.cleanup_ctx.append(scheduler_lifetime)
     add_routes(APP)
+    if CONFIG.OPERATOR_TOKEN is not None:
+        add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value())
+    else:
+        log.info("OPERATOR_TOKEN is not set: the operator API, /metrics and /dashboard are off")
     return APP
 
 

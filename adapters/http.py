@@ -22,6 +22,7 @@ from msrest.serialization import Model
 
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
+from orchestrator.metrics import Metrics
 from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ ADAPTER_KEY = web.AppKey("adapter", CloudAdapter)
 BOT_KEY = web.AppKey("bot", Bot)
 STORE_KEY = web.AppKey("store", RedisCallStore)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 
 TURN_SECONDS = 12.0  # inside the channel's 15 s
 
@@ -103,10 +105,20 @@ def _activity_problem(data: dict[str, Any]) -> str:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     """``POST /api/messages``: one activity from the channel."""
-    adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
     parsed = parse_activity(await request.read(), request.content_type)
     if isinstance(parsed, web.Response):
         return parsed
+    metrics = request.app[METRICS_KEY]
+    with metrics.turn_seconds.time():
+        response = await _turn(request, parsed)
+    if response.status == 503:
+        metrics.unavailable.inc()
+    return response
+
+
+async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
+    """Run the activity through the bot; the response for the channel."""
+    adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
     try:
         # The channel gives a turn 15 s; answer before that, so it redelivers rather
         # than giving up (a turn cut short here was either committed or not at all).

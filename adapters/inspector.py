@@ -15,9 +15,8 @@ from typing import Any
 from adapters.keys import HOUR, MINUTE, SHARDS, CallField, FeedField, StatsBucket
 from adapters.keys import HistoryField as H
 from adapters.store import RedisCallStore, unavailable_while
+from orchestrator.inspection import MAX_WINDOW_SECONDS
 from states import State
-
-MAX_WINDOW_SECONDS = 7 * 86_400  # hour buckets are kept for eight days
 
 Command = tuple[str, tuple[Any, ...], dict[str, Any]]  # a pipeline method, its args and kwargs
 

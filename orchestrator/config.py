@@ -6,13 +6,14 @@ import logging
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigError, describe_validation
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 APP_TYPES = ("MultiTenant", "SingleTenant", "UserAssignedMSI")
+OPERATOR_TOKEN_MIN = 16
 
 
 class Settings(BaseSettings):
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)
     DELIVERY_GRACE_SECONDS: float = Field(20, ge=1, le=600)  # above a turn's 12 s budget
 
+    # The operator API, /metrics and the dashboard exist only when this is set.
+    OPERATOR_TOKEN: SecretStr | None = None
+
     APP_ID: str = Field("", validation_alias="MicrosoftAppId")
     APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)
     APP_TYPE: str = Field("MultiTenant", validation_alias="MicrosoftAppType")
@@ -54,6 +58,13 @@ class Settings(BaseSettings):
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
         return value
+
+    @field_validator("OPERATOR_TOKEN", mode="before")
+    @classmethod
+    def _operator_token(cls, value: Any) -> Any:
+        if value and len(str(value)) < OPERATOR_TOKEN_MIN:  # the error must not echo it
+            raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters (try: openssl rand -hex 32)")
+        return value or None  # set but empty: off, as unset
 
     @field_validator("APP_TYPE")
     @classmethod

@@ -18,6 +18,7 @@ from orchestrator.call import Call, timestamp
 from orchestrator.callflow import CallFlow
 from orchestrator.errors import CommitConflict
 from orchestrator.events import Event
+from orchestrator.metrics import Metrics
 from orchestrator.turn import Turn, TurnRunner
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,14 @@ Render = Callable[[Turn], list[Any]]
 class Engine:
     """Applies events to calls, exactly once per activity id, with no lost updates."""
 
-    def __init__(self, store: CallStore, flow: CallFlow, *, transcript_max: int = 50) -> None:
+    def __init__(
+        self, store: CallStore, flow: CallFlow, *, transcript_max: int = 50, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.runner = TurnRunner(flow, transcript_max=transcript_max)
-        self.conflicts = 0  # commits lost to a concurrent turn, since start
+        self.metrics = metrics
+        self.conflicts = 0  # commits lost to a concurrent turn (and rerun), since start
+        self.duplicates = 0  # deliveries of an activity already applied, since start
 
     async def handle(
         self,
@@ -81,6 +86,7 @@ class Engine:
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             loaded = await self.store.load(conversation_id, activity_id)
             if loaded.duplicate:
+                self.duplicates += 1
                 return None
             call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=timestamp(), reference=reference)
@@ -90,6 +96,8 @@ class Engine:
                 turn.replies = render(turn)
             outcome = await self.store.commit(turn, activity_id)
             if outcome is Commit.APPLIED:
+                if self.metrics is not None:
+                    self.metrics.applied(turn)
                 for step in turn.steps:
                     log.info(
                         "call %s v%d: %s %s -> %s (%s)",
@@ -102,6 +110,7 @@ class Engine:
                     )
                 return turn
             if outcome is Commit.DUPLICATE:
+                self.duplicates += 1
                 return None  # applied meanwhile by another delivery of the same activity
             self.conflicts += 1
             # Back off with jitter so turns racing on one call spread out.

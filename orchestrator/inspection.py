@@ -22,6 +22,7 @@ _LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 CONCLUDED = (Outcome.ACCEPTED, Outcome.FAILED, Outcome.TIMEOUT)
+MAX_WINDOW_SECONDS = 7 * 86_400  # transfer counters are kept by the hour for eight days
 
 
 def redact(text: str) -> str:
@@ -41,7 +42,10 @@ def parse_window(text: str) -> int:
         raise ValueError(
             f"a window is a positive number with a unit s, m, h or d (like 15m or 24h), not {text!r}"
         )
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_WINDOW_SECONDS:
+        raise ValueError(f"a window is at most 7d (counters are kept by the hour for 8 days), not {text!r}")
+    return seconds
 
 
 def when(ms: str | int | None) -> str:

@@ -1,0 +1,191 @@
+"""The operator side of the bot's port: a read-only JSON API, ``/metrics`` and the dashboard.
+
+None of it exists unless ``OPERATOR_TOKEN`` is set (every route is then a 404), and
+every route but the dashboard page (which holds no data) wants
+``Authorization: Bearer <OPERATOR_TOKEN>``, compared in constant time. A channel token
+does not open it. What callers said is redacted before it is shown
+(``orchestrator.inspection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from adapters.http import METRICS_KEY, STORE_KEY, problem
+from adapters.inspector import CallInspector
+from orchestrator import inspection
+from orchestrator.errors import StoreUnavailable
+from states import State
+from states.diagram import FORMATS, DiagramError, GraphvizMissing, render
+
+INSPECTOR_KEY = web.AppKey("inspector", CallInspector)
+TOKEN_KEY = web.AppKey("operator_token", bytes)
+
+MAX_LIST = 10_000
+MAX_TRANSITIONS = 500
+CONTENT_TYPES = {
+    "mermaid": "text/plain; charset=utf-8",
+    "dot": "text/vnd.graphviz; charset=utf-8",
+    "svg": "image/svg+xml",
+    "png": "image/png",
+}
+# The page's script and style are inline; nothing may load from anywhere else.
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+DASHBOARD = resources.files("adapters").joinpath("dashboard.html")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadQuery(ValueError):
+    """A query parameter out of range: a 400 with this reason."""
+
+
+def operator_only(handler: Handler) -> Handler:
+    """Require the operator's bearer token; answer 503 when Redis fails."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = request.app[TOKEN_KEY]
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return problem(
+                401,
+                "the operator API needs Authorization: Bearer <OPERATOR_TOKEN>",
+                **{"WWW-Authenticate": 'Bearer realm="operator"'},
+            )
+        try:
+            return await handler(request)
+        except BadQuery as e:
+            return problem(400, str(e))
+        except StoreUnavailable as e:
+            return problem(503, f"call state is temporarily unavailable: {e}", **{"Retry-After": "1"})
+
+    return guarded
+
+
+def _int(request: web.Request, name: str, default: int, top: int) -> int:
+    raw = request.query.get(name, str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= top:
+        raise BadQuery(f"{name} must be a whole number from 1 to {top}")
+    return int(raw)
+
+
+def _state(request: web.Request) -> str | None:
+    state = request.query.get("state") or None
+    if state is not None and state not in {s.value for s in State}:
+        raise BadQuery(f"state must be one of {', '.join(s.value for s in State)}")
+    return state
+
+
+@operator_only
+async def list_calls(request: web.Request) -> web.StreamResponse:
+    """``GET /api/calls[?state=&limit=]``"""
+    rows = await inspection.list_calls(
+        request.app[INSPECTOR_KEY], _state(request), _int(request, "limit", 50, MAX_LIST)
+    )
+    return web.json_response({"calls": rows})
+
+
+@operator_only
+async def show_call(request: web.Request) -> web.StreamResponse:
+    """``GET /api/calls/{id}``"""
+    conversation_id = request.match_info["id"]
+    call = await inspection.call_details(request.app[INSPECTOR_KEY], conversation_id)
+    if call is None:
+        return problem(404, f"no call {conversation_id!r} (unknown, or expired)")
+    return web.json_response(call)
+
+
+@operator_only
+async def stats(request: web.Request) -> web.StreamResponse:
+    """``GET /api/stats[?window=1h]``"""
+    window = request.query.get("window", "1h")
+    try:
+        inspection.parse_window(window)
+    except ValueError as e:
+        raise BadQuery(str(e)) from None
+    return web.json_response(await inspection.stats(request.app[INSPECTOR_KEY], window))
+
+
+@operator_only
+async def transitions(request: web.Request) -> web.StreamResponse:
+    """``GET /api/transitions[?limit=20]``: the latest steps of any call, newest first."""
+    limit = _int(request, "limit", 20, MAX_TRANSITIONS)
+    return web.json_response(
+        {"transitions": await inspection.recent_transitions(request.app[INSPECTOR_KEY], limit)}
+    )
+
+
+@operator_only
+async def machine(request: web.Request) -> web.StreamResponse:
+    """``GET /api/machine``: the state machine as data."""
+    return web.json_response(inspection.machine())
+
+
+@operator_only
+async def diagram(request: web.Request) -> web.StreamResponse:
+    """``GET /api/diagram[?format=mermaid|dot|svg|png&call=ID]``"""
+    fmt = request.query.get("format", "mermaid")
+    if fmt not in FORMATS:
+        return problem(400, f"format must be one of {', '.join(FORMATS)}")
+    highlight = None
+    if "call" in request.query:
+        record = await request.app[INSPECTOR_KEY].store.record(request.query["call"])
+        if not record:
+            return problem(404, f"no call {request.query['call']!r} (unknown, or expired)")
+        highlight = record.get("state")
+    try:
+        drawing = await asyncio.to_thread(render, fmt, highlight)  # Graphviz runs as a process
+    except GraphvizMissing as e:
+        return problem(501, str(e))
+    except DiagramError as e:
+        return problem(400, str(e))
+    return web.Response(body=drawing, headers={"Content-Type": CONTENT_TYPES[fmt]})
+
+
+@operator_only
+async def prometheus(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: Prometheus text format."""
+    counts = await request.app[INSPECTOR_KEY].state_counts()
+    body = request.app[METRICS_KEY].exposition(counts)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    """``GET /dashboard``: the page; it asks for the token and reads the API with it."""
+    return web.Response(
+        body=DASHBOARD.read_bytes(),
+        headers={
+            "Content-Type": "text/html; charset=utf-8",
+            "Content-Security-Policy": DASHBOARD_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def add_operator_routes(app: web.Application, token: str) -> None:
+    """Serve the operator API on ``app``, opened by ``token``."""
+    app[TOKEN_KEY] = token.encode()
+    app[INSPECTOR_KEY] = CallInspector(app[STORE_KEY])
+    routes: dict[str, Any] = {
+        "/api/calls": list_calls,
+        "/api/calls/{id}": show_call,
+        "/api/stats": stats,
+        "/api/transitions": transitions,
+        "/api/machine": machine,
+        "/api/diagram": diagram,
+        "/metrics": prometheus,
+        "/dashboard": dashboard,
+    }
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one bot instance (``GET /metrics``).
+
+Counters and histograms are this instance's own: Prometheus sums them over instances.
+``cc_calls`` is read from Redis at scrape time and is the same on every instance (use
+``max``, not ``sum``, across instances).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from orchestrator.turn import Outcome, Turn
+from states import State
+
+# Transfers ring for seconds to minutes (the watchdog default is 60 s).
+OUTCOME_BUCKETS = (1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300, 600)
+# A turn is milliseconds; the channel gives it 15 s and the bot answers 503 after 12 s.
+TURN_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 12)
+
+
+class _Tallies(Collector):
+    """Counters the engine and the scheduler already keep, read at scrape time."""
+
+    def __init__(self, tallies: dict[str, tuple[str, Callable[[], int]]]) -> None:
+        self.tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (documentation, read) in self.tallies.items():
+            yield CounterMetricFamily(name, documentation, value=read())
+
+
+class Metrics:
+    """The metrics of one instance, in a registry of its own (tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Gauge("cc_calls", "Calls per state, in all of Redis", ["state"], registry=self.registry)
+        self.transfers = Counter(
+            "cc_transfers",
+            "Transfers started, accepted, failed and timed out (no answer), per target",
+            ["target", "outcome"],
+            registry=self.registry,
+        )
+        self.outcome_seconds = Histogram(
+            "cc_transfer_outcome_seconds",
+            "Time from handoff.initiate to the transfer's outcome",
+            ["outcome"],
+            buckets=OUTCOME_BUCKETS,
+            registry=self.registry,
+        )
+        self.turn_seconds = Histogram(
+            "cc_turn_seconds",
+            "Time to answer an activity posted to /api/messages",
+            buckets=TURN_BUCKETS,
+            registry=self.registry,
+        )
+        self.unavailable = Counter(
+            "cc_turns_unavailable",
+            "Activities answered 503 (Redis unavailable, turn too slow)",
+            registry=self.registry,
+        )
+
+    def tally(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        """Export a running count some object keeps (a conflict or re-delivery count)."""
+        self.registry.register(_Tallies({name: (documentation, read)}))
+
+    def applied(self, turn: Turn) -> None:
+        """Count a committed turn's transfer outcomes, and how long each transfer rang."""
+        call = turn.call
+        for outcome in turn.outcomes:
+            self.transfers.labels(call.target, outcome.value).inc()
+            if outcome != Outcome.STARTED and turn.loaded_state == State.TRANSFERRING and call.since_ms:
+                rang = max(0.0, time.time() - call.since_ms / 1000)
+                self.outcome_seconds.labels(outcome.value).observe(rang)
+
+    def exposition(self, calls: dict[str, int]) -> bytes:
+        """The text format, with the state counts just read from Redis."""
+        for state, count in calls.items():
+            self.calls.labels(state).set(count)
+        return generate_latest(self.registry)

@@ -1,0 +1,253 @@
+"""The operator API, /metrics and the dashboard route, through aiohttp's test client, with
+calls made the way the channel makes them (activities posted to /api/messages)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.http import STORE_KEY
+from app import create_app
+from orchestrator.config import load_settings
+from states.diagram import mermaid
+from tests.channel import Caller, ChannelStandIn
+from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
+
+TOKEN = "operator-token-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TARGET = "+14251231234"
+
+
+async def serve(settings: Any) -> TestClient[Any, Any]:
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture(params=["fake", "real", "cluster"])
+async def bot(
+    request: pytest.FixtureRequest, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TestClient[Any, Any]]:
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    redis_url = None
+    if request.param == "real":
+        await (await real_redis_or_skip()).aclose()
+        redis_url = REAL_REDIS_URL
+    elif request.param == "cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
+    client = await serve(
+        load_settings(
+            REDIS_URL=redis_url,
+            REDIS_CLUSTER=request.param == "cluster",
+            REDIS_KEY_PREFIX=key_prefix,
+            OPERATOR_TOKEN=TOKEN,
+        )
+    )
+    yield client
+    if request.param != "fake":
+        await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+    await client.close()
+
+
+@pytest.fixture
+async def calls(bot: TestClient[Any, Any], channel: ChannelStandIn) -> dict[str, Caller]:
+    """A failed transfer (with a card number said), one ringing, and one in the bot."""
+    made = {name: Caller(channel.url) for name in ("failed", "ringing", "chatting")}
+    script: dict[str, list[Any]] = {
+        "failed": ["start", "my card is 4111 1111 1111 1111", "agent", ("failed", "busy")],
+        "ringing": ["start", "agent"],
+        "chatting": ["start", "one"],
+    }
+    for name, steps in script.items():
+        caller = made[name]
+        for step in steps:
+            if step == "start":
+                activity = caller.start()
+            elif isinstance(step, tuple):
+                activity = caller.status({"state": step[0], "message": step[1]})
+            else:
+                activity = caller.say(step)
+            response = await bot.post("/api/messages", json=activity)
+            assert response.status == 201, await response.text()
+    return made
+
+
+async def get(bot: TestClient[Any, Any], path: str, status: int = 200, **headers: str) -> Any:
+    response = await bot.get(path, headers=headers or AUTH)
+    body = await response.read()
+    assert response.status == status, body
+    return await response.json() if response.content_type == "application/json" else body
+
+
+async def test_calls_by_state_and_one_call_whole(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
+    failed, ringing = calls["failed"].conversation_id, calls["ringing"].conversation_id
+    listed = (await get(bot, "/api/calls?state=failed"))["calls"]
+    assert [(c["id"], c["state"], c["attempts"], c["target"]) for c in listed] == [
+        (failed, "failed", 1, TARGET)
+    ]
+    assert listed[0]["last_transition"] == "fail transferring -> failed"
+    live = {c["id"]: c["state"] for c in (await get(bot, "/api/calls"))["calls"]}
+    assert live == {failed: "failed", ringing: "transferring", calls["chatting"].conversation_id: "bot"}
+    assert len((await get(bot, "/api/calls?limit=1"))["calls"]) == 1
+
+    call = await get(bot, f"/api/calls/{failed}")
+    assert call["record"]["state"] == "failed" and call["record"]["failure"] == "busy"
+    said = [line["text"] for line in call["transcript"] if line["role"] == "caller"]
+    assert said == ["my card is ************1111", "agent"]
+    assert [(h["from"], h["to"]) for h in call["history"]] == [
+        ("bot", "transferring"),
+        ("transferring", "failed"),
+    ]
+    await get(bot, "/api/calls/nobody", 404)
+
+
+async def test_stats_and_recent_transitions(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
+    stats = await get(bot, "/api/stats?window=15m")
+    assert stats["calls"] == {"bot": 1, "transferring": 1, "accepted": 0, "failed": 1, "ended": 0}
+    assert stats["targets"] == [
+        {"target": TARGET, "started": 2, "accepted": 0, "failed": 1, "timeout": 0, "success_rate": 0.0}
+    ]
+    assert stats["transfers"]["started"] == 2 and stats["window"] == "15m"
+    recent = (await get(bot, "/api/transitions?limit=2"))["transitions"]
+    assert len(recent) == 2
+    steps = {(t["call"], t["from"], t["to"]) for t in (await get(bot, "/api/transitions"))["transitions"]}
+    assert (calls["failed"].conversation_id, "transferring", "failed") in steps
+    assert (calls["ringing"].conversation_id, "bot", "transferring") in steps
+
+
+async def test_the_machine_and_its_diagrams(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
+    machine = await get(bot, "/api/machine")
+    assert machine["states"] == ["bot", "transferring", "accepted", "failed", "ended"]
+    assert {
+        "trigger": "fail",
+        "source": "transferring",
+        "dest": "failed",
+        "label": "fail / say_retry",
+    } in machine["transitions"]
+    text = await get(bot, f"/api/diagram?call={calls['failed'].conversation_id}")
+    assert text.decode() == mermaid(highlight="failed")
+    dot = (await get(bot, "/api/diagram?format=dot")).decode()
+    assert dot.startswith("digraph")
+    if shutil.which("dot"):
+        svg = await bot.get("/api/diagram?format=svg", headers=AUTH)
+        assert svg.status == 200 and svg.content_type == "image/svg+xml" and b"<svg" in await svg.read()
+
+
+async def test_diagram_without_graphviz_is_a_501_that_says_so(
+    bot: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "needs Graphviz" in (await get(bot, "/api/diagram?format=png", 501))["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/api/calls?state=ringing", "state must be one of"),
+        ("/api/calls?limit=0", "limit must be"),
+        ("/api/calls?limit=ten", "limit must be"),
+        ("/api/calls?limit=10001", "limit must be"),
+        ("/api/transitions?limit=-1", "limit must be"),
+        ("/api/stats?window=soon", "window"),
+        ("/api/stats?window=30d", "window"),
+        ("/api/diagram?format=gif", "format must be"),
+        ("/api/diagram?call=nobody", "no call"),
+    ],
+)
+async def test_bad_queries_get_a_reason_and_change_nothing(
+    bot: TestClient[Any, Any], calls: dict[str, Caller], path: str, reason: str
+) -> None:
+    failed = calls["failed"].conversation_id
+    before = await bot.app[STORE_KEY].record(failed)
+    answer = await get(bot, path, 404 if "call=" in path else 400)
+    assert reason in answer["error"]
+    assert await bot.app[STORE_KEY].record(failed) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": TOKEN},  # no scheme
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        # A Bot Framework channel token is no operator token.
+        {"Authorization": "Bearer eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJhdWQiOiJib3QifQ.c2ln"},
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/calls", "/api/calls/x", "/api/stats", "/api/transitions", "/metrics"])
+async def test_without_the_operator_token_nothing_is_shown(
+    bot: TestClient[Any, Any], headers: dict[str, str], path: str
+) -> None:
+    response = await bot.get(path, headers=headers)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "OPERATOR_TOKEN" in (await response.json())["error"]
+
+
+async def test_metrics(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
+    again = calls["chatting"].say("one")
+    assert (await bot.post("/api/messages", json=again)).status == 201
+    assert (await bot.post("/api/messages", json=again)).status == 201  # a redelivery: applied once
+    text = (await get(bot, "/metrics")).decode()
+
+    def value(sample: str) -> float:
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{sample} not in /metrics"
+        return float(match.group(1))
+
+    assert value('cc_calls{state="failed"}') == 1 and value('cc_calls{state="transferring"}') == 1
+    assert value(f'cc_transfers_total{{outcome="started",target="{TARGET}"}}') == 2
+    assert value(f'cc_transfers_total{{outcome="failed",target="{TARGET}"}}') == 1
+    assert value('cc_transfer_outcome_seconds_count{outcome="failed"}') == 1
+    assert value("cc_turn_seconds_count") == 10  # 8 turns of the calls fixture, then 2
+    assert value("cc_duplicate_activities_total") == 1
+    assert value("cc_commit_conflicts_total") == 0 and value("cc_watchdogs_fired_total") == 0
+
+
+async def test_the_dashboard_page_is_served_locked_down(bot: TestClient[Any, Any]) -> None:
+    response = await bot.get("/dashboard")  # the page holds no data: it asks for the token
+    assert response.status == 200 and response.content_type == "text/html"
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert "<html" in (await response.text()).lower()
+
+
+async def test_with_no_operator_token_there_is_no_operator_api(
+    key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPERATOR_TOKEN", raising=False)
+    client = await serve(load_settings(REDIS_URL=None, REDIS_KEY_PREFIX=key_prefix))
+    try:
+        for path in ["/api/calls", "/api/calls/x", "/api/stats", "/api/diagram", "/metrics", "/dashboard"]:
+            assert (await client.get(path, headers=AUTH)).status == 404, path
+    finally:
+        await client.close()
+
+
+async def test_redis_down_is_a_503(key_prefix: str) -> None:
+    client = await serve(
+        load_settings(REDIS_URL="redis://127.0.0.1:1/0", OPERATOR_TOKEN=TOKEN, REDIS_TIMEOUT_SECONDS=1)
+    )
+    try:
+        for path in ["/api/calls", "/api/stats", "/api/transitions", "/metrics"]:
+            response = await client.get(path, headers=AUTH)
+            assert response.status == 503 and response.headers["Retry-After"] == "1", path
+    finally:
+        await client.close()
+
+
+def test_a_short_operator_token_stops_start_up_without_echoing_it() -> None:
+    from orchestrator.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(OPERATOR_TOKEN="hunter2")
+    assert "OPERATOR_TOKEN" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert load_settings(OPERATOR_TOKEN="").OPERATOR_TOKEN is None
