@@ -101,3 +101,7 @@ async def channel() -> AsyncIterator[ChannelStandIn]:
     stand_in = await ChannelStandIn().start()
     yield stand_in
     await stand_in.stop()
+
+
+# Headless Chromium fixtures (browser_page, chromium) for every test: see tests/browser.py.
+pytest_plugins = ["tests.browser"]
