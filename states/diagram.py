@@ -81,7 +81,8 @@ def mermaid(highlight: str | None = None) -> str:
     lines += [f"    {a.source} --> {a.dest} : {a.label}" for a in arrows()]
     lines.append(f"    {State.ENDED.value} --> [*]")
     if current is not None:
-        # Lower-case ``class``: Mermaid rejects the ``Class`` that transitions 0.9.3 writes.
+        # Lower-case ``class``, the documented form: transitions 0.9.3 writes ``Class``, which
+        # Mermaid 11 accepts only because its lexer ignores case; other readers need not.
         lines.append(f"    classDef current fill:{HIGHLIGHT_FILL},stroke:{HIGHLIGHT_STROKE},stroke-width:3px")
         lines.append(f"    class {current.value} current")
     return "\n".join(lines) + "\n"
