@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import threading
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +22,9 @@ from adapters.keys import Keyspace
 from adapters.store import RedisCallStore
 from orchestrator.callflow import load_callflow
 from orchestrator.cli import cli
-from orchestrator.inspection import redact
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
+from orchestrator.inspection import redact
 from states.diagram import mermaid
 from tests.conftest import REAL_REDIS_URL, delete_prefix, require_real_redis_sync
 
@@ -231,3 +236,33 @@ def test_reconcile_removes_entries_of_expired_calls(call_in_redis: str) -> None:
     base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis]
     assert invoke(*base, "reconcile").output.strip() == "removed 1 index entries of expired calls"
     assert json.loads(invoke(*base, "stats", "--json").output)["calls"]["failed"] == 0
+
+
+def test_calls_watch_ends_quietly_on_ctrl_c(call_in_redis: str, tmp_path: Path) -> None:
+    """As a person runs it: a process, interrupted by SIGINT once it is watching."""
+    out = tmp_path / "watch.out"
+    command = [sys.executable, "-m", "orchestrator", "--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis]
+    with out.open("w") as sink:
+        watch = subprocess.Popen([*command, "calls", "watch"], stdout=sink, stderr=subprocess.PIPE, text=True)
+
+    async def step(n: int) -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow())
+        await engine.handle(f"i{n}", CallerInput("agent"), activity_id="a")
+        await client.aclose()
+
+    try:
+        # Steps until one shows: then the watch is surely past its start-up.
+        for n in range(100):
+            asyncio.run(step(n))
+            time.sleep(0.2)
+            if "request_agent" in out.read_text():
+                break
+        assert "bot -> transferring" in out.read_text()
+        watch.send_signal(signal.SIGINT)
+        _, errors = watch.communicate(timeout=10)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0 and "Traceback" not in errors, errors
