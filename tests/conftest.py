@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from fakeredis import FakeServer
@@ -84,6 +85,24 @@ async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> None:
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
     for key in keys:  # one by one: on a cluster they live in many slots
         await client.delete(key)
+
+
+# Settings the tests set themselves: a developer's environment must not leak into the bot.
+BOT_ENVIRONMENT = ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "REDIS_CLUSTER", "OPERATOR_TOKEN")
+
+
+@pytest.fixture(params=["fake", "real", "cluster"])
+async def bot_redis(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Settings that point a bot at the embedded fake, the real Redis or the test cluster,
+    with the bot's other environment cleared."""
+    for name in BOT_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    if request.param == "real":
+        await (await real_redis_or_skip()).aclose()
+        return {"REDIS_URL": REAL_REDIS_URL}
+    if request.param == "cluster":
+        return {"REDIS_URL": request.getfixturevalue("redis_cluster").url, "REDIS_CLUSTER": True}
+    return {"REDIS_URL": None}
 
 
 @pytest.fixture

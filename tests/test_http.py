@@ -20,7 +20,7 @@ from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.config import load_settings
 from tests.channel import Caller, ChannelStandIn
-from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
+from tests.conftest import delete_prefix
 
 DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
 SECOND_TARGET = "+14255550100"
@@ -42,21 +42,12 @@ def flow_file(tmp_path: Path, transfer_timeout: float) -> Path:
     return path
 
 
-@pytest.fixture(params=["fake", "real", "cluster"])
+@pytest.fixture
 async def bot(
-    request: pytest.FixtureRequest, flow_file: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+    bot_redis: dict[str, Any], flow_file: Path, key_prefix: str
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL"):
-        monkeypatch.delenv(name, raising=False)
-    redis_url = None
-    if request.param == "real":
-        await (await real_redis_or_skip()).aclose()
-        redis_url = REAL_REDIS_URL
-    elif request.param == "cluster":
-        redis_url = request.getfixturevalue("redis_cluster").url
     settings = load_settings(
-        REDIS_URL=redis_url,
-        REDIS_CLUSTER=request.param == "cluster",
+        **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file,
         DELIVERY_GRACE_SECONDS=1,
@@ -67,7 +58,7 @@ async def bot(
     yield client
     try:
         async with asyncio.timeout(20):
-            if request.param != "fake":
+            if bot_redis["REDIS_URL"]:
                 await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
             await client.close()
     except TimeoutError:

@@ -16,7 +16,7 @@ from app import create_app
 from orchestrator.config import load_settings
 from states.diagram import mermaid
 from tests.channel import Caller, ChannelStandIn
-from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
+from tests.conftest import delete_prefix
 
 TOKEN = "operator-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,28 +29,11 @@ async def serve(settings: Any) -> TestClient[Any, Any]:
     return client
 
 
-@pytest.fixture(params=["fake", "real", "cluster"])
-async def bot(
-    request: pytest.FixtureRequest, key_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[TestClient[Any, Any]]:
-    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    redis_url = None
-    if request.param == "real":
-        await (await real_redis_or_skip()).aclose()
-        redis_url = REAL_REDIS_URL
-    elif request.param == "cluster":
-        redis_url = request.getfixturevalue("redis_cluster").url
-    client = await serve(
-        load_settings(
-            REDIS_URL=redis_url,
-            REDIS_CLUSTER=request.param == "cluster",
-            REDIS_KEY_PREFIX=key_prefix,
-            OPERATOR_TOKEN=TOKEN,
-        )
-    )
+@pytest.fixture
+async def bot(bot_redis: dict[str, Any], key_prefix: str) -> AsyncIterator[TestClient[Any, Any]]:
+    client = await serve(load_settings(**bot_redis, REDIS_KEY_PREFIX=key_prefix, OPERATOR_TOKEN=TOKEN))
     yield client
-    if request.param != "fake":
+    if bot_redis["REDIS_URL"]:
         await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
     await client.close()
 
