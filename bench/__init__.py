@@ -1,0 +1,1 @@
+"""Benchmarks run against a real Redis: ``python -m bench.<name> --help``."""

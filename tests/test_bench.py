@@ -1,0 +1,73 @@
+"""The inspection benchmark, run small against the real Redis: every figure is in its
+JSON and the counts are right. No timing is asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from bench.inspection import BASELINE, INDEXED, TARGETS
+from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
+from tests.process import ROOT
+
+pytestmark = pytest.mark.real_redis
+
+CALLS = 300
+
+
+def test_bench_reports_every_figure_and_leaves_no_key(key_prefix: str, tmp_path: Path) -> None:
+    require_real_redis_sync()
+    output = tmp_path / "inspection.json"
+    args = ["--calls", str(CALLS), "--runs", "1", "--redis-url", REAL_REDIS_URL, "--prefix", key_prefix]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.inspection", *args, "--json", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "calls/s" in done.stdout and "baseline" in done.stdout
+
+    report = json.loads(output.read_text())
+    assert [(f["from"], f["to"]) for f in report["fill"]] == [(0, CALLS // 10), (CALLS // 10, CALLS)]
+    assert all(f["calls_per_s"] > 0 and f["commits"] > f["calls"] for f in report["fill"])
+    small, big = report["checkpoints"]
+    assert (small["calls"], big["calls"]) == (CALLS // 10, CALLS)
+    assert set(report["growth"]["median_ms"]) == {*INDEXED, BASELINE}
+
+    for point in report["checkpoints"]:
+        assert point["checks"] and all(point["checks"].values()), point["checks"]
+        counts = point["state_counts"]
+        assert sum(counts.values()) == point["calls"]
+        assert counts["transferring"] == counts["accepted"] == counts["failed"] == point["calls"] // 10
+        assert point["baseline_counts"] == counts  # the keyspace scan and the indexes agree
+        assert set(point["transfers_per_target"]) == set(TARGETS)
+        for name in [*INDEXED, BASELINE]:
+            timing = point["timings_ms"][name]
+            assert len(timing["runs_ms"]) == 1
+            assert {"median_ms", "max_ms", "round_trips", "commands"} <= set(timing)
+        assert set(point["baseline_over_indexed"]) == set(INDEXED)
+        # One pipelined round trip per question: stats asks two (counts, counters).
+        trips = {name: point["timings_ms"][name]["round_trips"] for name in INDEXED}
+        assert trips == {
+            "stats 1h": 2,
+            "stats 24h": 2,
+            "list transferring 50": 2,
+            "list failed 1000": 2,
+            "state_counts": 1,
+        }
+        assert point["memory"]["bytes"]["state_indexes"] > 0
+        assert point["memory"]["bytes_per_call"]["state_indexes"] > 0
+
+    assert report["deleted_keys"] > 0
+    client = redis.Redis.from_url(REAL_REDIS_URL)
+    try:
+        assert list(client.scan_iter(match=f"{key_prefix}:*", count=1000)) == []
+    finally:
+        client.close()
