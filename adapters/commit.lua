@@ -12,7 +12,8 @@
 --       9 outbox payload ('' = none), 10 outbox member of due, 11 outbox grace ms,
 --       12 n_fields, field, value, ... , n_lines, line, ... ,
 --       n_steps, trigger, source, dest, reason, ...,
---       n_counters, counter field, ..., minute bucket ttl, hour bucket ttl, feed max length
+--       n_counters, '<outcome>:<target>', ..., feed max length,
+--       minute bucket, minute hash ttl, hour bucket, hour hash ttl
 -- Returns {1, version, deadline}  applied
 --         {2, version, deadline}  already applied by this same token (a retried command)
 --         {0, 0, 0}               duplicate: the activity was applied by another commit
@@ -115,7 +116,7 @@ i = i + 4 * n_steps
 local n_counters = tonumber(ARGV[i])
 local counters_at = i + 1
 i = counters_at + n_counters
-local minute_ttl, hour_ttl, feed_max = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local feed_max, buckets_at = ARGV[i], i + 1
 
 -- The call's own history, and the shard's feed of every call's steps (for watchers).
 i = steps_at
@@ -130,13 +131,14 @@ for _ = 1, n_steps do
 end
 
 -- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
-for c = counters_at, counters_at + n_counters - 1 do
-  redis.call('HINCRBY', KEYS[10], ARGV[c], 1)
-  redis.call('HINCRBY', KEYS[11], ARGV[c], 1)
-end
 if n_counters > 0 then
-  redis.call('EXPIRE', KEYS[10], minute_ttl)
-  redis.call('EXPIRE', KEYS[11], hour_ttl)
+  for k = 0, 1 do
+    local bucket, ttl = ARGV[buckets_at + 2 * k], ARGV[buckets_at + 2 * k + 1]
+    for c = counters_at, counters_at + n_counters - 1 do
+      redis.call('HINCRBY', KEYS[10 + k], bucket .. ':' .. ARGV[c], 1)
+    end
+    redis.call('EXPIRE', KEYS[10 + k], ttl)
+  end
 end
 
 redis.call('HSET', seen, key, token)

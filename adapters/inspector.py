@@ -82,20 +82,21 @@ class CallInspector:
         if not 0 < window_seconds <= MAX_WINDOW_SECONDS:
             raise ValueError(f"the window must be between 1 s and {MAX_WINDOW_SECONDS // 86_400} days")
         now = int(time.time() if now_s is None else now_s)
-        bucket: StatsBucket = MINUTE if window_seconds <= 2 * 3600 else HOUR
-        last = now // bucket.seconds
-        first = last - -(-window_seconds // bucket.seconds) + 1  # ceil: whole buckets cover the window
+        kind: StatsBucket = MINUTE if window_seconds <= 2 * 3600 else HOUR
+        last = kind.bucket(now)
+        first = last - -(-window_seconds // kind.seconds) + 1  # ceil: whole buckets cover the window
         commands: list[Command] = [
-            ("hgetall", (self.keys.stats(shard, bucket, start),), {})
+            ("hgetall", (self.keys.stats(shard, kind, start),), {})
             for shard in range(SHARDS)
-            for start in range(first, last + 1)
+            for start in range(kind.hash_of(first), kind.hash_of(last) + 1)
         ]
         by_target: dict[str, Counter[str]] = {}
         for counters in await self._pipelined("reading transfer counters", commands):
             for field, value in counters.items():
-                outcome, _, target = field.partition(":")
-                by_target.setdefault(target, Counter())[outcome] += int(value)
-        return TransferCounts(first * bucket.seconds * 1000, now * 1000, by_target)
+                bucket, outcome, target = field.split(":", 2)
+                if first <= int(bucket) <= last:
+                    by_target.setdefault(target, Counter())[outcome] += int(value)
+        return TransferCounts(first * kind.seconds * 1000, now * 1000, by_target)
 
     async def recent(self, limit: int) -> list[FeedEntry]:
         """The ``limit`` most recent steps of any call, newest first."""
@@ -130,34 +131,57 @@ class CallInspector:
         return entries
 
     async def list_calls(self, states: list[str], limit: int) -> list[dict[str, str]]:
-        """The records of up to ``limit`` calls in ``states``, latest state change first.
+        """The listed fields of up to ``limit`` calls in ``states``, latest state change first.
 
-        Per shard, the ``limit`` most recent index entries of each state, merged; then
-        the records of a window of them at a time. Entries of calls that expired while
-        live (until the scheduler prunes them) are skipped.
+        Reads the newest entries of every shard's indexes of those states, a few per
+        index and more only where needed, then the records of as many calls. Entries of
+        calls that expired while live (until they are pruned) are skipped.
         """
-        indexes = [self.keys.state_index(shard, state) for shard in range(SHARDS) for state in states]
-        ranked = await self._pipelined(
-            "listing calls", [("zrevrange", (index, 0, limit - 1), {"withscores": True}) for index in indexes]
+        newest = await self._newest(
+            [self.keys.state_index(s, state) for s in range(SHARDS) for state in states], limit
         )
-        entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
-        found_ids = [str(conversation_id) for conversation_id, _ in entries]
+        fields = [CallField.ID, CallField.STATE, CallField.SINCE, CallField.ATTEMPTS, CallField.TARGET]
         records: list[dict[str, str]] = []
-        for start in range(0, len(found_ids), limit):
+        for start in range(0, len(newest), limit):
             commands: list[Command] = []
-            for conversation_id in found_ids[start : start + limit]:
+            for conversation_id in newest[start : start + limit]:
                 keys = self.keys.call(conversation_id)
-                commands += [("hgetall", (keys.call,), {}), ("xrevrange", (keys.history,), {"count": 1})]
+                commands += [("hmget", (keys.call, fields), {}), ("xrevrange", (keys.history,), {"count": 1})]
             replies = await self._pipelined("listing calls", commands)
-            for record, last in zip(replies[::2], replies[1::2], strict=True):
-                if record and record.get(CallField.STATE) in states:
+            for values, last in zip(replies[::2], replies[1::2], strict=True):
+                record = {
+                    name: value for name, value in zip(fields, values, strict=True) if value is not None
+                }
+                if record.get(CallField.STATE) in states:
                     if last:
-                        fields = last[0][1]
-                        record["last_transition"] = f"{fields[H.TRIGGER]} {fields[H.FROM]} -> {fields[H.TO]}"
+                        step = last[0][1]
+                        record["last_transition"] = f"{step[H.TRIGGER]} {step[H.FROM]} -> {step[H.TO]}"
                     records.append(record)
             if len(records) >= limit:
                 break
         return records[:limit]
+
+    async def _newest(self, indexes: list[str], limit: int) -> list[str]:
+        """The members of the ``limit`` newest entries over ``indexes`` (and any that tie).
+
+        Reads a few entries per index; an index that had more may hide newer entries
+        than the cut-off, so it is read deeper until what is known to be newest suffices.
+        """
+        per = min(limit, max(8, -(-2 * limit // len(indexes))))
+        while True:
+            ranked = await self._pipelined(
+                "listing calls",
+                [("zrevrange", (index, 0, per - 1), {"withscores": True}) for index in indexes],
+            )
+            entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
+            cut_off = max((found[-1][1] for found in ranked if len(found) == per), default=None)
+            if cut_off is None or per == limit:
+                return [str(member) for member, _ in entries]
+            # Nothing unread is newer than the cut-off: entries at or above it are in order.
+            known = [str(member) for member, score in entries if score >= cut_off]
+            if len(known) >= limit:
+                return known
+            per = min(limit, per * 4)
 
 
 def _streams(reply: Any) -> list[tuple[str, list[Any]]]:

@@ -67,17 +67,28 @@ class FeedField:
 
 
 class StatsBucket(NamedTuple):
-    """A width of transfer-counter buckets, and how long its buckets are kept."""
+    """Transfer counters bucketed by ``seconds``; one hash holds the buckets of ``span`` seconds
+    (fewer, fuller hashes make a window cheap to read); a hash lives ``keep_seconds`` after
+    its last count."""
 
     name: str
     seconds: int
+    span: int
     keep_seconds: int
 
+    def bucket(self, epoch_seconds: int) -> int:
+        """The bucket number (epoch minutes or hours) of a moment."""
+        return epoch_seconds // self.seconds
 
-# Each counted event goes into its minute and its hour bucket: windows up to two hours
-# are summed from minutes, longer ones (up to a week) from whole hours.
-MINUTE = StatsBucket("m", 60, 2 * 3600 + 120)
-HOUR = StatsBucket("h", 3600, 8 * 86_400)
+    def hash_of(self, bucket: int) -> int:
+        """The start of the hash holding ``bucket``, in units of ``span``."""
+        return bucket * self.seconds // self.span
+
+
+# Each counted event goes into its minute and its hour: windows up to two hours are summed
+# from minutes (hour-long hashes), longer ones (up to a week) from whole hours (day hashes).
+MINUTE = StatsBucket("m", 60, 3600, 3 * 3600 + 120)
+HOUR = StatsBucket("h", 3600, 86_400, 8 * 86_400 + 3600)
 
 
 # commit.lua spells these field names too; tests/test_store.py checks it uses no others.
@@ -134,10 +145,8 @@ class Keyspace:
         return f"{self.prefix}:{{{shard}}}:feed"
 
     def stats(self, shard: int, bucket: StatsBucket, start: int) -> str:
-        """HASH of the shard's transfer counters for one time bucket: ``<outcome>:<target>`` -> n.
-
-        ``start`` is the bucket's start in units of its width (epoch minutes or hours).
-        """
+        """HASH of the shard's transfer counters ``<bucket>:<outcome>:<target>`` -> n, for
+        the buckets of one span; ``start`` is ``bucket.hash_of(...)`` (epoch hours or days)."""
         return f"{self.prefix}:{{{shard}}}:stats:{bucket.name}:{start}"
 
     def due_for(self, conversation_id: str) -> str:

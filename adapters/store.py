@@ -111,12 +111,13 @@ class RedisCallStore:
     async def commit(self, turn: Turn, activity_id: str = "") -> Commit:
         """Write the turn if the call is still at the version it was loaded at."""
         call = turn.call
-        keys = self._commit_keys(turn)
+        now_s = int(time.time())  # the counters' bucket: this instance's clock is close enough
+        keys = self._commit_keys(turn, now_s)
         token = uuid.uuid4().hex
         # Without an activity id the token itself is the key, so a command redis-py
         # retries after a lost reply is still recognised as this commit.
         key = activity_id or f"~{token}"
-        args = self._commit_args(turn, key, token)
+        args = self._commit_args(turn, key, token, now_s)
         with unavailable_while("committing a turn"):
             status, version, deadline = await self._commit(keys=keys, args=args)
         outcome = _OUTCOMES[status]
@@ -229,19 +230,18 @@ class RedisCallStore:
         with unavailable_while("rescheduling a watchdog"):
             await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
 
-    def _commit_keys(self, turn: Turn) -> list[str]:
+    def _commit_keys(self, turn: Turn, now_s: int) -> list[str]:
         shard = self.keys.locate(turn.call.id)[0]
-        now = int(time.time())  # the counter bucket: this instance's clock is close enough
         return [
             *self.keys.call(turn.call.id),
             self.keys.due(shard),
             self.keys.state_index(shard, turn.loaded_state),
             self.keys.state_index(shard, turn.call.state),
             self.keys.feed(shard),
-            *(self.keys.stats(shard, bucket, now // bucket.seconds) for bucket in (MINUTE, HOUR)),
+            *(self.keys.stats(shard, b, b.hash_of(b.bucket(now_s))) for b in (MINUTE, HOUR)),
         ]
 
-    def _commit_args(self, turn: Turn, dedupe_key: str, token: str) -> list[Any]:
+    def _commit_args(self, turn: Turn, dedupe_key: str, token: str, now_s: int) -> list[Any]:
         call, keep = turn.call, self.retention
         outbox = json.dumps([reply.serialize() for reply in turn.replies]) if turn.durable else ""
         ended = call.state == State.ENDED
@@ -277,7 +277,9 @@ class RedisCallStore:
         for step in turn.steps:
             args += [step.trigger, step.source, step.dest, step.reason]
         counters = [f"{outcome}:{call.target}" for outcome in turn.outcomes]
-        args += [len(counters), *counters, MINUTE.keep_seconds, HOUR.keep_seconds, keep.feed_max]
+        args += [len(counters), *counters, keep.feed_max]
+        for bucket in (MINUTE, HOUR):
+            args += [bucket.bucket(now_s), bucket.keep_seconds]
         return args
 
     async def record(self, conversation_id: str) -> dict[str, str]:

@@ -230,10 +230,11 @@ class Filler:
                     turn = self.runner.run(calls[i], events[wave], now=timestamp(), reference=references[i])
                     pending.append((i, turn, f"{calls[i].id[:8]}-{wave}"))
             # What RedisCallStore.commit does for one turn, for a batch in one round trip.
+            now_s = int(time.time())
             replies = await store._run_each(
                 store._commit,
                 [
-                    (store._commit_keys(turn), store._commit_args(turn, key, uuid.uuid4().hex))
+                    (store._commit_keys(turn, now_s), store._commit_args(turn, key, uuid.uuid4().hex, now_s))
                     for _, turn, key in pending
                 ],
             )
@@ -310,8 +311,10 @@ async def memory(store: RedisCallStore, seed: str, calls: int) -> dict[str, Any]
         "transfer_counters": [
             keys.stats(shard, bucket, start)
             for shard in range(SHARDS)
-            for bucket, span in ((MINUTE, 130), (HOUR, 3))  # every bucket a run this long wrote
-            for start in range(now // bucket.seconds - span, now // bucket.seconds + 1)
+            for bucket in (MINUTE, HOUR)  # every hash a run of up to a day wrote
+            for start in range(
+                bucket.hash_of(bucket.bucket(now - 86_400)), bucket.hash_of(bucket.bucket(now)) + 1
+            )
         ],
     }
     sample = [conversation_id(seed, i) for i in range(0, calls, max(1, calls // 200))]

@@ -4,6 +4,7 @@ operator API and the dashboard. Caller words are redacted here, before anyone se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -129,8 +130,7 @@ async def stats(inspector: CallInspector, window: str) -> dict[str, Any]:
     ringing are not counted against it.
     """
     seconds = parse_window(window)
-    calls = await inspector.state_counts()
-    counts = await inspector.transfer_counts(seconds)
+    calls, counts = await asyncio.gather(inspector.state_counts(), inspector.transfer_counts(seconds))
     outcomes = [o.value for o in Outcome]
     targets = []
     totals = dict.fromkeys(outcomes, 0)

@@ -3,8 +3,10 @@ the embedded fake, a real Redis and a Redis Cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+from typing import Any
 
 import pytest
 
@@ -76,14 +78,20 @@ async def test_transfer_counters_per_target(store: RedisCallStore) -> None:
 
 
 async def test_counters_are_kept_for_their_bucket_only(store: RedisCallStore) -> None:
+    before = int(time.time())
     await populate(store)
+    after = int(time.time())
     shard = store.keys.locate("c1")[0]
-    now = int(time.time())
-    minute = store.keys.stats(shard, MINUTE, now // 60)
-    ttl = await store.redis.ttl(minute)
-    assert 0 < ttl <= MINUTE.keep_seconds
-    hour_ttl = await store.redis.ttl(store.keys.stats(shard, HOUR, now // 3600))
-    assert MINUTE.keep_seconds < hour_ttl <= HOUR.keep_seconds
+    fields: dict[str, str] = {}
+    for moment in (before, after):  # the minute (even the hour) may turn during the test
+        minutes = store.keys.stats(shard, MINUTE, MINUTE.hash_of(MINUTE.bucket(moment)))
+        hours = store.keys.stats(shard, HOUR, HOUR.hash_of(HOUR.bucket(moment)))
+        if await store.redis.exists(minutes):
+            assert 0 < await store.redis.ttl(minutes) <= MINUTE.keep_seconds
+            assert MINUTE.keep_seconds < await store.redis.ttl(hours) <= HOUR.keep_seconds
+            fields |= {str(k): str(v) for k, v in (await store.redis.hgetall(minutes)).items()}
+    failed = {f"{MINUTE.bucket(moment)}:failed:{TARGETS[0]}" for moment in (before, after)}
+    assert failed & set(fields), fields
 
 
 @pytest.mark.parametrize("window", [0, -5, 8 * 86_400])
@@ -153,3 +161,34 @@ async def _age_entries(store: RedisCallStore, ids: list[str], by_ms: int) -> Non
             score = await store.redis.zscore(index, conversation_id)
             if score is not None:
                 await store.redis.zadd(index, {conversation_id: score - by_ms})
+
+
+async def test_listing_reads_deeper_where_a_shard_has_more_recent_calls(
+    store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 calls in one state: ~9 per shard, more than the first read takes from each."""
+    engine = Engine(store, two_target_flow())
+    for chunk in range(0, 600, 100):
+        await asyncio.gather(
+            *(engine.handle(f"n{i}", CallerInput("hi"), activity_id="a") for i in range(chunk, chunk + 100))
+        )
+    scores: list[int] = []
+    for shard in range(SHARDS):
+        found = await store.redis.zrange(store.keys.state_index(shard, "bot"), 0, -1, withscores=True)
+        scores += [int(score) for _, score in found]  # type: ignore[str-unpack]
+    inspector = CallInspector(store)
+    reads: list[int] = []
+    pipelined = inspector._pipelined
+
+    async def counting(action: str, commands: list[Any]) -> list[Any]:
+        reads.extend(1 for name, _, _ in commands[:1] if name == "zrevrange")
+        return await pipelined(action, commands)
+
+    monkeypatch.setattr(inspector, "_pipelined", counting)
+    for limit in (1, 50, 300, 600, 700):
+        reads.clear()
+        listed = await inspector.list_calls(["bot"], limit)
+        assert [int(r["since"]) for r in listed] == sorted(scores, reverse=True)[:limit], limit
+        # 8 entries per shard settle the newest 50; the newest 300 need a deeper read.
+        assert len(reads) == {1: 1, 50: 1, 300: 2}.get(limit, len(reads)), (limit, reads)
+    assert {r["id"] for r in await inspector.list_calls(["bot"], 600)} == {f"n{i}" for i in range(600)}

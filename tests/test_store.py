@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -83,8 +84,8 @@ async def test_a_retried_commit_with_the_same_token_is_not_applied_twice(
 ) -> None:
     """redis-py retries a command whose reply was lost; the script must recognise its own commit."""
     turn = turn_for(Call(id="c1"), steps=[Step("request_agent", "bot", "transferring")])
-    keys = store._commit_keys(turn)
-    args = store._commit_args(turn, "a1", "token-1")
+    keys = store._commit_keys(turn, int(time.time()))
+    args = store._commit_args(turn, "a1", "token-1", int(time.time()))
     script = redis_client.register_script(COMMIT_SCRIPT)
     assert (await script(keys=keys, args=args))[0] == 1
     assert (await script(keys=keys, args=args))[0:2] == [2, 1]  # same token: "already yours"
@@ -200,8 +201,8 @@ async def test_a_retried_commit_without_an_activity_id_is_not_applied_twice(
     store: RedisCallStore, redis_client: Redis
 ) -> None:
     turn = turn_for(Call(id="c1"))
-    keys = store._commit_keys(turn)
-    args = store._commit_args(turn, "~token-1", "token-1")
+    keys = store._commit_keys(turn, int(time.time()))
+    args = store._commit_args(turn, "~token-1", "token-1", int(time.time()))
     script = redis_client.register_script(COMMIT_SCRIPT)
     assert (await script(keys=keys, args=args))[0] == 1
     assert (await script(keys=keys, args=args))[0:2] == [2, 1]
