@@ -121,9 +121,13 @@ local feed_max, buckets_at = ARGV[i], i + 1
 -- The call's own history, and the shard's feed of every call's steps (for watchers).
 i = steps_at
 for _ = 1, n_steps do
-  redis.call('XADD', history, 'MAXLEN', ARGV[6], '*',
-    'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
-    'activity', key, 'version', version)
+  local entry = {'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
+    'activity', key, 'version', version}
+  if ARGV[i + 2] == 'transferring' and ARGV[i + 1] ~= 'transferring' then
+    entry[#entry + 1] = 'target'  -- the number this transfer dials: "targets tried"
+    entry[#entry + 1] = target
+  end
+  redis.call('XADD', history, 'MAXLEN', ARGV[6], '*', unpack(entry))
   redis.call('XADD', feed, 'MAXLEN', '~', feed_max, '*', 'call', conversation,
     'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
     'target', target)

@@ -53,6 +53,7 @@ class HistoryField:
     REASON = "reason"
     ACTIVITY = "activity"  # the id of the activity whose turn wrote it
     VERSION = "version"  # the call version that turn produced
+    TARGET = "target"  # on entries into transferring: the number dialled
 
 
 class FeedField:
@@ -63,7 +64,7 @@ class FeedField:
     FROM = HistoryField.FROM
     TO = HistoryField.TO
     REASON = HistoryField.REASON
-    TARGET = "target"  # the call's current (or last) transfer target
+    TARGET = HistoryField.TARGET  # the call's current (or last) transfer target
 
 
 class StatsBucket(NamedTuple):

@@ -294,7 +294,8 @@ class RedisCallStore:
         with unavailable_while("reading history"):
             entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(keys.history)  # type: ignore[assignment]
         return [
-            (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""))) for entry_id, f in entries
+            (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""), f.get(H.TARGET, "")))
+            for entry_id, f in entries
         ]
 
     async def ping(self, within: float = 2.0) -> bool:

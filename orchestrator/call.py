@@ -35,6 +35,7 @@ class Step:
     source: str
     dest: str
     reason: str = ""
+    target: str = ""  # as read back: the number dialled, on a step into transferring
 
 
 @dataclass(slots=True)

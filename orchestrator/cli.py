@@ -95,15 +95,19 @@ def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
         f"  in this state since {inspection.when(record.get('since'))}"
         f"  updated {inspection.when(record.get('updated'))}"
     )
+    if call["targets_tried"]:
+        console.print(f"targets tried: {', '.join(call['targets_tried'])}")
     if record.get("failure"):
         console.print(f"last failure: {record['failure']}")
     transcript = Table("at", "who", "said", title="transcript")
     for line in call["transcript"]:
         transcript.add_row(line["at"], line["role"], line["text"])
     console.print(transcript)
-    timeline = Table("at", "trigger", "from", "to", "reason", title="history")
+    timeline = Table("at", "trigger", "from", "to", "reason", "target", title="history")
     for step in call["history"]:
-        timeline.add_row(step["at"], step["trigger"], step["from"], step["to"], step["reason"])
+        timeline.add_row(
+            step["at"], step["trigger"], step["from"], step["to"], step["reason"], step["target"]
+        )
     console.print(timeline)
 
 

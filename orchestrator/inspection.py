@@ -87,6 +87,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
     shown["failure"] = redact(record.get("failure", ""))
     return {
         "record": shown,
+        "targets_tried": [step.target for _, step in history if step.target],
         "transcript": [{"role": line.role, "text": redact(line.text), "at": line.at} for line in transcript],
         "history": [
             {
@@ -95,6 +96,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
                 "from": step.source,
                 "to": step.dest,
                 "reason": redact(step.reason),
+                "target": step.target,
             }
             for entry_id, step in history
         ],

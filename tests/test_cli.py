@@ -75,13 +75,16 @@ def test_calls_show_json_has_the_whole_call_redacted(call_in_redis: str) -> None
         ("fail", "transferring", "failed"),
     ]
     assert all(s["at"].endswith("Z") for s in call["history"])
+    assert call["targets_tried"] == ["+14251231234"] and call["history"][0]["target"] == "+14251231234"
 
 
-def test_calls_show_for_people(call_in_redis: str) -> None:
+def test_calls_show_for_people(call_in_redis: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # a wide terminal: no cell wraps
     result = invoke("--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "calls", "show", "call-42")
     assert result.exit_code == 0, result.output
     assert "state failed" in result.output and "last failure: busy" in result.output
-    assert "4111 1111" not in result.output and "transferring" in result.output
+    assert "targets tried: +14251231234" in result.output and "transferring" in result.output
+    assert "4111" not in result.output.replace("************1111", "")
 
 
 def test_an_unknown_call_is_an_error(call_in_redis: str) -> None:

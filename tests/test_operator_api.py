@@ -87,6 +87,7 @@ async def test_calls_by_state_and_one_call_whole(bot: TestClient[Any, Any], call
         ("bot", "transferring"),
         ("transferring", "failed"),
     ]
+    assert call["targets_tried"] == [TARGET]
     await get(bot, "/api/calls/nobody", 404)
 
 

@@ -53,7 +53,9 @@ async def test_commit_then_load_round_trips_the_call(store: RedisCallStore) -> N
     assert loaded.reference == '{"conversation":{"id":"c1"}}'
     assert [line.text for line in loaded.transcript] == ["line 0.0", "line 0.1"]
     history = await store.history("c1")
-    assert [step for _, step in history] == [Step("request_agent", "bot", "transferring", "asked")]
+    assert [step for _, step in history] == [
+        Step("request_agent", "bot", "transferring", "asked", "+14251231234")
+    ]
 
 
 async def test_a_stale_version_is_a_conflict_and_writes_nothing(store: RedisCallStore) -> None:
