@@ -460,9 +460,11 @@ async def run(options: argparse.Namespace, say: Callable[[str], None]) -> dict[s
         "fill": [],
         "checkpoints": [],
     }
+    # Refuse a prefix that holds anything, before the clean-up below could delete it.
+    async for _ in redis.scan_iter(match=f"{glob_escape(options.prefix)}:*", count=10_000):
+        await redis.aclose()
+        raise SystemExit(f"prefix {options.prefix!r} already holds keys: pick another --prefix")
     try:
-        if sum((await inspector.state_counts()).values()):
-            raise SystemExit(f"prefix {options.prefix!r} already holds calls: pick another --prefix")
         filled = 0
         for size in sizes:
             fill = await filler.fill(filled, size, options.batch, options.workers)

@@ -71,3 +71,32 @@ def test_bench_reports_every_figure_and_leaves_no_key(key_prefix: str, tmp_path:
         assert list(client.scan_iter(match=f"{key_prefix}:*", count=1000)) == []
     finally:
         client.close()
+
+
+def test_bench_refuses_a_prefix_in_use_and_leaves_its_keys(key_prefix: str) -> None:
+    require_real_redis_sync()
+    client = redis.Redis.from_url(REAL_REDIS_URL)
+    client.set(f"{key_prefix}:somebody-else", "1")
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.inspection",
+                "--calls",
+                "10",
+                "--redis-url",
+                REAL_REDIS_URL,
+                "--prefix",
+                key_prefix,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0 and "already holds keys" in done.stdout + done.stderr
+        assert client.get(f"{key_prefix}:somebody-else") == b"1"
+    finally:
+        client.delete(f"{key_prefix}:somebody-else")
+        client.close()
