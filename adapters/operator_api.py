@@ -10,6 +10,7 @@ does not open it. What callers said is redacted before it is shown
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -27,7 +28,7 @@ from states.diagram import FORMATS, DiagramError, GraphvizMissing, render
 INSPECTOR_KEY = web.AppKey("inspector", CallInspector)
 TOKEN_KEY = web.AppKey("operator_token", bytes)
 
-MAX_LIST = 10_000
+MAX_LIST = 1000  # the CLI lists up to 10,000; a page of an HTTP API stays smaller
 MAX_TRANSITIONS = 500
 CONTENT_TYPES = {
     "mermaid": "text/plain; charset=utf-8",
@@ -55,7 +56,9 @@ def operator_only(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         expected = request.app[TOKEN_KEY]
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        # Header bytes that are not UTF-8 arrive as surrogates: encode them back, never fail.
+        offered = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, expected):
             return problem(
                 401,
                 "the operator API needs Authorization: Bearer <OPERATOR_TOKEN>",
@@ -73,7 +76,7 @@ def operator_only(handler: Handler) -> Handler:
 
 def _int(request: web.Request, name: str, default: int, top: int) -> int:
     raw = request.query.get(name, str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= top:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not 1 <= int(raw) <= top:
         raise BadQuery(f"{name} must be a whole number from 1 to {top}")
     return int(raw)
 
@@ -143,18 +146,28 @@ async def diagram(request: web.Request) -> web.StreamResponse:
             return problem(404, f"no call {request.query['call']!r} (unknown, or expired)")
         highlight = record.get("state")
     try:
-        drawing = await asyncio.to_thread(render, fmt, highlight)  # Graphviz runs as a process
+        drawing = await asyncio.to_thread(_drawing, fmt, highlight)  # Graphviz runs as a process
     except GraphvizMissing as e:
         return problem(501, str(e))
-    except DiagramError as e:
-        return problem(400, str(e))
+    except DiagramError as e:  # Graphviz failed, or a state this version does not know
+        return problem(503, f"the diagram could not be drawn: {e}", **{"Retry-After": "5"})
     return web.Response(body=drawing, headers={"Content-Type": CONTENT_TYPES[fmt]})
+
+
+@functools.lru_cache(maxsize=64)
+def _drawing(fmt: str, highlight: str | None) -> bytes:
+    """A diagram depends only on its format and highlight: draw each once."""
+    return render(fmt, highlight)
 
 
 @operator_only
 async def prometheus(request: web.Request) -> web.StreamResponse:
-    """``GET /metrics``: Prometheus text format."""
-    counts = await request.app[INSPECTOR_KEY].state_counts()
+    """``GET /metrics``: Prometheus text format. With Redis down the instance's own
+    metrics are still served, ``cc_calls`` left out and ``cc_redis_up`` 0."""
+    try:
+        counts: dict[str, int] | None = await request.app[INSPECTOR_KEY].state_counts()
+    except StoreUnavailable:
+        counts = None
     body = request.app[METRICS_KEY].exposition(counts)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -179,7 +192,7 @@ def add_operator_routes(app: web.Application, token: str) -> None:
     app[INSPECTOR_KEY] = CallInspector(app[STORE_KEY])
     routes: dict[str, Any] = {
         "/api/calls": list_calls,
-        "/api/calls/{id}": show_call,
+        "/api/calls/{id:.+}": show_call,  # ids may hold { } and /
         "/api/stats": stats,
         "/api/transitions": transitions,
         "/api/machine": machine,

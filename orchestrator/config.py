@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     @field_validator("OPERATOR_TOKEN", mode="before")
     @classmethod
     def _operator_token(cls, value: Any) -> Any:
+        value = value.strip() if isinstance(value, str) else value  # a secret file's newline
         if value and len(str(value)) < OPERATOR_TOKEN_MIN:  # the error must not echo it
             raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters (try: openssl rand -hex 32)")
         return value or None  # set but empty: off, as unset

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # Runs of 8 or more digits (spaces and dashes allowed between them): card, account and
 # phone numbers a caller may have said. The last four stay readable.
 _LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
-_WINDOW = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_WINDOW = re.compile(r"^\s*(\d{1,9})\s*([smhd]?)\s*$", re.ASCII)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 CONCLUDED = (Outcome.ACCEPTED, Outcome.FAILED, Outcome.TIMEOUT)
 MAX_WINDOW_SECONDS = 7 * 86_400  # transfer counters are kept by the hour for eight days

@@ -40,6 +40,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = Gauge("cc_calls", "Calls per state, in all of Redis", ["state"], registry=self.registry)
+        self.redis_up = Gauge("cc_redis_up", "1 if Redis answered this scrape", registry=self.registry)
         self.transfers = Counter(
             "cc_transfers",
             "Transfers started, accepted, failed and timed out (no answer), per target",
@@ -78,8 +79,10 @@ class Metrics:
                 rang = max(0.0, time.time() - call.since_ms / 1000)
                 self.outcome_seconds.labels(outcome.value).observe(rang)
 
-    def exposition(self, calls: dict[str, int]) -> bytes:
-        """The text format, with the state counts just read from Redis."""
-        for state, count in calls.items():
+    def exposition(self, calls: dict[str, int] | None) -> bytes:
+        """The text format, with the state counts just read from Redis (None: unreadable)."""
+        self.redis_up.set(calls is not None)
+        self.calls.clear()  # stale counts would lie: no samples while Redis is unreadable
+        for state, count in (calls or {}).items():
             self.calls.labels(state).set(count)
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@ calls made the way the channel makes them (activities posted to /api/messages)."
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -142,6 +143,10 @@ async def test_diagram_without_graphviz_is_a_501_that_says_so(
         ("/api/stats?window=30d", "window"),
         ("/api/diagram?format=gif", "format must be"),
         ("/api/diagram?call=nobody", "no call"),
+        ("/api/calls?limit=%C2%B2", "limit must be"),  # a digit to str.isdigit, not to int()
+        ("/api/calls?limit=" + "9" * 5000, "limit must be"),
+        ("/api/stats?window=%D9%A1h", "window"),  # an Arabic-Indic one
+        ("/api/stats?window=" + "9" * 5000, "window"),
     ],
 )
 async def test_bad_queries_get_a_reason_and_change_nothing(
@@ -167,7 +172,18 @@ async def test_bad_queries_get_a_reason_and_change_nothing(
         {"Authorization": "Bearer eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJhdWQiOiJib3QifQ.c2ln"},
     ],
 )
-@pytest.mark.parametrize("path", ["/api/calls", "/api/calls/x", "/api/stats", "/api/transitions", "/metrics"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/calls",
+        "/api/calls/x",
+        "/api/stats",
+        "/api/transitions",
+        "/api/machine",
+        "/api/diagram",
+        "/metrics",
+    ],
+)
 async def test_without_the_operator_token_nothing_is_shown(
     bot: TestClient[Any, Any], headers: dict[str, str], path: str
 ) -> None:
@@ -221,11 +237,38 @@ async def test_redis_down_is_a_503(key_prefix: str) -> None:
         load_settings(REDIS_URL="redis://127.0.0.1:1/0", OPERATOR_TOKEN=TOKEN, REDIS_TIMEOUT_SECONDS=1)
     )
     try:
-        for path in ["/api/calls", "/api/stats", "/api/transitions", "/metrics"]:
+        for path in ["/api/calls", "/api/stats", "/api/transitions", "/api/calls/x"]:
             response = await client.get(path, headers=AUTH)
             assert response.status == 503 and response.headers["Retry-After"] == "1", path
+        # The instance's own metrics are still served, without call counts it cannot read.
+        response = await client.get("/metrics", headers=AUTH)
+        text = await response.text()
+        assert response.status == 200 and "cc_redis_up 0.0" in text and "cc_calls{" not in text
+        assert "cc_turn_seconds_count" in text
     finally:
         await client.close()
+
+
+async def test_a_token_of_bytes_that_are_not_utf8_is_a_401(bot: TestClient[Any, Any]) -> None:
+    reader, writer = await asyncio.open_connection(bot.host, bot.port)
+    writer.write(
+        b"GET /api/calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert status_line.split()[1] == b"401", status_line
+
+
+async def test_a_call_id_with_braces_and_slashes_opens(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    caller = Caller(channel.url, conversation_id="x{1}/y")
+    assert (await bot.post("/api/messages", json=caller.start())).status == 201
+    assert [c["id"] for c in (await get(bot, "/api/calls"))["calls"]] == ["x{1}/y"]
+    call = await get(bot, "/api/calls/x%7B1%7D%2Fy")
+    assert call["record"]["id"] == "x{1}/y" and call["transcript"]
 
 
 def test_a_short_operator_token_stops_start_up_without_echoing_it() -> None:
@@ -235,3 +278,5 @@ def test_a_short_operator_token_stops_start_up_without_echoing_it() -> None:
         load_settings(OPERATOR_TOKEN="hunter2")
     assert "OPERATOR_TOKEN" in str(caught.value) and "hunter2" not in str(caught.value)
     assert load_settings(OPERATOR_TOKEN="").OPERATOR_TOKEN is None
+    token = load_settings(OPERATOR_TOKEN=f"  {TOKEN}\n").OPERATOR_TOKEN  # as read from a secret file
+    assert token is not None and token.get_secret_value() == TOKEN
