@@ -1,8 +1,8 @@
 """What operators read: calls by state, counts, transfer counters and the feed of steps.
 
 Everything is read from the per-shard indexes, counters and feeds the commit script
-keeps (never a keyspace scan), in one pipelined round trip per question. On a Redis
-Cluster the same pipelines are split by node by redis-py.
+keeps (never a keyspace scan), a pipelined round trip at a time (two for a listing).
+On a Redis Cluster redis-py splits the same pipelines by node.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class CallInspector:
         now = int(time.time() if now_s is None else now_s)
         kind: StatsBucket = MINUTE if window_seconds <= 2 * 3600 else HOUR
         last = kind.bucket(now)
-        first = last - -(-window_seconds // kind.seconds) + 1  # ceil: whole buckets cover the window
+        first = kind.bucket(now - window_seconds)  # whole buckets: at least the window, at most one more
         commands: list[Command] = [
             ("hgetall", (self.keys.stats(shard, kind, start),), {})
             for shard in range(SHARDS)
@@ -133,41 +133,45 @@ class CallInspector:
     async def list_calls(self, states: list[str], limit: int) -> list[dict[str, str]]:
         """The listed fields of up to ``limit`` calls in ``states``, latest state change first.
 
-        Reads the newest entries of every shard's indexes of those states, a few per
-        index and more only where needed, then the records of as many calls. Entries of
-        calls that expired while live (until they are pruned) are skipped.
+        Reads the newest entries of every shard's indexes of those states (a few per
+        index, more only where needed), then those calls' records. An entry whose call
+        expired while live (until it is pruned) is skipped, and one more entry read.
         """
-        newest = await self._newest(
-            [self.keys.state_index(s, state) for s in range(SHARDS) for state in states], limit
-        )
+        indexes = [self.keys.state_index(shard, state) for shard in range(SHARDS) for state in states]
+        want = limit
+        while True:
+            newest, exhausted = await self._newest(indexes, want)
+            records = await self._listed(newest, states)
+            if len(records) >= limit or exhausted:
+                return records[:limit]
+            want += limit - len(records)  # stale entries hid that many calls: read that many more
+
+    async def _listed(self, conversation_ids: list[str], states: list[str]) -> list[dict[str, str]]:
+        """The listed fields of these calls, in order, skipping any no longer in ``states``."""
         fields = [CallField.ID, CallField.STATE, CallField.SINCE, CallField.ATTEMPTS, CallField.TARGET]
+        commands: list[Command] = []
+        for conversation_id in conversation_ids:
+            keys = self.keys.call(conversation_id)
+            commands += [("hmget", (keys.call, fields), {}), ("xrevrange", (keys.history,), {"count": 1})]
+        replies = await self._pipelined("listing calls", commands) if commands else []
         records: list[dict[str, str]] = []
-        for start in range(0, len(newest), limit):
-            commands: list[Command] = []
-            for conversation_id in newest[start : start + limit]:
-                keys = self.keys.call(conversation_id)
-                commands += [("hmget", (keys.call, fields), {}), ("xrevrange", (keys.history,), {"count": 1})]
-            replies = await self._pipelined("listing calls", commands)
-            for values, last in zip(replies[::2], replies[1::2], strict=True):
-                record = {
-                    name: value for name, value in zip(fields, values, strict=True) if value is not None
-                }
-                if record.get(CallField.STATE) in states:
-                    if last:
-                        step = last[0][1]
-                        record["last_transition"] = f"{step[H.TRIGGER]} {step[H.FROM]} -> {step[H.TO]}"
-                    records.append(record)
-            if len(records) >= limit:
-                break
-        return records[:limit]
+        for values, last in zip(replies[::2], replies[1::2], strict=True):
+            record = {name: value for name, value in zip(fields, values, strict=True) if value is not None}
+            if record.get(CallField.STATE) in states:
+                if last:
+                    step = last[0][1]
+                    record["last_transition"] = f"{step[H.TRIGGER]} {step[H.FROM]} -> {step[H.TO]}"
+                records.append(record)
+        return records
 
-    async def _newest(self, indexes: list[str], limit: int) -> list[str]:
-        """The members of the ``limit`` newest entries over ``indexes`` (and any that tie).
+    async def _newest(self, indexes: list[str], want: int) -> tuple[list[str], bool]:
+        """The members of the ``want`` newest entries over ``indexes``, newest first, and
+        whether that is all there are (fewer than ``want`` exist).
 
-        Reads a few entries per index; an index that had more may hide newer entries
-        than the cut-off, so it is read deeper until what is known to be newest suffices.
+        Reads a few entries per index; an index that had more may hide entries newer than
+        the cut-off, so the indexes are read deeper until what is known to be newest suffices.
         """
-        per = min(limit, max(8, -(-2 * limit // len(indexes))))
+        per = min(want, max(8, -(-2 * want // len(indexes))))
         while True:
             ranked = await self._pipelined(
                 "listing calls",
@@ -175,13 +179,13 @@ class CallInspector:
             )
             entries = sorted((e for found in ranked for e in found), key=lambda e: e[1], reverse=True)
             cut_off = max((found[-1][1] for found in ranked if len(found) == per), default=None)
-            if cut_off is None or per == limit:
-                return [str(member) for member, _ in entries]
+            if cut_off is None or per == want:  # every index read whole, or as deep as asked
+                return [str(member) for member, _ in entries[:want]], cut_off is None and len(entries) < want
             # Nothing unread is newer than the cut-off: entries at or above it are in order.
             known = [str(member) for member, score in entries if score >= cut_off]
-            if len(known) >= limit:
-                return known
-            per = min(limit, per * 4)
+            if len(known) >= want:
+                return known[:want], False
+            per = min(want, per * 4)
 
 
 def _streams(reply: Any) -> list[tuple[str, list[Any]]]:

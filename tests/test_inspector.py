@@ -192,3 +192,42 @@ async def test_listing_reads_deeper_where_a_shard_has_more_recent_calls(
         # 8 entries per shard settle the newest 50; the newest 300 need a deeper read.
         assert len(reads) == {1: 1, 50: 1, 300: 2}.get(limit, len(reads)), (limit, reads)
     assert {r["id"] for r in await inspector.list_calls(["bot"], 600)} == {f"n{i}" for i in range(600)}
+
+
+async def test_stale_entries_at_the_top_of_an_index_do_not_hide_calls(store: RedisCallStore) -> None:
+    """Entries of expired calls (not pruned yet) newer than most live calls, in one index:
+    the first read's cut-off falls inside them, and the calls behind must still be listed."""
+    engine = Engine(store, two_target_flow())
+    live = [f"live{i}" for i in range(12)]
+    for conversation_id in live:
+        await engine.handle(conversation_id, CallerInput("hi"), activity_id="a")
+    shard_of = {conversation_id: store.keys.locate(conversation_id)[0] for conversation_id in live}
+    crowded = shard_of[live[0]]
+    newest = [c for c in live if shard_of[c] != crowded][:2]
+    scores = {c: 100 + n for n, c in enumerate(live)}  # older than the stale entries ...
+    scores |= {newest[0]: 2000, newest[1]: 2001}  # ... but for two, in other shards
+    for conversation_id, score in scores.items():
+        await store.redis.zadd(
+            store.keys.state_index(shard_of[conversation_id], "bot"), {conversation_id: score}
+        )
+    await store.redis.zadd(store.keys.state_index(crowded, "bot"), {f"gone{i}": 1000 + i for i in range(8)})
+    inspector = CallInspector(store)
+    for limit in (1, 2, 5, 10, 12, 50):
+        listed = [r["id"] for r in await inspector.list_calls(["bot"], limit)]
+        expected = sorted(live, key=lambda c: scores[c], reverse=True)[:limit]
+        assert listed == expected, (limit, listed)
+
+
+async def test_a_window_covers_at_least_the_time_asked(store: RedisCallStore) -> None:
+    """A minute bucket that overlaps the window counts; one wholly before it does not."""
+    minute = MINUTE.bucket(int(time.time())) - 10
+    for bucket, target in ((minute, "+15550000001"), (minute - 1, "+15550000002")):
+        key = store.keys.stats(0, MINUTE, MINUTE.hash_of(bucket))
+        await store.redis.hset(key, f"{bucket}:started:{target}", 1)
+        await store.redis.expire(key, 600)
+    # Two minutes after the counted minute began, plus one second: a 120 s window starts
+    # one second into that minute.
+    now = (minute + 2) * 60 + 1
+    counts = await CallInspector(store).transfer_counts(120, now_s=now)
+    assert set(counts.by_target) == {"+15550000001"}
+    assert counts.from_ms == minute * 60_000 and counts.to_ms == now * 1000
