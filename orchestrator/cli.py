@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import inspection
+from orchestrator.turn import Outcome
 from states import State
 from states.diagram import FORMATS, DiagramError, render
 
@@ -166,9 +167,12 @@ def stats(options: dict[str, Any], window: str, as_json: bool) -> None:
     calls = Table(*figures["calls"], title="calls per state")
     calls.add_row(*(str(n) for n in figures["calls"].values()))
     console.print(calls)
-    outcomes = ["started", "accepted", "failed", "timeout"]
+    outcomes = [o.value for o in Outcome]
     transfers = Table(
-        "target", *outcomes, "success rate", title=f"transfers, {figures['from']} to {figures['to']}"
+        "target",
+        *(o.replace("_", " ") for o in outcomes),
+        "success rate",
+        title=f"transfers, {figures['from']} to {figures['to']}",
     )
     for row in [*figures["targets"], {"target": "all", **figures["transfers"]}]:
         rate = row["success_rate"]

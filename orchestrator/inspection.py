@@ -121,15 +121,18 @@ async def recent_transitions(inspector: CallInspector, limit: int) -> list[dict[
 
 
 def _rate(counts: dict[str, int]) -> float | None:
+    """Transfers that reached an agent over those that ended ringing. A late accept turns
+    a transfer already counted as failed into a success, so it adds only above the line."""
     concluded = sum(counts.get(outcome, 0) for outcome in CONCLUDED)
-    return round(counts.get(Outcome.ACCEPTED, 0) / concluded, 4) if concluded else None
+    succeeded = counts.get(Outcome.ACCEPTED, 0) + counts.get(Outcome.LATE_ACCEPTED, 0)
+    return round(succeeded / concluded, 4) if concluded else None
 
 
 async def stats(inspector: CallInspector, window: str) -> dict[str, Any]:
     """Calls per state now, and transfers and their success rate per target over ``window``.
 
-    The success rate is accepted / (accepted + failed + timed out): transfers still
-    ringing are not counted against it.
+    The success rate is (accepted + late accepted) / (accepted + failed + timed out):
+    transfers still ringing are not counted against it.
     """
     seconds = parse_window(window)
     calls, counts = await asyncio.gather(inspector.state_counts(), inspector.transfer_counts(seconds))

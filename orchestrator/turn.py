@@ -47,6 +47,7 @@ class Outcome(StrEnum):
     ACCEPTED = "accepted"
     FAILED = "failed"
     TIMEOUT = "timeout"  # failed by the no-answer watchdog
+    LATE_ACCEPTED = "late_accepted"  # accepted after it was counted failed or timed out
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,7 +102,7 @@ class Turn:
             if step.dest == State.TRANSFERRING:
                 found.append(Outcome.STARTED)
             elif step.dest == State.ACCEPTED:
-                found.append(Outcome.ACCEPTED)
+                found.append(Outcome.LATE_ACCEPTED if step.source == State.FAILED else Outcome.ACCEPTED)
             elif step.dest == State.FAILED:
                 found.append(Outcome.TIMEOUT if step.reason == TIMEOUT else Outcome.FAILED)
         return found

@@ -132,7 +132,10 @@ def test_calls_list_by_state(call_in_redis: str) -> None:
     assert "call-42" in table and "failed" in table
 
 
-def test_stats_counts_calls_and_transfers_per_target(call_in_redis: str) -> None:
+def test_stats_counts_calls_and_transfers_per_target(
+    call_in_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # a wide terminal: no cell wraps
     base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "stats"]
     figures = json.loads(invoke(*base, "--json", "--window", "15m").output)
     assert figures["calls"] == {"bot": 0, "transferring": 0, "accepted": 0, "failed": 1, "ended": 0}
@@ -143,6 +146,7 @@ def test_stats_counts_calls_and_transfers_per_target(call_in_redis: str) -> None
             "accepted": 0,
             "failed": 1,
             "timeout": 0,
+            "late_accepted": 0,
             "success_rate": 0.0,
         }
     ]

@@ -13,6 +13,7 @@ import pytest
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS
 from adapters.store import RedisCallStore
+from orchestrator import inspection
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus, WatchdogExpired
@@ -92,6 +93,26 @@ async def test_counters_are_kept_for_their_bucket_only(store: RedisCallStore) ->
             fields |= {str(k): str(v) for k, v in (await store.redis.hgetall(minutes)).items()}
     failed = {f"{MINUTE.bucket(moment)}:failed:{TARGETS[0]}" for moment in (before, after)}
     assert failed & set(fields), fields
+
+
+async def test_a_late_accept_turns_a_failure_into_a_success(store: RedisCallStore) -> None:
+    """Timed out, then accepted after all: one transfer, one success, rate 100%."""
+    engine = Engine(store, two_target_flow())
+    await engine.handle("late", CallerInput("agent"), activity_id="a")
+    await engine.handle("late", WatchdogExpired(now_ms=2**62))
+    await engine.handle("late", HandoffStatus("accepted"), activity_id="b")
+    figures = await inspection.stats(CallInspector(store), "1h")
+    assert figures["targets"] == [
+        {
+            "target": TARGETS[0],
+            "started": 1,
+            "accepted": 0,
+            "failed": 0,
+            "timeout": 1,
+            "late_accepted": 1,
+            "success_rate": 1.0,
+        }
+    ]
 
 
 @pytest.mark.parametrize("window", [0, -5, 8 * 86_400])

@@ -96,7 +96,15 @@ async def test_stats_and_recent_transitions(bot: TestClient[Any, Any], calls: di
     stats = await get(bot, "/api/stats?window=15m")
     assert stats["calls"] == {"bot": 1, "transferring": 1, "accepted": 0, "failed": 1, "ended": 0}
     assert stats["targets"] == [
-        {"target": TARGET, "started": 2, "accepted": 0, "failed": 1, "timeout": 0, "success_rate": 0.0}
+        {
+            "target": TARGET,
+            "started": 2,
+            "accepted": 0,
+            "failed": 1,
+            "timeout": 0,
+            "late_accepted": 0,
+            "success_rate": 0.0,
+        }
     ]
     assert stats["transfers"]["started"] == 2 and stats["window"] == "15m"
     recent = (await get(bot, "/api/transitions?limit=2"))["transitions"]
