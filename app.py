@@ -47,13 +47,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     STORE = RedisCallStore(
         create_redis(CONFIG),
         Keyspace(CONFIG.REDIS_KEY_PREFIX),
-        Retention(
-            live_seconds=CONFIG.CALL_IDLE_TTL_SECONDS,
-            ended_seconds=CONFIG.CALL_RETENTION_SECONDS,
-            transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES,
-            history_max=CONFIG.HISTORY_MAX_ENTRIES,
-            delivery_grace_ms=int(CONFIG.DELIVERY_GRACE_SECONDS * 1000),
-        ),
+        Retention.from_settings(CONFIG),
     )
     METRICS = Metrics()
     ENGINE = Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES, metrics=METRICS)

@@ -28,6 +28,9 @@ class CallKeys(NamedTuple):
     outbox: str  # HASH: delivery key -> JSON activities committed but not yet acknowledged
 
 
+# commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
+
+
 class CallField:
     """Fields of the call record hash."""
 
@@ -90,9 +93,6 @@ class StatsBucket(NamedTuple):
 # from minutes (hour-long hashes), longer ones (up to a week) from whole hours (day hashes).
 MINUTE = StatsBucket("m", 60, 3600, 3 * 3600 + 120)
 HOUR = StatsBucket("h", 3600, 86_400, 8 * 86_400 + 3600)
-
-
-# commit.lua spells these field names too; tests/test_store.py checks it uses no others.
 
 
 class Due:

@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from adapters.keys import HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
 from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
+from orchestrator.config import Settings
 from orchestrator.engine import Commit, Loaded
 from orchestrator.errors import StoreUnavailable
 from orchestrator.scheduler import DueItem, Parked
@@ -74,6 +75,16 @@ class Retention:
     history_max: int = 1000
     delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
     feed_max: int = 1000  # recent steps kept per shard for watchers (about, as MAXLEN ~)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Retention:
+        return cls(
+            live_seconds=settings.CALL_IDLE_TTL_SECONDS,
+            ended_seconds=settings.CALL_RETENTION_SECONDS,
+            transcript_max=settings.TRANSCRIPT_MAX_ENTRIES,
+            history_max=settings.HISTORY_MAX_ENTRIES,
+            delivery_grace_ms=int(settings.DELIVERY_GRACE_SECONDS * 1000),
+        )
 
 
 class RedisCallStore:
@@ -201,15 +212,20 @@ class RedisCallStore:
     async def prune_index(self, batch: int = 200) -> int:
         """Reconcile the state indexes with the records: drop up to ``batch`` entries per
         index whose call expired without a commit to remove them. How many went."""
+        now_ms = int(time.time() * 1000)
         keep = self.retention
-        older_than = int(time.time() * 1000) - 1000 * min(keep.live_seconds, keep.ended_seconds)
+        # An entry younger than its state's TTL cannot belong to an expired call.
+        older_than = {
+            state: now_ms - 1000 * (keep.ended_seconds if state == State.ENDED else keep.live_seconds)
+            for state in KNOWN_STATES
+        }
         indexes = [
-            (shard, self.keys.state_index(shard, state)) for shard in range(SHARDS) for state in KNOWN_STATES
+            (state, self.keys.state_index(shard, state)) for shard in range(SHARDS) for state in KNOWN_STATES
         ]
         with unavailable_while("reconciling the state indexes"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for _, index in indexes:
-                    pipe.zrangebyscore(index, "-inf", older_than, start=0, num=batch, withscores=True)
+                for state, index in indexes:
+                    pipe.zrangebyscore(index, "-inf", older_than[state], start=0, num=batch, withscores=True)
                 found = await pipe.execute()
             calls = []
             for (_, index), entries in zip(indexes, found, strict=True):

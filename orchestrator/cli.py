@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -231,7 +232,7 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
     from adapters.inspector import CallInspector
     from adapters.keys import Keyspace
     from adapters.redis_client import create_redis
-    from adapters.store import RedisCallStore
+    from adapters.store import RedisCallStore, Retention
     from orchestrator.config import load_settings
     from orchestrator.errors import ConfigError, StoreUnavailable
 
@@ -239,10 +240,14 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
         settings = load_settings(
             REDIS_URL=options["redis_url"], REDIS_CLUSTER=options["cluster"], REDIS_TIMEOUT_SECONDS=3
         )
-        store = RedisCallStore(create_redis(settings), Keyspace(options["prefix"]))
+        # The bots' own retention settings (from the environment), for ``reconcile``.
+        store = RedisCallStore(
+            create_redis(settings), Keyspace(options["prefix"]), Retention.from_settings(settings)
+        )
         try:
             if not await store.ping():
-                raise StoreUnavailable(f"Redis at {options['redis_url']} is not reachable")
+                shown = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", options["redis_url"])  # no password
+                raise StoreUnavailable(f"Redis at {shown} is not reachable")
             return await action(CallInspector(store))
         finally:
             await store.redis.aclose()

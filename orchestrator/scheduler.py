@@ -108,14 +108,28 @@ class Scheduler:
 
     async def run(self) -> None:
         """Poll until cancelled; trouble only pauses it, with a growing back-off."""
-        pause = self.poll_seconds
-        next_prune = time.monotonic() + PRUNE_SECONDS * random.random()
+        pruning = asyncio.create_task(self._prune_forever(), name="prune")
+        try:
+            await self._poll_forever()
+        finally:
+            pruning.cancel()
+
+    async def _prune_forever(self) -> None:
+        """Reconcile the state indexes with the records now and then, beside the polling
+        (a slow prune must not delay a watchdog)."""
+        await asyncio.sleep(PRUNE_SECONDS * random.random())
         while True:
             try:
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + PRUNE_SECONDS * random.uniform(0.75, 1.25)
-                    if pruned := await self.store.prune_index():
-                        log.info("pruned %d index entries of expired calls", pruned)
+                if pruned := await self.store.prune_index():
+                    log.info("pruned %d index entries of expired calls", pruned)
+            except Exception as e:
+                log.warning("pruning the state indexes failed (tried again later): %r", e)
+            await asyncio.sleep(PRUNE_SECONDS * random.uniform(0.75, 1.25))
+
+    async def _poll_forever(self) -> None:
+        pause = self.poll_seconds
+        while True:
+            try:
                 claimed = await self.poll()
                 pause = self.poll_seconds
             except Exception as e:

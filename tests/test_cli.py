@@ -273,3 +273,9 @@ def test_calls_watch_ends_quietly_on_ctrl_c(call_in_redis: str, tmp_path: Path) 
             watch.kill()
             watch.communicate()
     assert watch.returncode == 0 and "Traceback" not in errors, errors
+
+
+def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    result = CliRunner().invoke(cli, ["--redis-url", "redis://ops:s3cret@127.0.0.1:1/0", "stats"])
+    assert result.exit_code == 1 and "s3cret" not in result.output
+    assert "redis://ops:***@127.0.0.1:1/0 is not reachable" in result.output

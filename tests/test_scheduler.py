@@ -251,3 +251,29 @@ async def test_parked_replies_of_a_call_that_ended_are_dropped_not_sent(quick_st
     assert channel.sent == []
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
     assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0
+
+
+async def test_a_running_scheduler_prunes_entries_of_expired_calls(
+    redis_client: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside its polling, every instance reconciles the state indexes with the records."""
+    monkeypatch.setattr("orchestrator.scheduler.PRUNE_SECONDS", 0.05)
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(live_seconds=1, ended_seconds=1))
+    engine = Engine(store, flow(timeout=60))
+    await engine.handle("kept", CallerInput("hi"), activity_id="a")
+    await engine.handle("gone", CallerInput("hi"), activity_id="a")
+    await redis_client.delete(store.keys.call("gone").call)  # expired without ending
+    shard = store.keys.locate("gone")[0]
+    index = store.keys.state_index(shard, "bot")
+    await redis_client.zadd(index, {"gone": 1})  # and long ago
+    scheduler = Scheduler(engine, store, RecordingChannel(), poll_seconds=0.05)
+    running = asyncio.create_task(scheduler.run())
+    try:
+        async with asyncio.timeout(10):
+            while await redis_client.zscore(index, "gone") is not None:  # noqa: ASYNC110 (Redis, not a local event)
+                await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    kept = store.keys.locate("kept")[0]
+    assert await redis_client.zscore(store.keys.state_index(kept, "bot"), "kept") is not None
