@@ -1,11 +1,14 @@
-"""Real bot processes on the real Redis: a call survives kill -9, and two processes
-racing on the same calls apply every activity exactly once."""
+"""Real bot processes on the real Redis: a call survives kill -9, two processes racing
+on the same calls apply every activity exactly once, and operators see every instance."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -150,3 +153,61 @@ async def test_sigterm_finishes_in_flight_turns_and_exits_cleanly(
     assert await asyncio.to_thread(bot.proc.wait, 30) == 0, bot.log()
     (reply,) = channel.for_conversation(caller.conversation_id)
     assert reply["text"].startswith("Hello and thank you for calling billing department.")
+
+
+async def test_operators_see_every_instance(
+    bot_env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    """Two bot processes: `calls watch` (a process too) shows the steps both commit, and
+    either instance's operator API answers for all calls."""
+    token = "operator-token-0123456789"
+    env = {**bot_env, "OPERATOR_TOKEN": token}
+    bots = [await BotProcess(env, tmp_path, f"bot{i}").start() for i in range(2)]
+    out = tmp_path / "watch.out"
+    command = [sys.executable, "-m", "orchestrator", "--redis-url", REAL_REDIS_URL, "--prefix"]
+    with out.open("w") as sink:
+        watch = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block
+            [*command, bot_env["REDIS_KEY_PREFIX"], "calls", "watch", "--json"], cwd=ROOT, stdout=sink
+        )
+    try:
+        # Until the watch shows a warm-up call's step, it may not be watching yet.
+        async with asyncio.timeout(30):
+            while '"call": "warm-up' not in out.read_text():
+                await post(
+                    session,
+                    bots[0],
+                    Caller(channel.url, conversation_id=f"warm-up-{random.random()}").say("0"),
+                )
+                await asyncio.sleep(0.3)
+        first, second = Caller(channel.url), Caller(channel.url)
+        assert await post(session, bots[0], first.say("agent")) == 201
+        assert await post(session, bots[1], second.say("agent")) == 201
+        assert await post(session, bots[1], first.status({"state": "failed", "message": "busy"})) == 201
+        assert await post(session, bots[0], second.status({"state": "accepted"})) == 201
+        wanted = {
+            (first.conversation_id, "bot", "transferring"),
+            (second.conversation_id, "bot", "transferring"),
+            (first.conversation_id, "transferring", "failed"),
+            (second.conversation_id, "transferring", "accepted"),
+        }
+
+        def seen() -> set[tuple[str, str, str]]:
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+            return {(r["call"], r["from"], r["to"]) for r in rows}
+
+        async with asyncio.timeout(15):
+            while not wanted <= seen():  # noqa: ASYNC110 - another process writes the file
+                await asyncio.sleep(0.1)
+
+        # Both instances answer for both calls, whichever took their activities.
+        for bot in bots:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(f"{bot.url}/api/calls", headers=headers) as response:
+                listed = {c["id"]: c["state"] for c in (await response.json())["calls"]}
+            assert listed[first.conversation_id] == "failed" and listed[second.conversation_id] == "accepted"
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.wait(10)
+        for bot in bots:
+            bot.stop()
+    assert watch.returncode == 0
