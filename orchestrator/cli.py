@@ -21,6 +21,7 @@ from rich.table import Table
 
 from orchestrator import inspection
 from orchestrator.turn import Outcome
+from simulator.cli import simulate
 from states import State
 from states.diagram import FORMATS, DiagramError, render
 
@@ -257,3 +258,6 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
     except (StoreUnavailable, ConfigError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+
+
+cli.add_command(simulate)

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore, Retention
-from tests.channel import ChannelStandIn
+from simulator.channel import ChannelStandIn
 from tests.servers import IN_CI, REAL_REDIS_URL, RedisClusterServers
 
 __all__ = ["IN_CI", "REAL_REDIS_URL"]

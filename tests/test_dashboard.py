@@ -19,7 +19,7 @@ from playwright.async_api import Page, expect
 from adapters.http import STORE_KEY
 from app import create_app
 from orchestrator.config import load_settings
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
 
 pytestmark = pytest.mark.real_redis

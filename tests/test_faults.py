@@ -18,7 +18,7 @@ from adapters.http import STORE_KEY
 from adapters.store import COMMIT_SCRIPT, RedisCallStore, decode_line
 from app import create_app
 from orchestrator.config import load_settings
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.proxy import ReplyDroppingProxy
 from tests.servers import RedisServer
 

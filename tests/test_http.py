@@ -19,7 +19,7 @@ from adapters.http import STORE_KEY
 from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.config import load_settings
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
 
 DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"

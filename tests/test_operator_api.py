@@ -16,7 +16,7 @@ from adapters.http import STORE_KEY
 from app import create_app
 from orchestrator.config import load_settings
 from states.diagram import mermaid
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
 
 TOKEN = "operator-token-for-tests-0123456789"

@@ -21,7 +21,7 @@ import yaml
 
 from adapters.keys import Keyspace
 from adapters.store import decode_line
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 from tests.process import ROOT, BotProcess
 

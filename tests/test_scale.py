@@ -20,7 +20,7 @@ import yaml
 from redis.cluster import RedisCluster
 
 from adapters.keys import SHARDS, Keyspace
-from tests.channel import Caller, ChannelStandIn
+from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 from tests.process import ROOT, BotProcess
 

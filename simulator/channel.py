@@ -1,37 +1,40 @@
-"""Test stand-ins for the Telephony channel: its serviceUrl endpoint, and callers."""
+"""The Telephony channel's side of the wire: its ``serviceUrl`` endpoint, which receives
+what a bot sends, and callers, which build the activities the channel posts to a bot."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 from aiohttp import web
 
 
 class ChannelStandIn:
-    """The channel's ``serviceUrl``: records every activity the bot sends, on loopback."""
+    """The channel's ``serviceUrl``: records every activity the bot sends, per conversation."""
 
     def __init__(self) -> None:
         self.activities: list[dict[str, Any]] = []
+        self._by_conversation: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self._ids = itertools.count(1)
-        self._changed = asyncio.Event()
+        self._changed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.refuse_next = 0  # answer this many posts with a 503, as a failing channel
         self.delay = 0.0  # seconds to wait before answering, as a slow channel
 
-    async def start(self) -> ChannelStandIn:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> ChannelStandIn:
+        """Listen on ``host:port`` (0: a free port); ``url`` is then the serviceUrl to give."""
         app = web.Application()
         app.router.add_post("/v3/conversations/{conversation}/activities", self._receive)
         app.router.add_post("/v3/conversations/{conversation}/activities/{reply_to}", self._receive)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/"
+        self.url = f"http://{host}:{port}/"
         return self
 
     async def stop(self) -> None:
@@ -44,14 +47,22 @@ class ChannelStandIn:
         if self.refuse_next > 0:
             self.refuse_next -= 1
             return web.json_response({"error": "unavailable"}, status=503)
-        activity = await request.json()
-        activity["_path_conversation"] = request.match_info["conversation"]
+        try:
+            activity = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body must be a JSON activity"}, status=400)
+        if not isinstance(activity, dict):
+            return web.json_response({"error": "the body must be a JSON activity"}, status=400)
+        conversation = request.match_info["conversation"]
+        activity["_path_conversation"] = conversation
         self.activities.append(activity)
-        self._changed.set()
+        self._by_conversation[conversation].append(activity)
+        for key in (conversation, ""):  # "" wakes whoever waits for any conversation
+            self._changed[key].set()
         return web.json_response({"id": f"sent-{next(self._ids)}"})
 
     def for_conversation(self, conversation_id: str) -> list[dict[str, Any]]:
-        return [a for a in self.activities if a["_path_conversation"] == conversation_id]
+        return self._by_conversation.get(conversation_id, [])
 
     async def wait_for(self, count: int, conversation_id: str | None = None, within: float = 10) -> None:
         """Wait until at least ``count`` activities (for one conversation) have arrived."""
@@ -60,10 +71,11 @@ class ChannelStandIn:
             got = self.for_conversation(conversation_id) if conversation_id else self.activities
             return len(got) >= count
 
+        changed = self._changed[conversation_id or ""]
         async with asyncio.timeout(within):
             while not enough():
-                self._changed.clear()
-                await self._changed.wait()
+                changed.clear()
+                await changed.wait()
 
     def deliveries(self, conversation_id: str) -> dict[str, dict[str, Any]]:
         """What reached this conversation, once per reply key (``channelData.replyKey``), in
@@ -114,6 +126,10 @@ class Caller:
 
     def say(self, text: str) -> dict[str, Any]:
         return self._base("message", text=text)
+
+    def press(self, digits: str) -> dict[str, Any]:
+        """Keypad tones: the Telephony channel sends them as a message of the digits."""
+        return self._base("message", text=digits)
 
     def status(self, value: Any) -> dict[str, Any]:
         return self._base("event", name="handoff.status", value=value)

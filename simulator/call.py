@@ -1,0 +1,227 @@
+"""One simulated call against one or more bots: the caller's side and the agent side of
+the Telephony channel, with what the bot sent back read in order.
+
+A bot's replies arrive at the channel stand-in (its ``serviceUrl``). Each call reads
+its conversation's activities with a cursor, so ``expect_*`` checks the next thing the
+bot said, and anything never read is what the bot sent that nobody expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from simulator.channel import Caller, ChannelStandIn
+
+Protocol = Literal["telephony", "generic"]
+SSML = "{http://www.w3.org/2001/10/synthesis}"
+TURN_SECONDS = 15.0  # the channel gives a bot this long to answer a post
+
+
+class Mismatch(AssertionError):
+    """The bot did not do what the scenario expected."""
+
+
+@dataclass
+class Tally:
+    """What a run of calls did, for the load summary."""
+
+    turns: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds per post to the bot
+    errors: Counter[str] = field(default_factory=lambda: Counter())
+    transfers: int = 0
+    unexpected: list[str] = field(default_factory=list)
+
+
+class Bots:
+    """The bots' ``/api/messages`` URLs, used round-robin over one HTTP session."""
+
+    def __init__(self, urls: list[str], session: aiohttp.ClientSession, tally: Tally | None = None) -> None:
+        if not urls:
+            raise ValueError("at least one bot URL is needed")
+        self.urls = [messages_url(url) for url in urls]
+        self._next = itertools.cycle(self.urls)
+        self.session = session
+        self.tally = tally or Tally()
+
+    async def post(self, activity: dict[str, Any]) -> int:
+        """Post one activity to the next bot; its HTTP status (0: not reached)."""
+        started = time.perf_counter()
+        try:
+            timeout = aiohttp.ClientTimeout(total=TURN_SECONDS)
+            async with self.session.post(next(self._next), json=activity, timeout=timeout) as response:
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as e:
+            self.tally.errors[type(e).__name__] += 1
+            return 0
+        self.tally.turns += 1
+        self.tally.latencies.append(time.perf_counter() - started)
+        if status >= 300:
+            self.tally.errors[f"HTTP {status}"] += 1
+        return status
+
+
+def messages_url(url: str) -> str:
+    """A bot's base URL or its messages endpoint, as the messages endpoint."""
+    url = url.rstrip("/")
+    return url if url.endswith("/api/messages") else f"{url}/api/messages"
+
+
+def voice_of(activity: dict[str, Any]) -> str:
+    """The voice a reply's SSML speaks in ("" when it has none, or it is not SSML)."""
+    try:
+        voice = ET.fromstring(activity.get("speak") or "").find(f"{SSML}voice")
+    except ET.ParseError:
+        return ""
+    return voice.attrib.get("name", "") if voice is not None else ""
+
+
+def is_transfer(activity: dict[str, Any]) -> bool:
+    return activity.get("type") == "event" and activity.get("name") == "handoff.initiate"
+
+
+def target_of(activity: dict[str, Any]) -> str:
+    value = activity.get("value")
+    return str(value.get("TargetPhoneNumber", "")) if isinstance(value, dict) else ""
+
+
+def transcript_of(activity: dict[str, Any]) -> list[Any]:
+    for attachment in activity.get("attachments") or []:
+        if attachment.get("name") == "Transcript":
+            return list((attachment.get("content") or {}).get("activities") or [])
+    return []
+
+
+def describe(activity: dict[str, Any]) -> str:
+    """What the bot did, for people: a prompt and its voice, or a transfer and its target."""
+    if is_transfer(activity):
+        return f"transfer to {target_of(activity)} ({len(transcript_of(activity))} transcript lines)"
+    if activity.get("type") == "message":
+        voice = voice_of(activity)
+        return f'"{activity.get("text", "")}"' + (f" [{voice}]" if voice else "")
+    return f"{activity.get('type')} {activity.get('name') or ''}".strip()
+
+
+class SimulatedCall:
+    """A caller on the Telephony channel, and the agent side of its transfers."""
+
+    def __init__(
+        self,
+        bots: Bots,
+        channel: ChannelStandIn,
+        *,
+        protocol: Protocol = "telephony",
+        number: str = "+14255550123",
+        conversation_id: str | None = None,
+    ) -> None:
+        self.bots, self.channel, self.protocol = bots, channel, protocol
+        self.caller = Caller(channel.url, conversation_id=conversation_id, number=number)
+        self.id = self.caller.conversation_id
+        self.cursor = 0  # the bot's activities read so far
+        self.last_sent: dict[str, Any] | None = None
+        self.last_status: dict[str, Any] | None = None
+
+    async def send(self, activity: dict[str, Any]) -> int:
+        self.last_sent = activity
+        status = await self.bots.post(activity)
+        if not 200 <= status < 300:
+            raise Mismatch(f"the bot answered {activity['type']} with HTTP {status or 'no answer'}")
+        return status
+
+    async def start(self) -> None:
+        await self.send(self.caller.start())
+
+    async def say(self, text: str) -> None:
+        await self.send(self.caller.say(text))
+
+    async def press(self, digits: str) -> None:
+        await self.send(self.caller.press(digits))
+
+    async def hang_up(self) -> None:
+        await self.send(self.caller.hang_up())
+
+    async def status(self, state: str, message: str | None = None) -> None:
+        """A ``handoff.status`` from the agent hub (also a late or duplicated one)."""
+        value: dict[str, Any] = {"state": state}
+        if message is not None:
+            value["message"] = message
+        self.last_status = self.caller.status(value)
+        await self.send(self.last_status)
+
+    async def agent(self, answer: str, message: str | None = None) -> None:
+        """The agent side answers the transfer: ``accept``, ``fail``, ``no_answer`` (the
+        channel keeps redialling and says nothing) or ``complete`` (hands the caller back).
+
+        On the Telephony channel an accepted transfer simply ends the call for the bot,
+        with no status; the generic protocol sends ``handoff.status`` accepted.
+        """
+        if answer == "accept":
+            if self.protocol == "telephony":
+                await self.hang_up()
+            else:
+                await self.status("accepted")
+        elif answer == "fail":
+            await self.status("failed", message or "the agent did not answer")
+        elif answer == "complete":
+            await self.status("completed")
+        elif answer != "no_answer":
+            raise ValueError(f"unknown agent answer {answer!r}: accept, fail, no_answer or complete")
+
+    async def redeliver(self) -> None:
+        """The last activity again, same id: the channel (or a load balancer) retrying."""
+        if self.last_sent is None:
+            raise Mismatch("nothing was sent yet, so nothing can be delivered again")
+        await self.send(self.last_sent)
+
+    async def next_activity(self, within: float) -> dict[str, Any] | None:
+        """The bot's next activity on this call, waiting up to ``within`` seconds."""
+        try:
+            await self.channel.wait_for(self.cursor + 1, self.id, within)
+        except TimeoutError:
+            return None
+        activity = self.channel.for_conversation(self.id)[self.cursor]
+        self.cursor += 1
+        if is_transfer(activity):
+            self.bots.tally.transfers += 1
+        return activity
+
+    async def expect_prompt(
+        self, contains: str | None = None, voice: str | None = None, within: float = 5
+    ) -> dict[str, Any]:
+        activity = await self.next_activity(within)
+        if activity is None:
+            raise Mismatch(f"no prompt within {within:g} s (expected one containing {contains!r})")
+        text = str(activity.get("text") or "")
+        if activity.get("type") != "message":
+            raise Mismatch(f"expected a prompt, the bot sent {describe(activity)}")
+        if contains is not None and contains.lower() not in text.lower():
+            raise Mismatch(f"expected a prompt containing {contains!r}, the bot said {describe(activity)}")
+        if voice is not None and voice_of(activity) != voice:
+            raise Mismatch(f"expected voice {voice}, the bot said {describe(activity)}")
+        return activity
+
+    async def expect_transfer(self, target: str | None = None, within: float = 5) -> dict[str, Any]:
+        activity = await self.next_activity(within)
+        if activity is None:
+            raise Mismatch(f"no transfer within {within:g} s")
+        if not is_transfer(activity):
+            raise Mismatch(f"expected a transfer, the bot sent {describe(activity)}")
+        if target is not None and target_of(activity) != target:
+            raise Mismatch(f"expected a transfer to {target}, the bot sent {describe(activity)}")
+        return activity
+
+    async def expect_nothing(self, seconds: float) -> None:
+        activity = await self.next_activity(seconds)
+        if activity is not None:
+            raise Mismatch(f"expected silence, the bot sent {describe(activity)}")
+
+    def unread(self) -> list[dict[str, Any]]:
+        """What the bot sent on this call that nobody has read."""
+        return self.channel.for_conversation(self.id)[self.cursor :]

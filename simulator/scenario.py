@@ -1,0 +1,193 @@
+"""Scripted calls: YAML scenario files, run against a bot, passed or failed step by step.
+
+    name: a caller asks for an agent and gets one
+    protocol: telephony          # or generic: the accepted transfer as handoff.status
+    steps:
+      - start                    # the call starts (conversationUpdate)
+      - expect_prompt: {contains: "For the billing department"}
+      - press: "0"
+      - expect_transfer: {target: "+14251231234"}
+      - agent: accept            # accept | fail | no_answer | complete (+ message)
+      - expect_nothing: 1        # seconds of silence
+
+Every ``expect_*`` reads the bot's next activity on the call, in order; whatever the
+bot sent and no step read is unexpected and fails the scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from simulator.call import Bots, Mismatch, Protocol, SimulatedCall, describe
+from simulator.channel import ChannelStandIn
+
+SHIPPED = Path(__file__).parent / "scenarios"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpectPrompt(_Strict):
+    contains: str | None = None
+    voice: str | None = None
+    within: float = Field(5, gt=0, le=600)
+
+
+class ExpectTransfer(_Strict):
+    target: str | None = None
+    within: float = Field(5, gt=0, le=600)
+
+
+class Status(_Strict):
+    state: str
+    message: str | None = None
+
+
+class Agent(_Strict):
+    answer: Literal["accept", "fail", "no_answer", "complete"]
+    message: str | None = None
+
+
+# Each step is one key: a bare word (``start``), or the key and its argument.
+STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
+    "start": None,
+    "hang_up": None,
+    "redeliver": None,
+    "say": str,
+    "press": str,
+    "wait": float,
+    "expect_nothing": float,
+    "expect_prompt": ExpectPrompt,
+    "expect_transfer": ExpectTransfer,
+    "status": Status,
+    "agent": Agent,
+}
+
+
+class Step(_Strict):
+    kind: str
+    arg: Any = None
+
+    def __str__(self) -> str:
+        return self.kind if self.arg is None else f"{self.kind}: {self.arg}"
+
+
+class Scenario(_Strict):
+    name: str
+    protocol: Protocol = "telephony"
+    caller: str = "+14255550123"
+    steps: list[Step] = Field(min_length=1)
+    source: str = ""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, raw: Any) -> list[Step]:
+        if not isinstance(raw, list):
+            raise ValueError("steps must be a list")
+        return [_step(n, item) for n, item in enumerate(raw, 1)]
+
+
+def _step(number: int, item: Any) -> Step:
+    if isinstance(item, str):
+        item = {item: None}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"step {number} must be one of {', '.join(STEP_KINDS)} (one key per step)")
+    ((kind, value),) = item.items()
+    if kind not in STEP_KINDS:
+        raise ValueError(f"step {number}: unknown step {kind!r}; known: {', '.join(STEP_KINDS)}")
+    shape = STEP_KINDS[kind]
+    if shape is None:
+        if value not in (None, {}):
+            raise ValueError(f"step {number}: {kind} takes nothing")
+        return Step(kind=kind)
+    if shape in (str, float):
+        if value is None or isinstance(value, dict | list) or (shape is float and isinstance(value, str)):
+            raise ValueError(f"step {number}: {kind} takes a {'number' if shape is float else 'text'}")
+        return Step(kind=kind, arg=shape(value))
+    if kind == "agent" and isinstance(value, str):
+        value = {"answer": value}
+    try:
+        assert issubclass(shape, BaseModel)
+        return Step(kind=kind, arg=shape.model_validate(value or {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"step {number}: {kind}{'.' + where if where else ''}: {first['msg']}") from None
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be read: says which file and what is wrong."""
+
+
+def load(path: Path) -> Scenario:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: a scenario is a mapping with name and steps")
+    try:
+        return Scenario.model_validate({**data, "source": str(path)})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ScenarioError(f"{path}: {where}: {message}") from None
+
+
+def shipped() -> list[Path]:
+    """The scenario files that come with the simulator, one per documented behaviour."""
+    return sorted(SHIPPED.glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Result:
+    scenario: Scenario
+    passed: bool
+    step: int = 0  # the failing step, 1-based (0: after the last step)
+    reason: str = ""
+    unexpected: tuple[str, ...] = ()
+
+
+async def run(scenario: Scenario, bots: Bots, channel: ChannelStandIn) -> Result:
+    """Run one scenario as one call; the first failing step ends it."""
+    call = SimulatedCall(bots, channel, protocol=scenario.protocol, number=scenario.caller)
+    for number, step in enumerate(scenario.steps, 1):
+        try:
+            await _do(call, step)
+        except Mismatch as e:
+            return Result(scenario, False, number, f"{step}: {e}")
+    # Let anything still on its way arrive before deciding nobody expected it.
+    late = await call.next_activity(0.3)
+    unexpected = tuple(describe(a) for a in ([late] if late else []) + call.unread())
+    if unexpected:
+        bots.tally.unexpected.extend(unexpected)
+        return Result(scenario, False, 0, "the bot sent what no step expected", unexpected)
+    return Result(scenario, True)
+
+
+_ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
+    "start": lambda call, _: call.start(),
+    "hang_up": lambda call, _: call.hang_up(),
+    "redeliver": lambda call, _: call.redeliver(),
+    "say": lambda call, text: call.say(text),
+    "press": lambda call, digits: call.press(digits),
+    "wait": lambda call, seconds: asyncio.sleep(seconds),
+    "expect_nothing": lambda call, seconds: call.expect_nothing(seconds),
+    "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within),
+    "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within),
+    "status": lambda call, s: call.status(s.state, s.message),
+    "agent": lambda call, a: call.agent(a.answer, a.message),
+}
+
+
+async def _do(call: SimulatedCall, step: Step) -> None:
+    await _ACTIONS[step.kind](call, step.arg)
