@@ -207,7 +207,9 @@ class SimulatedCall:
             raise Mismatch(f"expected voice {voice}, the bot said {describe(activity)}")
         return activity
 
-    async def expect_transfer(self, target: str | None = None, within: float = 5) -> dict[str, Any]:
+    async def expect_transfer(
+        self, target: str | None = None, within: float = 5, transcript_contains: str | None = None
+    ) -> dict[str, Any]:
         activity = await self.next_activity(within)
         if activity is None:
             raise Mismatch(f"no transfer within {within:g} s")
@@ -215,6 +217,9 @@ class SimulatedCall:
             raise Mismatch(f"expected a transfer, the bot sent {describe(activity)}")
         if target is not None and target_of(activity) != target:
             raise Mismatch(f"expected a transfer to {target}, the bot sent {describe(activity)}")
+        said = [str(line.get("text", "")) for line in transcript_of(activity) if isinstance(line, dict)]
+        if transcript_contains is not None and not any(transcript_contains in text for text in said):
+            raise Mismatch(f"the transcript handed over lacks {transcript_contains!r}: {said}")
         return activity
 
     async def expect_nothing(self, seconds: float) -> None:

@@ -35,13 +35,13 @@ async def wired(
 async def run_scripted(urls: list[str], files: list[Path], listen: str, console: Console) -> int:
     """Run each scenario file as one call; print a pass/fail report; 0 only if all pass."""
     loaded = [scenarios.load(path) for path in files]
-    results = []
     async with wired(urls, listen) as (bots, channel):
-        for scenario in loaded:
-            result = await scenarios.run(scenario, bots, channel)
-            results.append(result)
+        # Each scenario is a call of its own: run them all at once, report in file order.
+        results = await asyncio.gather(*(scenarios.run(scenario, bots, channel) for scenario in loaded))
+        for result in results:
+            scenario = result.scenario
             mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
-            console.print(f"{mark}  {scenario.name}  [dim]{scenario.source}[/dim]")
+            console.print(f"{mark}  {Path(scenario.source).name}: {scenario.name}")
             if not result.passed:
                 where = f"step {result.step}" if result.step else "after the last step"
                 console.print(f"      {where}: {result.reason}", markup=False)

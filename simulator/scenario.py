@@ -43,6 +43,7 @@ class ExpectPrompt(_Strict):
 
 class ExpectTransfer(_Strict):
     target: str | None = None
+    transcript_contains: str | None = None  # something the caller said, handed to the agent
     within: float = Field(5, gt=0, le=600)
 
 
@@ -183,7 +184,7 @@ _ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
     "wait": lambda call, seconds: asyncio.sleep(seconds),
     "expect_nothing": lambda call, seconds: call.expect_nothing(seconds),
     "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within),
-    "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within),
+    "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within, e.transcript_contains),
     "status": lambda call, s: call.status(s.state, s.message),
     "agent": lambda call, a: call.agent(a.answer, a.message),
 }
