@@ -9,6 +9,7 @@ COPY app.py ./
 COPY orchestrator ./orchestrator
 COPY states ./states
 COPY adapters ./adapters
+COPY simulator ./simulator
 RUN pip install . && useradd --system --uid 10001 bot
 
 USER bot
