@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from adapters.http import STORE_KEY
 from app import create_app
 from orchestrator.config import load_settings
-from states.diagram import mermaid
 from simulator.channel import Caller, ChannelStandIn
+from states.diagram import mermaid
 from tests.conftest import delete_prefix
 
 TOKEN = "operator-token-for-tests-0123456789"
