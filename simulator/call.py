@@ -49,6 +49,7 @@ class Bots:
         self._next = itertools.cycle(self.urls)
         self.session = session
         self.tally = tally or Tally()
+        self.last_error = ""  # why the last refused post was refused, as the bot said
 
     async def post(self, activity: dict[str, Any]) -> int:
         """Post one activity to the next bot; its HTTP status (0: not reached)."""
@@ -56,15 +57,17 @@ class Bots:
         try:
             timeout = aiohttp.ClientTimeout(total=TURN_SECONDS)
             async with self.session.post(next(self._next), json=activity, timeout=timeout) as response:
-                await response.read()
+                body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as e:
             self.tally.errors[type(e).__name__] += 1
+            self.last_error = f"{type(e).__name__}: {e}"
             return 0
         self.tally.turns += 1
         self.tally.latencies.append(time.perf_counter() - started)
         if status >= 300:
             self.tally.errors[f"HTTP {status}"] += 1
+            self.last_error = body[:300].decode(errors="replace")
         return status
 
 
@@ -132,7 +135,8 @@ class SimulatedCall:
         self.last_sent = activity
         status = await self.bots.post(activity)
         if not 200 <= status < 300:
-            raise Mismatch(f"the bot answered {activity['type']} with HTTP {status or 'no answer'}")
+            reason = f": {self.bots.last_error}" if self.bots.last_error else ""
+            raise Mismatch(f"the bot answered {activity['type']} with HTTP {status or 'no answer'}{reason}")
         return status
 
     async def start(self) -> None:

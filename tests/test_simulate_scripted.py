@@ -177,3 +177,9 @@ async def test_the_command_line_runs_scenarios_and_exits_by_the_result(bot_url: 
     assert done["shipped"][0] == 0 and "0 failed" in done["shipped"][1], done["shipped"][1]
     assert done["failing"][0] == 1 and "FAIL" in done["failing"][1]
     assert done["bad file"][0] == 1 and "unknown step 'jump'" in done["bad file"][1]
+
+
+async def test_a_refused_post_says_why(bot_url: str) -> None:
+    screen, out = console()
+    code = await run_scripted([bot_url + "elsewhere"], [scenarios.shipped()[0]], "127.0.0.1:0", screen)
+    assert code == 1 and "with HTTP 404: 404: Not Found" in out.getvalue(), out.getvalue()
