@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.call import timestamp
 from orchestrator.turn import Outcome
-from states import State
+from states import LIVE_STATES, State
 from states.diagram import arrows
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def call_row(record: dict[str, str]) -> dict[str, Any]:
 
 async def list_calls(inspector: CallInspector, state: str | None, limit: int) -> list[dict[str, Any]]:
     """Calls in ``state`` (default: every live state), latest state change first."""
-    states = [state] if state else [s.value for s in State if s != State.ENDED]
+    states = [state] if state else [s.value for s in LIVE_STATES]
     return [call_row(record) for record in await inspector.list_calls(states, limit)]
 
 

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import aiohttp
 
+from orchestrator.ssml import SSML_NAMESPACE
 from simulator.channel import Caller, ChannelStandIn
 
 Protocol = Literal["telephony", "generic"]
-SSML = "{http://www.w3.org/2001/10/synthesis}"
 TURN_SECONDS = 15.0  # the channel gives a bot this long to answer a post
 
 
@@ -80,7 +80,7 @@ def messages_url(url: str) -> str:
 def voice_of(activity: dict[str, Any]) -> str:
     """The voice a reply's SSML speaks in ("" when it has none, or it is not SSML)."""
     try:
-        voice = ET.fromstring(activity.get("speak") or "").find(f"{SSML}voice")
+        voice = ET.fromstring(activity.get("speak") or "").find(f"{{{SSML_NAMESPACE}}}voice")
     except ET.ParseError:
         return ""
     return voice.attrib.get("name", "") if voice is not None else ""

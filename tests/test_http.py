@@ -19,6 +19,7 @@ from adapters.http import STORE_KEY
 from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.config import load_settings
+from simulator.call import voice_of
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
 
@@ -75,12 +76,6 @@ async def post(bot: TestClient[Any, Any], activity: dict[str, Any]) -> int:
 def speak_of(activity: dict[str, Any]) -> ET.Element:
     """The reply's SSML, which must be well-formed."""
     return ET.fromstring(activity["speak"])
-
-
-def voice_of(activity: dict[str, Any]) -> str:
-    voice = speak_of(activity).find("{http://www.w3.org/2001/10/synthesis}voice")
-    assert voice is not None
-    return voice.attrib["name"]
 
 
 async def state_of(bot: TestClient[Any, Any], conversation_id: str) -> str | None:
