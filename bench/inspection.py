@@ -27,14 +27,13 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, ConversationAccount
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
 from rich.console import Console
 from rich.table import Table
 
@@ -42,6 +41,7 @@ from adapters.bot import conversation_reference
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS, Keyspace
 from adapters.store import RedisCallStore, Retention
+from bench.wire import CountingConnection, Wire
 from orchestrator import inspection
 from orchestrator.call import Call, timestamp
 from orchestrator.callflow import CallFlow, load_callflow
@@ -138,44 +138,6 @@ def reference_for(call_id: str, i: int) -> str:
     and filled in per call: msrest's serializer would cost more than the commit)."""
     caller = f"+1425555{i % 10_000:04d}"
     return _reference_template().replace(_CONVERSATION, call_id).replace(_CALLER, caller)
-
-
-# --- counting round trips ------------------------------------------------------------
-
-
-class Wire:
-    """What crossed the client's connections: writes (one per round trip: a pipeline
-    is packed into one write) and replies read (one per command)."""
-
-    round_trips = 0
-    replies = 0
-
-    @classmethod
-    def snapshot(cls) -> tuple[int, int]:
-        return cls.round_trips, cls.replies
-
-
-class CountingConnection(Connection):
-    """A TCP connection that counts into ``Wire``."""
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        Wire.round_trips += 1
-        await super().send_packed_command(command, check_health)
-
-    async def read_response(
-        self,
-        disable_decoding: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 (the overridden method's signature)
-        *,
-        disconnect_on_error: bool = True,
-        push_request: bool | None = False,
-    ) -> Any:
-        Wire.replies += 1
-        return await super().read_response(
-            disable_decoding, timeout, disconnect_on_error=disconnect_on_error, push_request=push_request
-        )
 
 
 # --- filling -------------------------------------------------------------------------
