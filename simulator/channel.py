@@ -12,9 +12,14 @@ from aiohttp import web
 
 
 class ChannelStandIn:
-    """The channel's ``serviceUrl``: records every activity the bot sends, per conversation."""
+    """The channel's ``serviceUrl``: records every activity the bot sends, per conversation.
 
-    def __init__(self) -> None:
+    ``record=False`` only counts them (``received``), unparsed, so a long benchmark's
+    memory does not grow with its turns; ``activities`` then stays empty."""
+
+    def __init__(self, *, record: bool = True) -> None:
+        self.record = record
+        self.received = 0  # activities accepted (answered 200), recorded or not
         self.activities: list[dict[str, Any]] = []
         self._by_conversation: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self._ids = itertools.count(1)
@@ -47,6 +52,11 @@ class ChannelStandIn:
         if self.refuse_next > 0:
             self.refuse_next -= 1
             return web.json_response({"error": "unavailable"}, status=503)
+        if not self.record:
+            await request.read()
+            self.received += 1
+            self._changed[""].set()
+            return web.json_response({"id": f"sent-{next(self._ids)}"})
         try:
             activity = await request.json()
         except ValueError:
@@ -56,6 +66,7 @@ class ChannelStandIn:
         conversation = request.match_info["conversation"]
         activity["_path_conversation"] = conversation
         self.activities.append(activity)
+        self.received += 1
         self._by_conversation[conversation].append(activity)
         for key in (conversation, ""):  # "" wakes whoever waits for any conversation
             self._changed[key].set()
@@ -65,11 +76,13 @@ class ChannelStandIn:
         return self._by_conversation.get(conversation_id, [])
 
     async def wait_for(self, count: int, conversation_id: str | None = None, within: float = 10) -> None:
-        """Wait until at least ``count`` activities (for one conversation) have arrived."""
+        """Wait until at least ``count`` activities (for one conversation: recording only)
+        have arrived."""
 
         def enough() -> bool:
-            got = self.for_conversation(conversation_id) if conversation_id else self.activities
-            return len(got) >= count
+            if not conversation_id:
+                return self.received >= count
+            return len(self.for_conversation(conversation_id)) >= count
 
         changed = self._changed[conversation_id or ""]
         async with asyncio.timeout(within):
