@@ -123,7 +123,7 @@ async def measure(redis_url: str, smoke: bool, say: Callable[[str], None]) -> di
     stop_schedulers()
     callers = [Caller(channel.url, conversation_id(prefix, i)) for i in range(calls)]
     try:
-        say(f"{calls} calls of {before + after} caller messages, posted to the app")
+        say(f"{calls} calls of {before + after + 1} caller messages, posted to the app")
         statuses = await make_calls(instance.url, channel, callers, before, after)
         call_keys = [keyspace.call(c.conversation_id) for c in callers]
         measured = await sizes(control, [key for keys in call_keys for key in keys])
