@@ -141,6 +141,14 @@ def echo_bot(log_dir: Path) -> Server:
     return Server(ECHO, argv, {}, log_dir, "/api/messages")  # GET: 405 once it listens
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core spent not idle so far (``/proc/stat``): on a shared machine,
+    whether a point had a free core is part of reading it."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS  # user..steal; guest time is inside user
+
+
 # --- one measured point --------------------------------------------------------------
 
 
@@ -165,6 +173,8 @@ class Point:
     turns_per_s: float
     latency_ms: dict[str, float | None]  # p50, p99, max
     cpu_ms_per_turn: float  # the bot processes, summed
+    bot_cores: float  # the bot processes' CPU seconds per second: 1.0 is one core saturated
+    machine_cores: float  # every process's (others' too): how busy the machine was
     driver_cpu_ms_per_turn: float  # this process: posting, and the stand-in receiving
     redis_cpu_ms_per_turn: float  # the whole server, whoever else uses it
     errors: dict[str, int]  # measured phase
@@ -248,6 +258,7 @@ class Driver:
         before = await self.settle(base + setup.ok)
 
         cpu = sum(s.cpu_seconds() for s in servers)
+        machine = machine_busy_seconds()
         driver_cpu = time.process_time()
         redis_cpu = await self.redis_cpu()
         measured = Tally()
@@ -256,6 +267,7 @@ class Driver:
         ended = max(await asyncio.gather(*(self.loop(c, urls, until, measured, True) for c in callers)))
         after = await self.settle(before + measured.ok)
         cpu = sum(s.cpu_seconds() for s in servers) - cpu
+        machine = machine_busy_seconds() - machine
         driver_cpu = time.process_time() - driver_cpu
         redis_cpu = await self.redis_cpu() - redis_cpu
         for server in servers:
@@ -274,6 +286,8 @@ class Driver:
             turns_per_s=round(turns / elapsed, 1),
             latency_ms={k: None if v is None else round(v * 1000, 2) for k, v in figures.items()},
             cpu_ms_per_turn=round(cpu * per_turn, 3),
+            bot_cores=round(cpu / elapsed, 2),
+            machine_cores=round(machine / elapsed, 2),
             driver_cpu_ms_per_turn=round(driver_cpu * per_turn, 3),
             redis_cpu_ms_per_turn=round(redis_cpu * per_turn, 3),
             errors=dict(measured.errors),
@@ -315,6 +329,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row(f"p50 ms {bot} c={c}", p["latency_ms"]["p50"], "ms")
             row(f"p99 ms {bot} c={c}", p["latency_ms"]["p99"], "ms")
             row(f"cpu ms/turn {bot} c={c}", p["cpu_ms_per_turn"], "ms")
+            row(f"cores {bot} c={c}", p["bot_cores"], "cores")
         row(f"ratio orchestrator/echo c={c}", pair["ratio"], "x")
         row(f"redis cpu ms/turn orchestrator c={c}", pair[ORCHESTRATOR]["redis_cpu_ms_per_turn"], "ms")
     scale = report["scale_out"]
@@ -434,7 +449,15 @@ def _replies(point: dict[str, Any]) -> str:
 
 
 COLUMNS = (
-    *("turns/s", "p50 ms", "p99 ms", "bot cpu\nms/turn", "driver cpu\nms/turn", "redis cpu\nms/turn"),
+    *(
+        "turns/s",
+        "p50 ms",
+        "p99 ms",
+        "bot cpu\nms/turn",
+        "cores: bot\n/ machine",
+        "driver cpu\nms/turn",
+        "redis cpu\nms/turn",
+    ),
     *("errors", "replies /\nturns"),
 )
 
@@ -445,6 +468,7 @@ def _cells(point: dict[str, Any]) -> list[str]:
         _ms(point["latency_ms"]["p50"]),
         _ms(point["latency_ms"]["p99"]),
         f"{point['cpu_ms_per_turn']:.3f}",
+        f"{point['bot_cores']:.2f} / {point['machine_cores']:.2f}",
         f"{point['driver_cpu_ms_per_turn']:.3f}",
         f"{point['redis_cpu_ms_per_turn']:.3f}",
         _errors(point),

@@ -18,7 +18,15 @@ from tests.process import ROOT
 
 pytestmark = pytest.mark.real_redis
 
-FIGURES = {"turns_per_s", "latency_ms", "cpu_ms_per_turn", "driver_cpu_ms_per_turn", "redis_cpu_ms_per_turn"}
+FIGURES = {
+    "turns_per_s",
+    "latency_ms",
+    "cpu_ms_per_turn",
+    "bot_cores",
+    "machine_cores",
+    "driver_cpu_ms_per_turn",
+    "redis_cpu_ms_per_turn",
+}
 
 
 def assert_point(point: dict[str, Any], bot: str, instances: int, concurrency: int) -> None:
