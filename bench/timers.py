@@ -201,11 +201,11 @@ def code_version() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
+        return done.stdout.rstrip("\n")  # porcelain lines start with a space: keep it
 
     paths = ["app.py", "adapters", "orchestrator", "states"]
     changed = git("status", "--porcelain", "--", *paths).splitlines()
-    return {"head": git("rev-parse", "--short", "HEAD"), "changed": [line[3:] for line in changed]}
+    return {"head": git("rev-parse", "--short", "HEAD"), "changed": [line[3:] for line in changed if line]}
 
 
 async def fired_by(bots: list[BotProcess], token: str) -> list[int | None]:
