@@ -14,6 +14,7 @@ from botbuilder.integration.aiohttp import (
 )
 
 from adapters.bot import CallBot
+from adapters.channel_client import PooledAuthentication
 from adapters.http import ADAPTER_KEY, BOT_KEY, METRICS_KEY, SCHEDULER_KEY, STORE_KEY, add_routes
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
@@ -43,7 +44,8 @@ def create_app(config: Settings | None = None) -> web.Application:
             "CALL_IDLE_TTL_SECONDS",
             f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)",
         )
-    ADAPTER = CloudAdapter(ConfigurationBotFrameworkAuthentication(CONFIG))
+    AUTH = PooledAuthentication(ConfigurationBotFrameworkAuthentication(CONFIG))
+    ADAPTER = CloudAdapter(AUTH)
     STORE = RedisCallStore(
         create_redis(CONFIG),
         Keyspace(CONFIG.REDIS_KEY_PREFIX),
@@ -90,6 +92,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         if not await STORE.ping():
             log.error("Redis is not reachable yet; /readyz fails until it is")
         yield
+        await AUTH.close()
         try:
             await asyncio.wait_for(STORE.redis.aclose(), CLEANUP_SECONDS)
         except TimeoutError:
