@@ -52,7 +52,13 @@ def create_app(config: Settings | None = None) -> web.Application:
         Retention.from_settings(CONFIG),
     )
     METRICS = Metrics()
-    ENGINE = Engine(STORE, FLOW, transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES, metrics=METRICS)
+    ENGINE = Engine(
+        STORE,
+        FLOW,
+        transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES,
+        metrics=METRICS,
+        cache_size=CONFIG.CALL_CACHE_SIZE,
+    )
     BOT = CallBot(ENGINE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
         ENGINE,
@@ -75,6 +81,16 @@ def create_app(config: Settings | None = None) -> web.Application:
     )
     METRICS.tally(
         "cc_duplicate_activities", "Deliveries of an activity already applied", lambda: ENGINE.duplicates
+    )
+    METRICS.tally(
+        "cc_call_cache_hits",
+        "Turns started from this instance's copy of the call (no load)",
+        lambda: ENGINE.cache.hits,
+    )
+    METRICS.tally(
+        "cc_call_cache_stale",
+        "Cached copies out of date (another instance had moved the call on)",
+        lambda: ENGINE.cache.stale,
     )
     METRICS.tally("cc_watchdogs_fired", "Transfers failed by the no-answer watchdog", lambda: SCHEDULER.fired)
     METRICS.tally(

@@ -13,11 +13,14 @@
 --       12 n_fields, field, value, ... , n_lines, line, ... ,
 --       n_steps, trigger, source, dest, reason, ...,
 --       n_counters, '<outcome>:<target>', ..., feed max length,
---       minute bucket, minute hash ttl, hour bucket, hour hash ttl
--- Returns {1, version, deadline}  applied
---         {2, version, deadline}  already applied by this same token (a retried command)
---         {0, 0, 0}               duplicate: the activity was applied by another commit
---         {-1, version, 0}        conflict: the call is at another version; reload, rerun
+--       minute bucket, minute hash ttl, hour bucket, hour hash ttl,
+--       last: the state the turn was computed from (compared with the version)
+-- Returns {1, version, deadline, since}  applied
+--         {2, version, deadline, since}  already applied by this same token (a retried command)
+--         {0, 0, 0, 0}                   duplicate: the activity was applied by another commit
+--         {-1, version, 0, 0, record, transcript}
+--                 conflict: the call is at another version; it is handed back as it stands
+--                 (HGETALL and LRANGE), so the rerun needs no separate load
 local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local was_index, is_index, feed = KEYS[7], KEYS[8], KEYS[9]
 local key, token = ARGV[2], ARGV[3]
@@ -25,22 +28,25 @@ local key, token = ARGV[2], ARGV[3]
 local prior = redis.call('HGET', seen, key)
 if prior then
   if prior == token then
-    local record = redis.call('HMGET', call, 'version', 'deadline')
-    return {2, tonumber(record[1] or '0'), tonumber(record[2] or '0')}
+    local record = redis.call('HMGET', call, 'version', 'deadline', 'since')
+    return {2, tonumber(record[1] or '0'), tonumber(record[2] or '0'), tonumber(record[3] or '0')}
   end
-  return {0, 0, 0}
+  return {0, 0, 0, 0}
 end
 
+-- The version is the compare-and-set token; the state is compared too, so a record edited
+-- by hand (a state changed without the version) is not overwritten from a cached copy.
 local version = tonumber(redis.call('HGET', call, 'version') or '0')
-if version ~= tonumber(ARGV[1]) then
-  return {-1, version, 0}
+local old_state = redis.call('HGET', call, 'state')
+if version ~= tonumber(ARGV[1]) or (old_state or 'bot') ~= ARGV[#ARGV] then
+  return {-1, version, 0, 0, redis.call('HGETALL', call), redis.call('LRANGE', transcript, 0, -1)}
 end
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 version = version + 1
-local old_state = redis.call('HGET', call, 'state')
 local state = old_state
+local since = 0
 local conversation, target = '', ''
 local fields = {'version', version, 'updated', now}
 if version == 1 then
@@ -62,6 +68,7 @@ for _ = 1, tonumber(ARGV[12]) do
     if value ~= old_state then
       fields[#fields + 1] = 'since'
       fields[#fields + 1] = now
+      since = now
     end
   end
   i = i + 2
@@ -150,4 +157,7 @@ local ttl = ARGV[4]
 for _, k in ipairs({call, seen, transcript, history, outbox}) do
   redis.call('EXPIRE', k, ttl)
 end
-return {1, version, deadline}
+if since == 0 then
+  since = tonumber(redis.call('HGET', call, 'since') or '0')
+end
+return {1, version, deadline, since}

@@ -27,7 +27,7 @@ from adapters.keys import HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
 from adapters.keys import HistoryField as H
 from orchestrator.call import Call, Line, Step
 from orchestrator.config import Settings
-from orchestrator.engine import Commit, Loaded
+from orchestrator.engine import Commit, Committed, Loaded
 from orchestrator.errors import StoreUnavailable
 from orchestrator.scheduler import DueItem, Parked
 from orchestrator.turn import Turn
@@ -88,7 +88,7 @@ class Retention:
 
 
 class RedisCallStore:
-    """Load and commit calls. One round trip each."""
+    """Load and commit calls. One round trip each; a conflicting commit returns the call."""
 
     def __init__(
         self, redis: Redis | RedisCluster, keyspace: Keyspace, retention: Retention | None = None
@@ -119,8 +119,9 @@ class RedisCallStore:
             return Loaded(None)
         return Loaded(_call_from(conversation_id, record, lines))
 
-    async def commit(self, turn: Turn, activity_id: str = "") -> Commit:
-        """Write the turn if the call is still at the version it was loaded at."""
+    async def commit(self, turn: Turn, activity_id: str = "") -> Committed:
+        """Write the turn if the call is still at the version it was loaded at; if it is not,
+        the call as it stands comes back with the conflict."""
         call = turn.call
         now_s = int(time.time())  # the counters' bucket: this instance's clock is close enough
         keys = self._commit_keys(turn, now_s)
@@ -130,13 +131,18 @@ class RedisCallStore:
         key = activity_id or f"~{token}"
         args = self._commit_args(turn, key, token, now_s)
         with unavailable_while("committing a turn"):
-            status, version, deadline = await self._commit(keys=keys, args=args)
+            status, version, deadline, since, *current = await self._commit(keys=keys, args=args)
         outcome = _OUTCOMES[status]
         if outcome is Commit.APPLIED:
             call.version = int(version)
             call.deadline_ms = int(deadline)
+            call.since_ms = int(since)
             turn.delivery_key = key if turn.durable else ""
-        return outcome
+        elif outcome is Commit.CONFLICT and current and current[0]:
+            flat, lines = current
+            record = dict(zip(flat[::2], flat[1::2], strict=True))
+            return Committed(outcome, _call_from(call.id, record, lines))
+        return Committed(outcome)
 
     async def acknowledge(self, conversation_id: str, delivery_key: str) -> None:
         """The replies parked under ``delivery_key`` reached the channel: forget them."""
@@ -296,6 +302,7 @@ class RedisCallStore:
         args += [len(counters), *counters, keep.feed_max]
         for bucket in (MINUTE, HOUR):
             args += [bucket.bucket(now_s), bucket.keep_seconds]
+        args.append(turn.loaded_state)
         return args
 
     async def record(self, conversation_id: str) -> dict[str, str]:

@@ -203,7 +203,7 @@ class Filler:
             for (i, turn, _), reply in zip(pending, replies, strict=True):
                 if isinstance(reply, BaseException):
                     raise reply
-                status, version, deadline = reply
+                status, version, deadline, *_ = reply
                 if status != 1:
                     raise RuntimeError(f"call {i}: commit returned {reply!r}, not applied")
                 turn.call.version, turn.call.deadline_ms = int(version), int(deadline)

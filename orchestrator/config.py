@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     CALL_RETENTION_SECONDS: int = Field(86_400, gt=0)
     CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
     TRANSCRIPT_MAX_ENTRIES: int = Field(50, ge=1, le=1000)
+    CALL_CACHE_SIZE: int = Field(4096, ge=0, le=1_000_000)  # calls kept in memory per instance
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
     SCHEDULER_POLL_SECONDS: float = Field(0.2, gt=0, le=10)
     SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -17,9 +18,10 @@ from typing import Any, Protocol
 from orchestrator.call import Call, timestamp
 from orchestrator.callflow import CallFlow
 from orchestrator.errors import CommitConflict
-from orchestrator.events import Event
+from orchestrator.events import CallStarted, Event
 from orchestrator.metrics import Metrics
 from orchestrator.turn import Turn, TurnRunner
+from states import State
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ class Commit(Enum):
 
 
 @dataclass(slots=True, frozen=True)
+class Committed:
+    """How a commit ended; on a conflict, the call as it now stands (None: no such call)."""
+
+    outcome: Commit
+    current: Call | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class Loaded:
     """A call as loaded for a turn (None if unknown), and whether the activity was seen."""
 
@@ -47,7 +57,7 @@ class CallStore(Protocol):
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded: ...
 
-    async def commit(self, turn: Turn, activity_id: str = "") -> Commit: ...
+    async def commit(self, turn: Turn, activity_id: str = "") -> Committed: ...
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
@@ -55,14 +65,58 @@ class CallStore(Protocol):
 Render = Callable[[Turn], list[Any]]
 
 
+class CallCache:
+    """The calls this instance committed last: a turn on one of them needs no load, so an
+    ordinary turn is one round trip (the commit) instead of two.
+
+    A copy goes stale when another instance commits the call (no sticky load balancing
+    is assumed); the commit's compare-and-set catches that and hands back the call as it
+    stands, so a stale copy costs what a load would have. Bounded, least recently used
+    out first; ``size`` 0 turns it off.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._calls: OrderedDict[str, Call] = OrderedDict()
+        self.hits = 0  # turns that started from a cached copy
+        self.stale = 0  # ... of which the copy was out of date (another instance moved on)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def get(self, conversation_id: str) -> Call | None:
+        call = self._calls.get(conversation_id)
+        if call is not None:
+            self._calls.move_to_end(conversation_id)
+            self.hits += 1
+        return call
+
+    def put(self, call: Call) -> None:
+        """Keep ``call`` as committed; an ended call goes (nothing more will happen to it)."""
+        if call.state == State.ENDED or not self.size:
+            self._calls.pop(call.id, None)
+            return
+        self._calls[call.id] = call
+        self._calls.move_to_end(call.id)
+        if len(self._calls) > self.size:
+            self._calls.popitem(last=False)
+
+
 class Engine:
     """Applies events to calls, exactly once per activity id, with no lost updates."""
 
     def __init__(
-        self, store: CallStore, flow: CallFlow, *, transcript_max: int = 50, metrics: Metrics | None = None
+        self,
+        store: CallStore,
+        flow: CallFlow,
+        *,
+        transcript_max: int = 50,
+        metrics: Metrics | None = None,
+        cache_size: int = 4096,
     ) -> None:
         self.store = store
         self.runner = TurnRunner(flow, transcript_max=transcript_max)
+        self.cache = CallCache(cache_size)
         self.metrics = metrics
         self.conflicts = 0  # commits lost to a concurrent turn (and rerun), since start
         self.duplicates = 0  # deliveries of an activity already applied, since start
@@ -83,19 +137,31 @@ class Engine:
         ``render`` turns the turn's effects into the activities to send; replies that
         must be delivered are committed with the turn (see ``Turn.durable``).
         """
+        # Where the call comes from: a timer always loads (it may do nothing, and must not
+        # decide that on a stale copy); a turn starts from the cached copy, or, for a call
+        # that is starting, from a new call, and the commit says if that was wrong.
+        call: Call | None = None
+        if not only_if_changed:
+            call = self.cache.get(conversation_id)
+            if call is None and isinstance(event, CallStarted):
+                call = Call(id=conversation_id)
+        guessed = call is not None
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
-            loaded = await self.store.load(conversation_id, activity_id)
-            if loaded.duplicate:
-                self.duplicates += 1
-                return None
-            call = loaded.call or Call(id=conversation_id)
+            if call is None:
+                loaded = await self.store.load(conversation_id, activity_id)
+                if loaded.duplicate:
+                    self.duplicates += 1
+                    return None
+                call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=timestamp(), reference=reference)
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             if render is not None and turn.effects:
                 turn.replies = render(turn)
-            outcome = await self.store.commit(turn, activity_id)
+            committed = await self.store.commit(turn, activity_id)
+            outcome = committed.outcome
             if outcome is Commit.APPLIED:
+                self.cache.put(turn.call)
                 if self.metrics is not None:
                     self.metrics.applied(turn)
                 for step in turn.steps:
@@ -112,6 +178,11 @@ class Engine:
             if outcome is Commit.DUPLICATE:
                 self.duplicates += 1
                 return None  # applied meanwhile by another delivery of the same activity
+            call = committed.current or Call(id=conversation_id)
+            if guessed:  # the cached (or new) copy was out of date: no race, no back-off
+                guessed = False
+                self.cache.stale += 1
+                continue
             self.conflicts += 1
             # Back off with jitter so turns racing on one call spread out.
             await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))

@@ -11,7 +11,7 @@ import pytest
 from adapters.store import RedisCallStore
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
-from orchestrator.events import CallerInput, Event, HandoffStatus
+from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
 from orchestrator.turn import Handoff, Say, Turn
 
 
@@ -54,24 +54,78 @@ async def test_concurrent_turns_on_one_call_are_serialised(store: RedisCallStore
     assert said == Counter({"agent": 6, **{f"msg {i}": 1 for i in range(6)}})
 
 
-async def test_an_ordinary_turn_costs_two_round_trips(
+class RoundTrips:
+    """Writes to Redis connections (one per round trip: a pipeline is packed into one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        self.sent: list[object] = []
+        original = AbstractConnection.send_packed_command
+
+        async def counting(conn: AbstractConnection, command: object, check_health: bool = True) -> None:
+            self.sent.append(command)
+            await original(conn, command, check_health)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+
+    def take(self) -> int:
+        count = len(self.sent)
+        self.sent.clear()
+        return count
+
+
+async def test_an_ordinary_turn_costs_one_round_trip(
     store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One pipelined load and one commit script; a duplicate costs the load alone."""
-    from redis.asyncio.connection import AbstractConnection
-
+    """The commit alone, from this instance's copy of the call; a redelivery is found by the
+    commit (one round trip); a new call needs no load either."""
     engine = Engine(store, load_callflow())
-    await engine.handle("call-1", CallerInput("hello"), activity_id="a0")  # scripts loaded
-    sent: list[object] = []
-    original = AbstractConnection.send_packed_command
+    # Scripts loaded and connected to call-1's node (on a cluster), by a call in its shard.
+    shard = store.keys.locate("call-1")[0]
+    warm = next(f"warm-{n}" for n in range(10_000) if store.keys.locate(f"warm-{n}")[0] == shard)
+    await engine.handle(warm, CallerInput("hello"), activity_id="warm")
+    trips = RoundTrips(monkeypatch)
+    assert await engine.handle("call-1", CallStarted(), activity_id="a0") is not None
+    assert trips.take() == 1
+    assert await engine.handle("call-1", CallerInput("hello again"), activity_id="a1") is not None
+    assert trips.take() == 1
+    assert await engine.handle("call-1", CallerInput("hello again"), activity_id="a1") is None
+    assert trips.take() == 1
+    assert engine.duplicates == 1 and engine.cache.hits == 2 and engine.cache.stale == 0
 
-    async def counting(self: AbstractConnection, command: object, check_health: bool = True) -> None:
-        sent.append(command)
-        await original(self, command, check_health)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
-    await engine.handle("call-1", CallerInput("hello again"), activity_id="a1")
-    assert len(sent) == 2
-    sent.clear()
-    await engine.handle("call-1", CallerInput("hello again"), activity_id="a1")
-    assert len(sent) == 1
+async def test_a_stale_copy_costs_one_more_round_trip_and_loses_nothing(
+    store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances (no sticky routing): each commit finds the other's copy out of date and
+    hands back the call as it stands, so the rerun needs no load and no turn is lost."""
+    flow = load_callflow()
+    first, second = Engine(store, flow), Engine(store, flow)
+    await first.handle("call-0", CallerInput("hello"), activity_id="warm")
+    await first.handle("call-1", CallStarted(), activity_id="a0")
+    await second.handle("call-1", CallerInput("one"), activity_id="a1")  # no copy: load + commit
+    trips = RoundTrips(monkeypatch)
+    for number in range(2, 6):
+        engine = first if number % 2 == 0 else second
+        assert await engine.handle("call-1", CallerInput(f"line {number}"), activity_id=f"a{number}")
+        assert trips.take() == 2  # the stale commit, and the rerun's
+    assert (first.cache.stale, second.cache.stale) == (2, 2)
+    assert first.conflicts == second.conflicts == 0  # not races: nobody backed off
+
+    call = (await store.load("call-1")).call
+    assert call is not None and call.version == 6
+    said = [line.text for line in call.transcript if line.role == "caller"]
+    assert said == ["one", "line 2", "line 3", "line 4", "line 5"]
+
+
+async def test_the_cache_is_bounded_and_forgets_ended_calls(store: RedisCallStore) -> None:
+    engine = Engine(store, load_callflow(), cache_size=2)
+    for number in range(3):
+        await engine.handle(f"call-{number}", CallStarted(), activity_id=f"s{number}")
+    assert len(engine.cache) == 2 and engine.cache.get("call-0") is None
+    await engine.handle("call-2", CallEnded(), activity_id="end")
+    assert len(engine.cache) == 1 and engine.cache.get("call-2") is None
+    off = Engine(store, load_callflow(), cache_size=0)
+    await off.handle("call-9", CallStarted(), activity_id="s9")
+    assert len(off.cache) == 0

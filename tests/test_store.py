@@ -23,12 +23,13 @@ from states import State
 def turn_for(
     call: Call, *, state: str | None = None, lines: int = 1, steps: list[Step] | None = None
 ) -> Turn:
+    loaded_state = call.state
     call = replace(call, transcript=list(call.transcript))
     new_lines = [Line("caller", f"line {call.version}.{i}", "2026-11-23T10:00:00.000Z") for i in range(lines)]
     call.transcript.extend(new_lines)
     if state:
         call.state = state
-    return Turn(call=call, lines=new_lines, steps=steps or [])
+    return Turn(call=call, loaded_state=loaded_state, lines=new_lines, steps=steps or [])
 
 
 async def test_an_unknown_call_loads_as_none(store: RedisCallStore) -> None:
@@ -40,7 +41,7 @@ async def test_commit_then_load_round_trips_the_call(store: RedisCallStore) -> N
     turn = turn_for(Call(id="c1"), lines=2, steps=[Step("request_agent", "bot", "transferring", "asked")])
     turn.call.state, turn.call.attempts, turn.call.target = State.TRANSFERRING, 1, "+14251231234"
     turn.call.reference, turn.reference_changed = '{"conversation":{"id":"c1"}}', True
-    assert await store.commit(turn, "a1") is Commit.APPLIED
+    assert (await store.commit(turn, "a1")).outcome is Commit.APPLIED
     assert turn.call.version == 1
     loaded = (await store.load("c1", "a2")).call
     assert loaded is not None
@@ -60,9 +61,9 @@ async def test_commit_then_load_round_trips_the_call(store: RedisCallStore) -> N
 
 async def test_a_stale_version_is_a_conflict_and_writes_nothing(store: RedisCallStore) -> None:
     first = turn_for(Call(id="c1"))
-    assert await store.commit(first, "a1") is Commit.APPLIED
+    assert (await store.commit(first, "a1")).outcome is Commit.APPLIED
     stale = turn_for(Call(id="c1"), state=State.ENDED, steps=[Step("hang_up", "bot", "ended")])
-    assert await store.commit(stale, "a2") is Commit.CONFLICT
+    assert (await store.commit(stale, "a2")).outcome is Commit.CONFLICT
     loaded = (await store.load("c1")).call
     assert loaded is not None and loaded.state == State.BOT and loaded.version == 1
     assert len(loaded.transcript) == 1 and await store.history("c1") == []
@@ -71,12 +72,12 @@ async def test_a_stale_version_is_a_conflict_and_writes_nothing(store: RedisCall
 
 async def test_an_activity_is_applied_once(store: RedisCallStore) -> None:
     call = Call(id="c1")
-    assert await store.commit(turn_for(call), "a1") is Commit.APPLIED
+    assert (await store.commit(turn_for(call), "a1")).outcome is Commit.APPLIED
     assert (await store.load("c1", "a1")).duplicate
     loaded = (await store.load("c1")).call
     assert loaded is not None
     # A second delivery that raced past the load is stopped by the commit itself.
-    assert await store.commit(turn_for(loaded), "a1") is Commit.DUPLICATE
+    assert (await store.commit(turn_for(loaded), "a1")).outcome is Commit.DUPLICATE
     after = (await store.load("c1")).call
     assert after is not None and after.version == 1 and len(after.transcript) == 1
 
@@ -101,7 +102,7 @@ async def test_the_transcript_is_capped_in_redis(redis_client: Redis, key_prefix
     call = Call(id="c1")
     for i in range(5):
         turn = turn_for(call)
-        assert await store.commit(turn, f"a{i}") is Commit.APPLIED
+        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
         call = turn.call
     loaded = (await store.load("c1")).call
     assert loaded is not None and [line.text for line in loaded.transcript] == [
