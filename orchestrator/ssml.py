@@ -29,7 +29,14 @@ def clean_text(text: str) -> str:
 
 def speak(text_xml: str, voice: str, locale: str) -> str:
     """Wrap already-escaped text in ``<speak><voice>``, whitespace between every element."""
+    head, tail = speak_parts(voice, locale)
+    return head + text_xml + tail
+
+
+def speak_parts(voice: str, locale: str) -> tuple[str, str]:
+    """What ``speak`` puts before and after the text, to build once per prompt."""
     return (
         f'<speak version="1.0" xmlns="{SSML_NAMESPACE}" xml:lang={quoteattr(locale)}> '
-        f"<voice name={quoteattr(voice)}> {text_xml} </voice> </speak>"
+        f"<voice name={quoteattr(voice)}> ",
+        " </voice> </speak>",
     )
