@@ -6,8 +6,10 @@ and only then does the bot send anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 from transitions import EventData, MachineError
@@ -25,6 +27,7 @@ from orchestrator.events import (
 )
 from orchestrator.handoff import HandoffStates
 from states import State, Trigger, build_machine
+from states.call import Dispatch
 
 LINE_MAX_CHARS = 1000
 
@@ -38,6 +41,20 @@ STATUS_TRIGGERS = {
 # call and no handoff.status is sent.
 TELEPHONY_TRANSFERRED = "call ended while transferring (Telephony: the transfer connected)"
 TIMEOUT = "timeout"  # the no-answer watchdog: the channel redials forever and never says so
+
+
+# Every field of a Call, in __init__ order: ``Call(*_CALL_FIELDS(call))`` is
+# ``dataclasses.replace(call)`` at a third of the cost (~0.7 us, not ~2.4 us).
+if not all(f.init for f in fields(Call)):
+    raise TypeError("Call has a field outside __init__: copy it with dataclasses.replace")
+_CALL_FIELDS = attrgetter(*(f.name for f in fields(Call)))
+
+
+def copy_call(call: Call) -> Call:
+    """A copy of ``call`` with its own transcript list (the lines themselves are frozen)."""
+    copied = Call(*_CALL_FIELDS(call))
+    copied.transcript = list(call.transcript)
+    return copied
 
 
 class Outcome(StrEnum):
@@ -117,14 +134,20 @@ class TurnRunner:
 
     The runner is the machine's model; each turn attaches a call by pointing ``state``
     at it. ``run`` never awaits, so turns on one event loop cannot interleave.
+    Triggers go through ``Dispatch`` (the machine's transitions, pre-resolved);
+    ``compiled=False`` fires them through transitions itself, the reference the
+    equivalence test and the benchmark compare against.
     """
 
-    def __init__(self, flow: CallFlow, transcript_max: int = 50) -> None:
+    def __init__(self, flow: CallFlow, transcript_max: int = 50, *, compiled: bool = True) -> None:
         self.flow = flow
         self._transcript_max = transcript_max
         self._turn = Turn(call=Call(id=""))
         self._now = ""
         self.machine = build_machine(self)
+        self.fire_trigger: Callable[..., bool] = (
+            Dispatch(self.machine, self).fire if compiled else self.trigger  # type: ignore[attr-defined]
+        )
 
     # The machine reads and writes the attached call's state through this property.
     @property
@@ -137,7 +160,7 @@ class TurnRunner:
 
     def run(self, call: Call, event: Event, *, now: str, reference: str = "") -> Turn:
         """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp."""
-        call = replace(call, transcript=list(call.transcript))
+        call = copy_call(call)
         self._turn = turn = Turn(call=call, loaded_state=call.state)
         self._now = now
         if reference and reference != call.reference:
@@ -188,7 +211,7 @@ class TurnRunner:
     def _fire(self, trigger: Trigger, reason: str) -> None:
         """Trigger the machine; a trigger the current state does not take is recorded."""
         try:
-            self.trigger(trigger.value, reason=reason)  # type: ignore[attr-defined]
+            self.fire_trigger(trigger.value, reason=reason)
         except MachineError:
             self._ignore(trigger.value, f"not valid in state {self.state} ({reason})")
 
