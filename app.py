@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ log = logging.getLogger("app")
 MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
 SHUTDOWN_SECONDS = 25.0  # inside docker-compose's stop_grace_period of 30 s
 CLEANUP_SECONDS = 2.0  # each clean-up step after that
+GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
 
 def create_app(config: Settings | None = None) -> web.Application:
@@ -136,6 +138,20 @@ def create_app(config: Settings | None = None) -> web.Application:
     return APP
 
 
+def tune_gc() -> None:
+    """Keep the garbage collector off the turn's tail latency.
+
+    Everything alive once the app is built (botbuilder, msrest, aiohttp: ~10^5 objects)
+    is frozen out of the collector's reach, so a full collection no longer walks it
+    (those took milliseconds, in the middle of some turn). The youngest generation
+    is collected less often: a turn allocates a few thousand short-lived objects and
+    frees nearly all of them by reference counting alone.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def main() -> None:
     try:
         CONFIG = load_settings()
@@ -146,6 +162,7 @@ def main() -> None:
         APP = create_app(CONFIG)
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
+    tune_gc()
     # SIGTERM: stop accepting, give in-flight turns up to SHUTDOWN_SECONDS, then clean up.
     web.run_app(APP, host=CONFIG.HOST, port=CONFIG.PORT, print=None, shutdown_timeout=SHUTDOWN_SECONDS)
 
