@@ -41,6 +41,7 @@ from adapters.bot import conversation_reference
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS, Keyspace
 from adapters.store import RedisCallStore, Retention
+from bench.report import row
 from bench.wire import CountingConnection, Wire
 from orchestrator import inspection
 from orchestrator.call import Call, timestamp
@@ -334,8 +335,8 @@ async def checkpoint(
     stats = {window: await inspection.stats(inspector, window) for window in ("1h", "24h")}
     per_target = {
         window: {
-            row["target"]: {o: row[o] for o in ("started", "accepted", "failed", "timeout") if row[o]}
-            for row in figures["targets"]
+            line["target"]: {o: line[o] for o in ("started", "accepted", "failed", "timeout") if line[o]}
+            for line in figures["targets"]
         }
         for window, figures in stats.items()
     }
@@ -449,13 +450,13 @@ async def run(options: argparse.Namespace, say: Callable[[str], None]) -> dict[s
 
 def show(report: dict[str, Any], console: Console) -> None:
     fill = Table("calls", "commits", "seconds", "calls/s", "commits/s", title="fill (commit.lua, pipelined)")
-    for row in report["fill"]:
+    for batch in report["fill"]:
         fill.add_row(
-            f"{row['from']:,} to {row['to']:,}",
-            f"{row['commits']:,}",
-            f"{row['seconds']:.1f}",
-            f"{row['calls_per_s']:,.0f}",
-            f"{row['commits_per_s']:,.0f}",
+            f"{batch['from']:,} to {batch['to']:,}",
+            f"{batch['commits']:,}",
+            f"{batch['seconds']:.1f}",
+            f"{batch['calls_per_s']:,.0f}",
+            f"{batch['commits_per_s']:,.0f}",
         )
     console.print(fill)
     points = report["checkpoints"]
@@ -534,6 +535,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if options.calls < 1 or options.runs < 1 or options.batch < 1 or options.workers < 1:
         parser.error("--calls, --runs, --batch and --workers must be at least 1")
     return options
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline figures, for ``python -m bench`` (medians over runs)."""
+    found = []
+    for point in report["checkpoints"]:
+        calls = f"{point['calls']:,} calls"
+        for name in [*INDEXED, BASELINE]:
+            found.append(row(f"{name} ms at {calls}", point["timings_ms"][name]["median_ms"], "ms"))
+        for name in INDEXED:
+            found.append(row(f"baseline ÷ {name} at {calls}", point["baseline_over_indexed"][name], "x"))
+    return found
+
+
+def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """One run at 10,000 and 100,000 calls (``smoke``: 30 and 300), with ``rows`` and ``checks``."""
+    options = parse_args(["--calls", "300" if smoke else "100000", "--runs", "1" if smoke else "5"])
+    options.redis_url = redis_url
+    report = asyncio.run(run(options, say))
+    report["rows"] = rows(report)
+    report["checks"] = {
+        f"{point['calls']:,} calls: {name}": ok
+        for point in report["checkpoints"]
+        for name, ok in point["checks"].items()
+    }
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
