@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from bench import machine, memory, roundtrips
+from states import State
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 
 pytestmark = pytest.mark.real_redis
@@ -67,5 +68,8 @@ def test_memory_per_call_by_key_kind() -> None:
 def test_machine_runs_the_shipped_flow_both_ways() -> None:
     report = machine.bench("", smoke=True, say=lambda _: None)
     rows = check_rows(report)
-    assert {c["state_after"] for c in report["cases"].values()} == {"bot", "transferring", "accepted"}
-    assert all(v > 0 for v in rows.values())
+    assert {c["state_after"] for c in report["cases"].values()} == {s.value for s in State}
+    for name, case in report["cases"].items():
+        # An event that fires no trigger (plain input to the bot) has no machine part.
+        assert (rows[f"{name}: machine part, Dispatch"] > 0) == bool(case["triggers"]), name
+    assert all(v > 0 for name, v in rows.items() if "machine part" not in name)
