@@ -143,6 +143,10 @@ def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[st
         bare[label] = timed(trigger, iterations, repeats)
         trigger()
         rows.append(row(f"bare trigger (accept), attach included: {label}", round(bare[label], 2), "µs"))
+    # The figure ``python -m bench`` judges the target by.
+    worst = max(c["machine_us_per_turn"] for c in cases.values())
+    rows.append(row("machine part, worst event", worst, "µs/turn"))
+    rows.append(row("TurnRunner.run, worst event", max(c["us_per_turn"] for c in cases.values()), "µs/turn"))
     rows.append(row("target for the machine part", TARGET_US, "µs/turn"))
     say(f"{iterations} iterations x {repeats} repeats per figure (the baseline a tenth as many)")
     return {
