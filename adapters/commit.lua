@@ -3,15 +3,15 @@
 -- call's watchdog in its shard's due schedule, and park replies that must be
 -- delivered in the outbox until the sender acknowledges them.
 --
--- KEYS: call, transcript, history, seen, outbox, due,
+-- KEYS: call, transcript, history (a list), seen, outbox, due,
 --       the shard's index of the loaded state, the shard's index of the new state,
 --       the shard's feed, its minute and hour transfer-counter buckets  (one hash slot)
 -- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
---       5 transcript_max, 6 history_max,
---       7 watchdog_ms (> 0 arms the deadline), 8 watchdog member of due,
---       9 outbox payload ('' = none), 10 outbox member of due, 11 outbox grace ms,
---       12 n_fields, field, value, ... , n_lines, line, ... ,
---       n_steps, trigger, source, dest, reason, ...,
+--       5 transcript_max, 6 history_max, 7 seen_max,
+--       8 watchdog_ms (> 0 arms the deadline), 9 watchdog member of due,
+--       10 outbox payload ('' = none), 11 outbox member of due, 12 outbox grace ms,
+--       13 n_fields, field, value, ... , n_lines, line, ... ,
+--       n_steps, trigger, source, dest, reason, history entry without its time, ...,
 --       n_counters, '<outcome>:<target>', ..., feed max length,
 --       minute bucket, minute hash ttl, hour bucket, hour hash ttl,
 --       last: the state the turn was computed from (compared with the version)
@@ -23,11 +23,14 @@
 --                 (HGETALL and LRANGE), so the rerun needs no separate load
 local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local was_index, is_index, feed = KEYS[7], KEYS[8], KEYS[9]
-local key, token = ARGV[2], ARGV[3]
+local key = ARGV[2]
+-- seen holds '<version>:<token>': the token recognises this commit's own retried command,
+-- the version dates the entry so the oldest can be dropped.
+local mark = (tonumber(ARGV[1]) + 1) .. ':' .. ARGV[3]
 
 local prior = redis.call('HGET', seen, key)
 if prior then
-  if prior == token then
+  if prior == mark then
     local record = redis.call('HMGET', call, 'version', 'deadline', 'since')
     return {2, tonumber(record[1] or '0'), tonumber(record[2] or '0'), tonumber(record[3] or '0')}
   end
@@ -54,8 +57,8 @@ if version == 1 then
   fields[#fields + 1] = now
 end
 
-local i = 13
-for _ = 1, tonumber(ARGV[12]) do
+local i = 14
+for _ = 1, tonumber(ARGV[13]) do
   local name, value = ARGV[i], ARGV[i + 1]
   fields[#fields + 1] = name
   fields[#fields + 1] = value
@@ -75,8 +78,8 @@ for _ = 1, tonumber(ARGV[12]) do
 end
 
 local deadline = 0
-if tonumber(ARGV[7]) > 0 then
-  deadline = now + tonumber(ARGV[7])
+if tonumber(ARGV[8]) > 0 then
+  deadline = now + tonumber(ARGV[8])
   fields[#fields + 1] = 'deadline'
   fields[#fields + 1] = deadline
 end
@@ -98,14 +101,14 @@ if state == 'transferring' then
   if deadline == 0 then
     deadline = tonumber(redis.call('HGET', call, 'deadline') or '0')
   end
-  redis.call('ZADD', due, deadline, ARGV[8])
+  redis.call('ZADD', due, deadline, ARGV[9])
 else
-  redis.call('ZREM', due, ARGV[8])
+  redis.call('ZREM', due, ARGV[9])
 end
 
-if ARGV[9] ~= '' then
-  redis.call('HSET', outbox, key, ARGV[9])
-  redis.call('ZADD', due, now + tonumber(ARGV[11]), ARGV[10])
+if ARGV[10] ~= '' then
+  redis.call('HSET', outbox, key, ARGV[10])
+  redis.call('ZADD', due, now + tonumber(ARGV[12]), ARGV[11])
 end
 
 local n_lines = tonumber(ARGV[i])
@@ -119,26 +122,26 @@ end
 local n_steps = tonumber(ARGV[i])
 i = i + 1
 local steps_at = i
-i = i + 4 * n_steps
+i = i + 5 * n_steps
 local n_counters = tonumber(ARGV[i])
 local counters_at = i + 1
 i = counters_at + n_counters
 local feed_max, buckets_at = ARGV[i], i + 1
 
--- The call's own history, and the shard's feed of every call's steps (for watchers).
+-- The call's own history (the entry's time spliced in first), and the shard's feed of
+-- every call's steps (for watchers).
 i = steps_at
+local entries = {}
 for _ = 1, n_steps do
-  local entry = {'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
-    'activity', key, 'version', version}
-  if ARGV[i + 2] == 'transferring' and ARGV[i + 1] ~= 'transferring' then
-    entry[#entry + 1] = 'target'  -- the number this transfer dials: "targets tried"
-    entry[#entry + 1] = target
-  end
-  redis.call('XADD', history, 'MAXLEN', ARGV[6], '*', unpack(entry))
+  entries[#entries + 1] = '[' .. now .. ',' .. string.sub(ARGV[i + 4], 2)
   redis.call('XADD', feed, 'MAXLEN', '~', feed_max, '*', 'call', conversation,
     'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
     'target', target)
-  i = i + 4
+  i = i + 5
+end
+if n_steps > 0 then
+  redis.call('RPUSH', history, unpack(entries))
+  redis.call('LTRIM', history, -tonumber(ARGV[6]), -1)
 end
 
 -- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
@@ -152,7 +155,24 @@ if n_counters > 0 then
   end
 end
 
-redis.call('HSET', seen, key, token)
+redis.call('HSET', seen, key, mark)
+-- The channel redelivers within seconds, so only recent activities need remembering: past
+-- seen_max + a quarter entries, those older than the last seen_max versions go (in one
+-- sweep, now and then, not every turn). Undated entries (written before versions were
+-- stored) stay until the call expires.
+local seen_max = tonumber(ARGV[7])
+if redis.call('HLEN', seen) > seen_max + math.floor(seen_max / 4) then
+  local all, old = redis.call('HGETALL', seen), {}
+  for j = 1, #all, 2 do
+    local at = tonumber(string.match(all[j + 1], '^(%d+):'))
+    if at and at <= version - seen_max then
+      old[#old + 1] = all[j]
+    end
+  end
+  if #old > 0 then
+    redis.call('HDEL', seen, unpack(old))
+  end
+end
 local ttl = ARGV[4]
 for _, k in ipairs({call, seen, transcript, history, outbox}) do
   redis.call('EXPIRE', k, ttl)

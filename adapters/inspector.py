@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.keys import HOUR, MINUTE, SHARDS, CallField, FeedField, StatsBucket
-from adapters.keys import HistoryField as H
-from adapters.store import RedisCallStore, unavailable_while
+from adapters.store import RedisCallStore, decode_step, unavailable_while
 from orchestrator.inspection import MAX_WINDOW_SECONDS
 from states import State
 
@@ -152,15 +151,15 @@ class CallInspector:
         commands: list[Command] = []
         for conversation_id in conversation_ids:
             keys = self.keys.call(conversation_id)
-            commands += [("hmget", (keys.call, fields), {}), ("xrevrange", (keys.history,), {"count": 1})]
+            commands += [("hmget", (keys.call, fields), {}), ("lindex", (keys.history, -1), {})]
         replies = await self._pipelined("listing calls", commands) if commands else []
         records: list[dict[str, str]] = []
         for values, last in zip(replies[::2], replies[1::2], strict=True):
             record = {name: value for name, value in zip(fields, values, strict=True) if value is not None}
             if record.get(CallField.STATE) in states:
                 if last:
-                    step = last[0][1]
-                    record["last_transition"] = f"{step[H.TRIGGER]} {step[H.FROM]} -> {step[H.TO]}"
+                    step = decode_step(last)
+                    record["last_transition"] = f"{step['trigger']} {step['from']} -> {step['to']}"
                 records.append(record)
         return records
 

@@ -22,10 +22,16 @@ class CallKeys(NamedTuple):
     """The keys of one call, in the order the commit script takes them."""
 
     call: str  # HASH: the call record (fields below)
-    transcript: str  # LIST: JSON transcript lines, oldest first, capped
-    history: str  # STREAM: one entry per transition or ignored event
-    seen: str  # HASH: activity id -> commit token, for de-duplication
+    transcript: str  # LIST: compact JSON transcript lines, oldest first, capped
+    history: str  # LIST ``...:steps``: a JSON array per transition or ignored event, capped
+    seen: str  # HASH: activity id -> "<version>:<commit token>", for de-duplication, bounded
     outbox: str  # HASH: delivery key -> JSON activities committed but not yet acknowledged
+
+
+# Key names that differ from the field: the history was a stream under ``:history`` before
+# it became a list; a new name means no instance of either version meets a key of the other
+# type (WRONGTYPE) during a rolling deploy. Old ``:history`` streams expire with their call.
+_KEY_NAMES = {"history": "steps"}
 
 
 # commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
@@ -48,15 +54,29 @@ class CallField:
 
 
 class HistoryField:
-    """Fields of each history stream entry (the entry id is the Redis time it was written)."""
+    """Fields of each history entry: a JSON array in ``HISTORY_ENTRY`` order (no names stored)."""
 
+    AT = "at"  # ms, Redis server time of the commit that wrote it
     TRIGGER = "trigger"
     FROM = "from"
     TO = "to"
     REASON = "reason"
     ACTIVITY = "activity"  # the id of the activity whose turn wrote it
     VERSION = "version"  # the call version that turn produced
-    TARGET = "target"  # on entries into transferring: the number dialled
+    TARGET = "target"  # on entries into transferring: the number dialled (absent otherwise)
+
+
+# The positions of a history entry's array: the target only on a step into transferring.
+HISTORY_ENTRY: tuple[str, ...] = (
+    HistoryField.AT,
+    HistoryField.TRIGGER,
+    HistoryField.FROM,
+    HistoryField.TO,
+    HistoryField.REASON,
+    HistoryField.ACTIVITY,
+    HistoryField.VERSION,
+    HistoryField.TARGET,
+)
 
 
 class FeedField:
@@ -131,7 +151,7 @@ class Keyspace:
     def call(self, conversation_id: str) -> CallKeys:
         shard, call_hash = self.locate(conversation_id)
         base = f"{self.prefix}:{{{shard}}}:{call_hash}"
-        return CallKeys(*(f"{base}:{name}" for name in CallKeys._fields))
+        return CallKeys(*(f"{base}:{_KEY_NAMES.get(name, name)}" for name in CallKeys._fields))
 
     def due(self, shard: int) -> str:
         """ZSET of a shard's due work: member (see ``Due``) -> when (ms, Redis time)."""

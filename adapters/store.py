@@ -11,21 +11,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, TypedDict
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
-from adapters.keys import HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
-from adapters.keys import HistoryField as H
-from orchestrator.call import Call, Line, Step
+from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
+from orchestrator.call import BOT, CALLER, Call, Line, Step, timestamp
 from orchestrator.config import Settings
 from orchestrator.engine import Commit, Committed, Loaded
 from orchestrator.errors import StoreUnavailable
@@ -73,6 +73,10 @@ class Retention:
     ended_seconds: int = 86_400
     transcript_max: int = 50
     history_max: int = 1000
+    # Activities remembered for de-duplication: at least those of the last ``seen_max``
+    # turns (the channel redelivers within seconds); at most a quarter more (125 stays a
+    # listpack under Redis' default hash-max-listpack-entries 128).
+    seen_max: int = 100
     delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
     feed_max: int = 1000  # recent steps kept per shard for watchers (about, as MAXLEN ~)
 
@@ -125,7 +129,8 @@ class RedisCallStore:
         call = turn.call
         now_s = int(time.time())  # the counters' bucket: this instance's clock is close enough
         keys = self._commit_keys(turn, now_s)
-        token = uuid.uuid4().hex
+        # Tells this commit from another of the same activity: 48 random bits, within one call.
+        token = secrets.token_urlsafe(6)
         # Without an activity id the token itself is the key, so a command redis-py
         # retries after a lost reply is still recognised as this commit.
         key = activity_id or f"~{token}"
@@ -284,6 +289,7 @@ class RedisCallStore:
             keep.ended_seconds if ended else keep.live_seconds,
             keep.transcript_max,
             keep.history_max,
+            keep.seen_max,
             int(turn.watchdog_seconds * 1000),
             Due.watchdog(call.id),
             outbox,
@@ -297,7 +303,9 @@ class RedisCallStore:
         args += [encode_line(line) for line in turn.lines]
         args.append(len(turn.steps))
         for step in turn.steps:
-            args += [step.trigger, step.source, step.dest, step.reason]
+            target = call.target if step.dest == State.TRANSFERRING != step.source else ""
+            entry = encode_step(step, dedupe_key, call.version + 1, target)
+            args += [step.trigger, step.source, step.dest, step.reason, entry]
         counters = [f"{outcome}:{call.target}" for outcome in turn.outcomes]
         args += [len(counters), *counters, keep.feed_max]
         for bucket in (MINUTE, HOUR):
@@ -311,15 +319,12 @@ class RedisCallStore:
             record: dict[str, str] = await self.redis.hgetall(self.keys.call(conversation_id).call)  # type: ignore[assignment]
         return record
 
-    async def history(self, conversation_id: str) -> list[tuple[str, Step]]:
-        """The call's history, oldest first, as (stream entry id, step)."""
+    async def history(self, conversation_id: str) -> list[tuple[int, Step]]:
+        """The call's history, oldest first, as (ms Redis time of its commit, step)."""
         keys = self.keys.call(conversation_id)
         with unavailable_while("reading history"):
-            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(keys.history)  # type: ignore[assignment]
-        return [
-            (entry_id, Step(f[H.TRIGGER], f[H.FROM], f[H.TO], f.get(H.REASON, ""), f.get(H.TARGET, "")))
-            for entry_id, f in entries
-        ]
+            raw: list[str] = await self.redis.lrange(keys.history, 0, -1)  # type: ignore[assignment]
+        return [(entry["at"], step_of(entry)) for entry in map(decode_step, raw)]
 
     async def ping(self, within: float = 2.0) -> bool:
         """Whether Redis answers (in time: a Redis that accepts and never replies is down)."""
@@ -330,13 +335,76 @@ class RedisCallStore:
             return False
 
 
+# Transcript lines are JSON arrays [role, at, text]: the role by its initial, the time in
+# epoch ms: about 35 bytes a line less than the {"role", "text", "at"} of earlier versions.
+# An ``at`` that epoch ms would not give back exactly is kept as the string it is.
+_ROLE_INITIALS = {CALLER: "c", BOT: "b"}
+_ROLES = {initial: role for role, initial in _ROLE_INITIALS.items()}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COMPACT = (",", ":")
+
+
+def _epoch_ms(at: str) -> int | str:
+    """``at`` as epoch ms if ``timestamp`` gives it back exactly, else ``at`` itself."""
+    try:
+        ms = (datetime.fromisoformat(at) - _EPOCH) // timedelta(milliseconds=1)
+    except (ValueError, TypeError, OverflowError):  # not ISO 8601, or without a zone
+        return at
+    return ms if timestamp(ms) == at else at
+
+
 def encode_line(line: Line) -> str:
-    return json.dumps({"role": line.role, "text": line.text, "at": line.at}, ensure_ascii=False)
+    """``[role initial, epoch ms, text]``; other roles, and times that do not round-trip, whole."""
+    role = _ROLE_INITIALS.get(line.role, line.role)
+    return json.dumps([role, _epoch_ms(line.at), line.text], ensure_ascii=False, separators=_COMPACT)
 
 
 def decode_line(raw: str) -> Line:
+    """A transcript line in either encoding: the compact array, or the ``{"role", "text",
+    "at"}`` object of earlier versions (lines written before an upgrade, or by an older
+    instance during a rolling deploy)."""
     data = json.loads(raw)
-    return Line(data["role"], data["text"], data["at"])
+    if isinstance(data, dict):
+        return Line(data["role"], data["text"], data["at"])
+    role, at, text = data
+    return Line(_ROLES.get(role, role), text, timestamp(at) if isinstance(at, int) else at)
+
+
+# One history entry as stored (``adapters.keys.HISTORY_ENTRY`` positions), by field name
+# ("from" is a keyword: hence the functional form).
+HistoryEntry = TypedDict(
+    "HistoryEntry",
+    {
+        "at": int,  # ms, Redis server time of the commit
+        "trigger": str,
+        "from": str,
+        "to": str,
+        "reason": str,
+        "activity": str,
+        "version": int,
+        "target": str,
+    },
+)
+
+
+def encode_step(step: Step, activity: str, version: int, target: str) -> str:
+    """A history entry but its time, which commit.lua puts first from Redis ``TIME``."""
+    entry: list[Any] = [step.trigger, step.source, step.dest, step.reason, activity, version]
+    if target:
+        entry.append(target)
+    return json.dumps(entry, ensure_ascii=False, separators=_COMPACT)
+
+
+def decode_step(raw: str) -> HistoryEntry:
+    """A history entry by field name; ``target`` is "" where none was stored."""
+    values = json.loads(raw)
+    if len(values) < len(HISTORY_ENTRY):  # no target: not a step into transferring
+        values.append("")
+    return dict(zip(HISTORY_ENTRY, values, strict=True))  # type: ignore[return-value]
+
+
+def step_of(entry: HistoryEntry) -> Step:
+    return Step(entry["trigger"], entry["from"], entry["to"], entry["reason"], entry["target"])
 
 
 def _call_from(conversation_id: str, record: dict[str, str], lines: list[str]) -> Call:

@@ -35,7 +35,7 @@ from bench.roundtrips import ORDINARY, TRANSFER_TEXT, start_instance, stop_sched
 from simulator.channel import Caller, ChannelStandIn
 
 TARGET_BYTES = 8 * 1024
-KINDS = CallKeys._fields  # call (the record hash), transcript, history, seen, outbox
+KINDS = CallKeys._fields  # call (the record hash), transcript, history (key :steps), seen, outbox
 SHARED = {
     ":state:": "state indexes",
     ":due": "due schedules",
@@ -209,7 +209,7 @@ async def _lengths(control: Redis, call_keys: list[CallKeys]) -> dict[str, list[
         for keys in call_keys:
             pipe.hget(keys.call, "state")
             pipe.llen(keys.transcript)
-            pipe.xlen(keys.history)
+            pipe.llen(keys.history)
             pipe.hlen(keys.seen)
             pipe.hlen(keys.outbox)
         replies = await pipe.execute()

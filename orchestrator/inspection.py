@@ -91,14 +91,14 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
         "transcript": [{"role": line.role, "text": redact(line.text), "at": line.at} for line in transcript],
         "history": [
             {
-                "at": when(entry_id.split("-")[0]),
+                "at": when(at_ms),
                 "trigger": step.trigger,
                 "from": step.source,
                 "to": step.dest,
                 "reason": redact(step.reason),
                 "target": step.target,
             }
-            for entry_id, step in history
+            for at_ms, step in history
         ],
     }
 

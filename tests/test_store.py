@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from adapters.keys import CallField, FeedField, HistoryField, Keyspace
-from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention
-from orchestrator.call import Call, Line, Step
+from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention, decode_line, decode_step, encode_line
+from orchestrator.call import Call, Line, Step, timestamp
 from orchestrator.engine import Commit
 from orchestrator.errors import StoreUnavailable
 from orchestrator.turn import Turn
@@ -160,11 +160,101 @@ async def test_timestamps_are_stamped_by_redis(store: RedisCallStore, redis_clie
     assert after[CallField.CREATED] == record[CallField.CREATED]
 
 
-async def test_transcript_lines_are_plain_json(store: RedisCallStore, redis_client: Redis) -> None:
+async def test_transcript_lines_are_compact_json(store: RedisCallStore, redis_client: Redis) -> None:
     turn = turn_for(Call(id="c1"))
     await store.commit(turn, "a1")
     raw = await redis_client.lrange(store.keys.call("c1").transcript, 0, -1)
-    assert json.loads(raw[0]) == {"role": "caller", "text": "line 0.0", "at": "2026-11-23T10:00:00.000Z"}
+    assert raw == ['["c",1795428000000,"line 0.0"]']  # 2026-11-23T10:00:00.000Z in epoch ms
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        Line("caller", "my card is 4111 1111 1111 1111", "2026-11-23T10:00:00.007Z"),
+        Line("bot", 'He said "ça va" \u2713 ✓', timestamp()),
+        Line("bot", "", "1970-01-01T00:00:00.000Z"),
+        Line("agent", "a role of its own", "2026-11-23T10:00:00.999Z"),
+        Line("caller", "a time epoch ms would not give back", "2026-11-23T10:00:00Z"),
+        Line("caller", "no zone", "2026-11-23T10:00:00.000"),
+        Line("caller", "not a time", "yesterday"),
+    ],
+)
+def test_a_line_reads_back_as_written(line: Line) -> None:
+    assert decode_line(encode_line(line)) == line
+
+
+def test_lines_of_earlier_versions_still_read() -> None:
+    """A call started before the upgrade (or by an older instance in a rolling deploy)."""
+    old = json.dumps({"role": "caller", "text": "hi", "at": "2026-11-23T10:00:00.000Z"})
+    assert decode_line(old) == Line("caller", "hi", "2026-11-23T10:00:00.000Z")
+
+
+async def test_history_entries_are_compact_json_arrays(store: RedisCallStore, redis_client: Redis) -> None:
+    turn = turn_for(
+        Call(id="c1"),
+        state=State.TRANSFERRING,
+        steps=[
+            Step("noop", "bot", "bot", "ignored: x"),
+            Step("request_agent", "bot", "transferring", "asked"),
+        ],
+    )
+    turn.call.target = "+14251231234"
+    await store.commit(turn, "a1")
+    key = store.keys.call("c1").history
+    assert key.endswith(":steps") and await redis_client.type(key) == "list"
+    raw = [str(entry) for entry in await redis_client.lrange(key, 0, -1)]
+    first, second = raw
+    at = json.loads(first)[0]
+    assert first == f'[{at},"noop","bot","bot","ignored: x","a1",1]'
+    assert second == f'[{at},"request_agent","bot","transferring","asked","a1",1,"+14251231234"]'
+    assert [decode_step(entry) for entry in raw][1] == {
+        "at": at,
+        "trigger": "request_agent",
+        "from": "bot",
+        "to": "transferring",
+        "reason": "asked",
+        "activity": "a1",
+        "version": 1,
+        "target": "+14251231234",
+    }
+    seconds, micros = await redis_client.time()
+    assert 0 <= seconds * 1000 + micros // 1000 - at < 5000  # Redis time, in ms
+    assert [at_ms for at_ms, _ in await store.history("c1")] == [at, at]
+
+
+async def test_the_history_is_capped_in_redis(redis_client: Redis, key_prefix: str) -> None:
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(history_max=3))
+    call = Call(id="c1")
+    for i in range(5):
+        turn = turn_for(call, steps=[Step(f"t{i}", "bot", "bot")])
+        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
+        call = turn.call
+    assert [step.trigger for _, step in await store.history("c1")] == ["t2", "t3", "t4"]
+
+
+async def test_seen_remembers_at_least_the_last_seen_max_activities(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Bounded by count: past seen_max + a quarter, entries older than the last seen_max
+    versions go; a redelivery of any of the last seen_max activities is still a duplicate."""
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(seen_max=8))
+    seen = store.keys.call("c1").seen
+    await redis_client.hset(seen, "from-an-older-version", "0123456789abcdef0123456789abcdef")
+    call = Call(id="c1")
+    sizes = []
+    for i in range(30):
+        turn = turn_for(call)
+        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
+        call = turn.call
+        sizes.append(await redis_client.hlen(seen))
+        for recent in range(max(0, i - 7), i + 1):
+            assert (await store.load("c1", f"a{recent}")).duplicate, (i, recent)
+    assert max(sizes) == 8 + 2 and min(sizes[10:]) == 1 + 8  # never more than seen_max + a quarter
+    assert await redis_client.hexists(seen, "from-an-older-version")  # undated: kept
+    mark = str(await redis_client.hget(seen, "a29"))
+    assert re.fullmatch(r"30:[\w-]{8}", mark), mark  # the version, then an 8-character token
+    stale = turn_for(call)
+    assert (await store.commit(stale, "a25")).outcome is Commit.DUPLICATE
 
 
 def test_all_keys_of_a_call_share_one_cluster_slot() -> None:
