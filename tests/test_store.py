@@ -183,6 +183,13 @@ def test_a_line_reads_back_as_written(line: Line) -> None:
     assert decode_line(encode_line(line)) == line
 
 
+@pytest.mark.parametrize("ms", [0, 999, 1_795_428_000_007, 1_795_428_059_999, 4_102_444_800_123, -1])
+def test_line_times_read_back_as_timestamp_formats_them(ms: int) -> None:
+    at = timestamp(ms)
+    assert decode_line(encode_line(Line("bot", "hi", at))).at == at
+    assert json.loads(encode_line(Line("bot", "hi", at)))[1] == ms
+
+
 def test_lines_of_earlier_versions_still_read() -> None:
     """A call started before the upgrade (or by an older instance in a rolling deploy)."""
     old = json.dumps({"role": "caller", "text": "hi", "at": "2026-11-23T10:00:00.000Z"})
