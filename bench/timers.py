@@ -53,8 +53,7 @@ from rich.table import Table
 
 from adapters.bot import conversation_reference
 from adapters.keys import CallField, Due, Keyspace
-from adapters.keys import HistoryField as H
-from adapters.store import RedisCallStore, Retention
+from adapters.store import RedisCallStore, Retention, decode_step
 from bench.inspection import conversation_id, delete_prefix, glob_escape
 from bench.report import row, unique_prefix
 from bench.wire import command_stats
@@ -248,7 +247,7 @@ async def outcome(store: RedisCallStore, ids: list[str], due_at: int) -> dict[st
     async with redis.pipeline(transaction=False) as pipe:
         for call_id in ids:
             pipe.hget(keys.call(call_id).call, CallField.STATE)
-            pipe.xrange(keys.call(call_id).history)
+            pipe.lrange(keys.call(call_id).history, 0, -1)
         replies = await pipe.execute()
     states: Counter[str] = Counter()
     steps_per_call: Counter[int] = Counter()
@@ -256,15 +255,13 @@ async def outcome(store: RedisCallStore, ids: list[str], due_at: int) -> dict[st
     for call_id, state, entries in zip(ids, replies[::2], replies[1::2], strict=True):
         states[state or "missing"] += 1
         timeouts = [
-            entry_id
-            for entry_id, f in entries
-            if f.get(H.FROM) == State.TRANSFERRING
-            and f.get(H.TO) == State.FAILED
-            and f.get(H.REASON) == "timeout"
+            f["at"]  # the Redis time of the commit
+            for f in map(decode_step, entries)
+            if (f["from"], f["to"], f["reason"]) == (State.TRANSFERRING, State.FAILED, "timeout")
         ]
         steps_per_call[len(timeouts)] += 1
-        for entry_id in timeouts:  # the entry id is the Redis time of the commit
-            committed[call_id] = (int(entry_id.split("-")[0]) - due_at) / 1000
+        for at_ms in timeouts:
+            committed[call_id] = (at_ms - due_at) / 1000
     async with redis.pipeline(transaction=False) as pipe:
         for shard_key in sorted({keys.due_for(call_id) for call_id in ids}):
             pipe.zcard(shard_key)

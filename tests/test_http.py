@@ -222,7 +222,7 @@ async def dump(store: RedisCallStore, conversation_id: str) -> list[Any]:
     return [
         await store.redis.hgetall(keys.call),
         await store.redis.lrange(keys.transcript, 0, -1),
-        await store.redis.xrange(keys.history),
+        await store.redis.lrange(keys.history, 0, -1),
         await store.redis.hgetall(keys.seen),
     ]
 

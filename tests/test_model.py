@@ -161,7 +161,7 @@ class CallModel(RuleBasedStateMachine):
         )
         if due is not None:
             assert due == call.deadline_ms
-        history = self.run(self.redis.xlen(self.store.keys.call(self.call).history))
+        history = self.run(self.redis.llen(self.store.keys.call(self.call).history))
         assert history == self.steps, "the history holds every applied step, once"
 
 

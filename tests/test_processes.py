@@ -20,7 +20,7 @@ import redis
 import yaml
 
 from adapters.keys import Keyspace
-from adapters.store import decode_line
+from adapters.store import decode_line, decode_step
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 from tests.process import ROOT, BotProcess
@@ -120,7 +120,7 @@ async def test_two_processes_apply_every_activity_exactly_once(
         record = client.hgetall(call_keys.call)
         assert int(record["version"]) == len(activities) == client.hlen(call_keys.seen)
 
-        steps = [fields for _, fields in client.xrange(call_keys.history)]
+        steps = [decode_step(raw) for raw in client.lrange(call_keys.history, 0, -1)]
         state = "bot"
         for step in steps:  # one unbroken chain: no two turns ran on the same version
             assert step["from"] == state, steps

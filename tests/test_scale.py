@@ -20,6 +20,7 @@ import yaml
 from redis.cluster import RedisCluster
 
 from adapters.keys import SHARDS, Keyspace
+from adapters.store import decode_step
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 from tests.process import ROOT, BotProcess
@@ -90,7 +91,8 @@ async def start_bots(env: dict[str, str], tmp_path: Path, count: int = 3) -> lis
 
 
 def history(client: Any, keys: Keyspace, conversation_id: str) -> list[tuple[str, str, str]]:
-    return [(f["trigger"], f["from"], f["to"]) for _, f in client.xrange(keys.call(conversation_id).history)]
+    entries = map(decode_step, client.lrange(keys.call(conversation_id).history, 0, -1))
+    return [(f["trigger"], f["from"], f["to"]) for f in entries]
 
 
 @pytest.mark.parametrize(
