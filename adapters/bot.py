@@ -18,6 +18,7 @@ from botbuilder.schema import (
     Transcript,
 )
 
+from adapters.activity_json import activity_from_json, model_from_json, to_json
 from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine
 from orchestrator.errors import StoreUnavailable
@@ -96,7 +97,7 @@ class CallBot(Bot):  # type: ignore[misc]
 
     async def send(self, reference: str, replies: list[Activity]) -> None:
         """Speak to a call proactively (the adapter's continue-conversation)."""
-        ref = ConversationReference().deserialize(json.loads(reference))
+        ref = model_from_json(ConversationReference, json.loads(reference))
 
         async def speak(turn_context: TurnContext) -> None:
             await turn_context.send_activities(replies)
@@ -106,7 +107,7 @@ class CallBot(Bot):  # type: ignore[misc]
     @staticmethod
     def unpark(payload: str) -> list[Activity]:
         """The activities of an outbox entry."""
-        return [Activity().deserialize(data) for data in json.loads(payload)]
+        return [activity_from_json(data) for data in json.loads(payload)]
 
 
 def proactive_replies(turn: Turn) -> list[Activity]:
@@ -145,7 +146,8 @@ def conversation_reference(activity: Activity) -> str:
     """The JSON reference to reach this call proactively (no activity id: it changes per turn)."""
     reference = TurnContext.get_conversation_reference(activity)
     reference.activity_id = None
-    return json.dumps(reference.serialize(), separators=(",", ":"), sort_keys=True)
+    # to_json is reference.serialize(): the string is the same, so stored references still match.
+    return json.dumps(to_json(reference), separators=(",", ":"), sort_keys=True)
 
 
 def transcript_activities(call: Call, incoming: Activity) -> list[Activity]:

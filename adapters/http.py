@@ -20,6 +20,7 @@ from botbuilder.schema import Activity
 from msrest.exceptions import DeserializationError  # type: ignore[attr-defined]
 from msrest.serialization import Model
 
+from adapters.activity_json import activity_from_json
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
 from orchestrator.metrics import Metrics
@@ -66,9 +67,12 @@ def parse_activity(body: bytes, content_type: str) -> Activity | web.Response:
     if reason:
         return problem(400, reason)
     try:
-        activity = Activity().deserialize(data)
-    except (DeserializationError, TypeError, ValueError, AttributeError) as e:
+        activity = activity_from_json(data)  # Activity().deserialize(data), several times faster
+    except (DeserializationError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        # ArithmeticError: msrest's int(Infinity) (an OverflowError) escapes its own errors.
         return problem(400, f"not a valid activity: {e}")
+    except RecursionError:
+        return problem(400, "not a valid activity: nested too deeply")
     return activity
 
 
