@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
+from adapters.activity_json import to_json
 from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
 from orchestrator.call import BOT, CALLER, Call, Line, Step
 from orchestrator.config import Settings
@@ -271,7 +272,7 @@ class RedisCallStore:
 
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str, now_s: int) -> list[Any]:
         call, keep = turn.call, self.retention
-        outbox = json.dumps([reply.serialize() for reply in turn.replies]) if turn.durable else ""
+        outbox = json.dumps([to_json(reply) for reply in turn.replies]) if turn.durable else ""
         ended = call.state == State.ENDED
         fields: dict[str, Any] = {
             CallField.ID: call.id,

@@ -12,9 +12,7 @@ several repeats, ``time.perf_counter_ns``. No Redis: ``redis_url`` is unused.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,19 +31,8 @@ from botbuilder.schema import (
 from adapters import activity_json
 from adapters.activity_json import activity_from_json, to_json
 from bench.report import main as bench_main
-from bench.report import row
+from bench.report import row, timed
 from simulator.channel import Caller
-
-
-def timed(work: Callable[[], object], iterations: int, repeats: int) -> float:
-    """µs per call of ``work``: the median over ``repeats`` runs of ``iterations`` calls."""
-    runs = []
-    for _ in range(repeats):
-        began = time.perf_counter_ns()
-        for _ in range(iterations):
-            work()
-        runs.append((time.perf_counter_ns() - began) / iterations / 1000)
-    return statistics.median(runs)
 
 
 def samples() -> dict[str, tuple[Callable[[], object], Callable[[], object], Callable[[], bool]]]:

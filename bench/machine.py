@@ -24,7 +24,7 @@ from typing import Any
 from unittest import mock
 
 from bench.report import main as bench_main
-from bench.report import row
+from bench.report import row, timed
 from orchestrator.call import BOT, CALLER, Call, Line, timestamp
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.events import CallEnded, CallerInput, Event, HandoffStatus
@@ -53,17 +53,6 @@ CASES: list[tuple[str, Call, Event, str]] = [
     ("caller input after a failure", _call(State.FAILED, 1), CallerInput("my order"), "bot"),
     ("call ended while transferring", _call(State.TRANSFERRING, 1), CallEnded(), "ended"),
 ]
-
-
-def timed(work: Callable[[], object], iterations: int, repeats: int) -> float:
-    """µs per call of ``work``: the median over ``repeats`` runs of ``iterations`` calls."""
-    runs = []
-    for _ in range(repeats):
-        began = time.perf_counter_ns()
-        for _ in range(iterations):
-            work()
-        runs.append((time.perf_counter_ns() - began) / iterations / 1000)
-    return statistics.median(runs)
 
 
 def fired(flow: CallFlow, call: Call, event: Event) -> list[tuple[Trigger, str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,17 @@ Bench = Callable[..., dict[str, Any]]
 def unique_prefix(name: str) -> str:
     """A key prefix no other run uses (``REDIS_KEY_PREFIX`` allows 32 characters)."""
     return f"bench-{name[:8]}-{uuid.uuid4().hex[:10]}"
+
+
+def timed(work: Callable[[], object], iterations: int, repeats: int) -> float:
+    """µs per call of ``work``: the median over ``repeats`` runs of ``iterations`` calls."""
+    runs = []
+    for _ in range(repeats):
+        began = time.perf_counter_ns()
+        for _ in range(iterations):
+            work()
+        runs.append((time.perf_counter_ns() - began) / iterations / 1000)
+    return statistics.median(runs)
 
 
 def row(name: str, value: float, unit: str) -> dict[str, Any]:
