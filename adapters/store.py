@@ -153,11 +153,18 @@ class RedisCallStore:
 
     async def acknowledge(self, conversation_id: str, delivery_key: str) -> None:
         """The replies parked under ``delivery_key`` reached the channel: forget them."""
-        keys = self.keys.call(conversation_id)
-        with unavailable_while("acknowledging a delivery"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(keys.outbox, delivery_key)
-                pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, delivery_key))
+        await self.acknowledge_many([(conversation_id, delivery_key)])
+
+    async def acknowledge_many(self, deliveries: list[tuple[str, str]]) -> None:
+        """Acknowledge (conversation id, delivery key) pairs in one pipelined round trip.
+
+        Not a transaction: each pair's two deletions are idempotent, and a redelivery that
+        finds the outbox entry gone just forgets its schedule entry."""
+        with unavailable_while("acknowledging deliveries"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for conversation_id, delivery_key in deliveries:
+                    pipe.hdel(self.keys.call(conversation_id).outbox, delivery_key)
+                    pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, delivery_key))
                 await pipe.execute()
 
     async def parked(self, conversation_id: str, delivery_key: str) -> Parked | None:

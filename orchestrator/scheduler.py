@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.engine import Engine
+from orchestrator.errors import StoreUnavailable
 from orchestrator.events import WatchdogExpired
 from orchestrator.turn import Turn
 from states import State
@@ -72,6 +73,8 @@ class ScheduleStore(Protocol):
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
+    async def acknowledge_many(self, deliveries: list[tuple[str, str]]) -> None: ...
+
 
 class Channel(Protocol):
     """How the scheduler speaks to a call (``adapters.bot.CallBot``)."""
@@ -103,6 +106,7 @@ class Scheduler:
         self.per_shard = per_shard
         self._gate = asyncio.Semaphore(concurrency)
         self._held: dict[DueItem, float] = {}  # claimed, not done -> when claimed (monotonic)
+        self._sent: list[tuple[str, str]] = []  # (call, delivery key) sent this round, to acknowledge
         self.fired = 0  # watchdogs that failed a transfer, since start
         self.redelivered = 0  # parked replies sent again, since start
 
@@ -145,7 +149,21 @@ class Scheduler:
         now = time.monotonic()
         self._held.update((item, now) for item in items)
         await asyncio.gather(*(self._do(item) for item in items))
+        await self._acknowledge()
         return len(items)
+
+    async def _acknowledge(self) -> None:
+        """Acknowledge the round's sent replies together: one round trip, not one each
+        (10,000 watchdogs due at once are 10,000 acknowledgements)."""
+        sent, self._sent = self._sent, []
+        if not sent:
+            return
+        try:
+            await self.store.acknowledge_many(sent)
+        except StoreUnavailable as e:
+            # Delivered but still parked: they are sent again, and the channel's replyKey
+            # lets it drop the repeat.
+            log.warning("%d delivered replies not acknowledged: %s", len(sent), e)
 
     async def release(self) -> None:
         """Hand back claimed work not done yet (on shutdown), for others to take now."""
@@ -210,8 +228,9 @@ class Scheduler:
         log.info("call %s: re-sent parked replies %s", item.conversation_id, item.key)
 
     async def _send(self, conversation_id: str, reference: str, replies: list[Any], key: str) -> None:
-        """Speak to the call, then acknowledge the parked replies under ``key`` (if any)."""
+        """Speak to the call; the parked replies under ``key`` (if any) are acknowledged at
+        the end of the round."""
         async with asyncio.timeout(SEND_SECONDS):
             await self.channel.send(reference, replies)
         if key:
-            await self.store.acknowledge(conversation_id, key)
+            self._sent.append((conversation_id, key))
