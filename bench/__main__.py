@@ -57,7 +57,7 @@ TARGETS = (
     Target(
         "≤ 1 Redis round trip, ordinary turn",
         "roundtrips",
-        "1 instance: message: round trips/turn",
+        "1 instance: ordinary message: round trips/turn",
         operator.le,
         1,
         "≤",
@@ -67,7 +67,15 @@ TARGETS = (
         "memory per live call < 8 KB (20 turns)", "memory", "call keys: bytes/call", operator.lt, 8192, "<"
     ),
     Target(
-        "stats over 100,000 live calls < 1 s",
+        "stats 1h over 100,000 live calls < 1 s",
+        "inspection",
+        "stats 1h ms at 100,000 calls",
+        operator.lt,
+        1000,
+        "<",
+    ),
+    Target(
+        "stats 24h over 100,000 live calls < 1 s",
         "inspection",
         "stats 24h ms at 100,000 calls",
         operator.lt,
@@ -104,7 +112,9 @@ def run_suite(
     return {"figures": figures, "checks": checks, "reports": reports}
 
 
-def judge(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def judge(results: dict[str, dict[str, Any]], smoke: bool) -> list[dict[str, Any]]:
+    """Each target against its figure's median (not judged at smoke sizes: 200 timers
+    are not the 10,000 the target names)."""
     verdicts = []
     for target in TARGETS:
         figure = results.get(target.suite, {}).get("figures", {}).get(target.figure)
@@ -115,7 +125,7 @@ def judge(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "figure": f"{target.suite}: {target.figure}",
                 "bound": f"{target.sign} {target.bound:g}",
                 "median": measured,
-                "met": None if measured is None else target.compare(measured, target.bound),
+                "met": None if measured is None or smoke else target.compare(measured, target.bound),
             }
         )
     return verdicts
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in SUITES
         if name in options.only
     }
-    verdicts = judge(results)
+    verdicts = judge(results, options.smoke)
     report |= {"targets": verdicts, "suites": results, "seconds": round(time.monotonic() - began, 1)}
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
