@@ -100,3 +100,33 @@ def test_bench_refuses_a_prefix_in_use_and_leaves_its_keys(key_prefix: str) -> N
     finally:
         client.delete(f"{key_prefix}:somebody-else")
         client.close()
+
+
+def test_the_one_bench_command_runs_every_bench_it_is_given_and_judges_nothing_at_smoke_size(
+    tmp_path: Path,
+) -> None:
+    """``python -m bench``: medians over the runs, each run's figures kept, targets listed
+    but not judged at smoke size."""
+    require_real_redis_sync()
+    output = tmp_path / "bench.json"
+    args = ["--smoke", "--runs", "2", "--only", "machine", "memory", "--redis-url", REAL_REDIS_URL]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the issue's targets" in done.stdout
+
+    report = json.loads(output.read_text())
+    assert set(report["suites"]) == {"machine", "memory"} and report["runs"] == 2
+    for suite in report["suites"].values():
+        assert len(suite["reports"]) == 2 and all(suite["checks"].values())
+        for figure in suite["figures"].values():
+            assert len(figure["runs"]) == 2
+            assert min(figure["runs"]) <= figure["median"] <= max(figure["runs"])
+    judged = {t["target"]: t for t in report["targets"]}
+    assert judged["memory per live call < 8 KB (20 turns)"]["median"] > 0
+    assert all(t["met"] is None for t in report["targets"])  # smoke sizes are not the targets' sizes
