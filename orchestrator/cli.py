@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -145,7 +146,10 @@ def watch(options: dict[str, Any], state: str | None, as_json: bool, count: int 
                     return
             await asyncio.sleep(WATCH_POLL_SECONDS)
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+    # Ctrl-C is how a watch ends, even when started from a script in the background
+    # (a shell starts those with SIGINT ignored, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
         _run(options, follow)
 
 
