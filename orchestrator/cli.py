@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -148,7 +149,8 @@ def watch(options: dict[str, Any], state: str | None, as_json: bool, count: int 
 
     # Ctrl-C is how a watch ends, even when started from a script in the background
     # (a shell starts those with SIGINT ignored, and Python then leaves it ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         _run(options, follow)
 

@@ -258,8 +258,9 @@ async def test_a_running_scheduler_prunes_entries_of_expired_calls(
 ) -> None:
     """Beside its polling, every instance reconciles the state indexes with the records."""
     monkeypatch.setattr("orchestrator.scheduler.PRUNE_SECONDS", 0.05)
-    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(live_seconds=1, ended_seconds=1))
-    engine = Engine(store, flow(timeout=60))
+    # "gone" is long expired; "kept" stays live (a 1 s TTL let a slow run expire it too).
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(live_seconds=60, ended_seconds=60))
+    engine = Engine(store, flow(timeout=20))
     await engine.handle("kept", CallerInput("hi"), activity_id="a")
     await engine.handle("gone", CallerInput("hi"), activity_id="a")
     await redis_client.delete(store.keys.call("gone").call)  # expired without ending
