@@ -39,8 +39,9 @@ end
 
 -- The version is the compare-and-set token; the state is compared too, so a record edited
 -- by hand (a state changed without the version) is not overwritten from a cached copy.
-local version = tonumber(redis.call('HGET', call, 'version') or '0')
-local old_state = redis.call('HGET', call, 'state')
+local record = redis.call('HMGET', call, 'version', 'state', 'since')
+local version = tonumber(record[1] or '0')
+local old_state = record[2]
 if version ~= tonumber(ARGV[1]) or (old_state or 'bot') ~= ARGV[#ARGV] then
   return {-1, version, 0, 0, redis.call('HGETALL', call), redis.call('LRANGE', transcript, 0, -1)}
 end
@@ -177,7 +178,7 @@ local ttl = ARGV[4]
 for _, k in ipairs({call, seen, transcript, history, outbox}) do
   redis.call('EXPIRE', k, ttl)
 end
-if since == 0 then
-  since = tonumber(redis.call('HGET', call, 'since') or '0')
+if since == 0 then  -- the state did not change: nor did its since
+  since = tonumber(record[3] or '0')
 end
 return {1, version, deadline, since}
