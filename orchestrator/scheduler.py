@@ -86,6 +86,19 @@ class Channel(Protocol):
     def unpark(self, payload: str) -> list[Any]: ...
 
 
+def _stop_if_cancelled() -> None:
+    """End a forever loop whose task was cancelled even though the cancellation was lost.
+
+    On Python 3.11 ``asyncio.wait_for``, which redis-py (socket timeouts) and fakeredis
+    use, drops a cancellation that arrives as its inner call completes (CPython
+    gh-86296): the command returns normally, and a loop that only ever awaits would
+    poll on forever, hanging shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Scheduler:
     """Polls every shard's schedule, claims what is due and does it."""
 
@@ -117,12 +130,14 @@ class Scheduler:
             await self._poll_forever()
         finally:
             pruning.cancel()
+            await asyncio.gather(pruning, return_exceptions=True)  # ended, not left pending
 
     async def _prune_forever(self) -> None:
         """Reconcile the state indexes with the records now and then, beside the polling
         (a slow prune must not delay a watchdog)."""
         await asyncio.sleep(PRUNE_SECONDS * random.random())
         while True:
+            _stop_if_cancelled()
             try:
                 if pruned := await self.store.prune_index():
                     log.info("pruned %d index entries of expired calls", pruned)
@@ -133,6 +148,7 @@ class Scheduler:
     async def _poll_forever(self) -> None:
         pause = self.poll_seconds
         while True:
+            _stop_if_cancelled()
             try:
                 claimed = await self.poll()
                 pause = self.poll_seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -278,3 +279,30 @@ async def test_a_running_scheduler_prunes_entries_of_expired_calls(
         await asyncio.gather(running, return_exceptions=True)
     kept = store.keys.locate("kept")[0]
     assert await redis_client.zscore(store.keys.state_index(kept, "bot"), "kept") is not None
+
+
+class LosesCancellation(RedisCallStore):
+    """A store whose claim returns normally when cancelled, as Python 3.11's
+    ``asyncio.wait_for`` inside redis-py and fakeredis sometimes does (CPython gh-86296)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.claiming = asyncio.Event()
+
+    async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]:
+        self.claiming.set()
+        with contextlib.suppress(asyncio.CancelledError):  # the cancellation is lost here
+            await asyncio.sleep(60)
+        return []
+
+
+async def test_a_cancelled_scheduler_stops_even_if_a_redis_call_lost_the_cancellation(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    store = LosesCancellation(redis_client, Keyspace(key_prefix))
+    scheduler = Scheduler(Engine(store, flow()), store, RecordingChannel(), poll_seconds=0.05)
+    running = asyncio.create_task(scheduler.run())
+    await asyncio.wait_for(store.claiming.wait(), 10)
+    running.cancel()
+    done, _ = await asyncio.wait([running], timeout=10)
+    assert running in done and running.cancelled()
