@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 from typing import Any
 
 from fakeredis import FakeServer
@@ -11,8 +13,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
-from orchestrator.config import Settings
+from orchestrator.config import Settings, redis_user
 from orchestrator.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,62 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
         # script recognises its own retried run); its default back-off of up to 10 s
         # between tries would outlast the channel's 15 s, so keep it short.
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        **security_options(settings),
     }
     if settings.REDIS_CLUSTER:
         return RedisCluster.from_url(settings.REDIS_URL, **options)
     return Redis.from_url(settings.REDIS_URL, health_check_interval=30, **options)
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's AUTH and TLS arguments from the settings (only those that are set, so a
+    URL without them behaves as before). Config validation guarantees TLS means rediss://."""
+    options: dict[str, Any] = {}
+    if settings.REDIS_USERNAME is not None:
+        options["username"] = settings.REDIS_USERNAME
+    if settings.REDIS_PASSWORD is not None:
+        options["password"] = settings.REDIS_PASSWORD.get_secret_value()
+    if (settings.REDIS_URL or "").startswith("rediss://"):
+        options["ssl_check_hostname"] = settings.REDIS_TLS_CHECK_HOSTNAME
+        files = {
+            "ssl_ca_certs": settings.REDIS_TLS_CA_FILE,
+            "ssl_certfile": settings.REDIS_TLS_CERT_FILE,
+            "ssl_keyfile": settings.REDIS_TLS_KEY_FILE,
+        }
+        options.update({name: str(path) for name, path in files.items() if path is not None})
+    return options
+
+
+async def connection_problem(client: Redis | RedisCluster, settings: Settings) -> str | None:
+    """None when Redis answers PING; otherwise one line saying why not and which settings
+    to check (never the password), for start-up logs and the CLI."""
+    try:
+        async with asyncio.timeout(settings.REDIS_TIMEOUT_SECONDS + 1):
+            await client.ping()
+    except AuthenticationError as e:
+        return (
+            f"Redis refused to log in user {redis_user(settings)!r}: check REDIS_USERNAME and "
+            f"REDIS_PASSWORD ({e})"
+        )
+    except NoPermissionError as e:
+        return f"Redis user {redis_user(settings)!r} may not run PING (see docs/redis-security.md): {e}"
+    except (RedisError, OSError, TimeoutError) as e:
+        if _tls_failure(e):
+            return (
+                f"the TLS handshake with Redis failed: check REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, "
+                f"REDIS_TLS_KEY_FILE and REDIS_TLS_CHECK_HOSTNAME ({e})"
+            )
+        return f"Redis is not reachable ({e or type(e).__name__})"
+    return None
+
+
+def _tls_failure(error: BaseException) -> bool:
+    """Whether ``error`` or what caused it is an SSL error (redis-py wraps them)."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a chain, not a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError) or "[SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

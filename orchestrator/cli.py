@@ -46,10 +46,60 @@ WATCH_POLL_SECONDS = 0.25
     "--cluster/--no-cluster", envvar="REDIS_CLUSTER", default=False, help="REDIS_URL is a cluster node."
 )
 @click.option("--prefix", envvar="REDIS_KEY_PREFIX", default="cc", show_default=True, help="Key prefix.")
+@click.option("--redis-username", envvar="REDIS_USERNAME", help="Redis ACL user (env REDIS_USERNAME).")
+@click.option(
+    "--redis-password",
+    envvar="REDIS_PASSWORD",
+    help="Its password (env REDIS_PASSWORD; prefer the variable: others can read a command line).",
+)
+@click.option(
+    "--redis-tls-ca-file",
+    envvar="REDIS_TLS_CA_FILE",
+    help="CA certificate(s) that signed the server's, for rediss:// (env REDIS_TLS_CA_FILE).",
+)
+@click.option(
+    "--redis-tls-cert-file",
+    envvar="REDIS_TLS_CERT_FILE",
+    help="Client certificate (env REDIS_TLS_CERT_FILE).",
+)
+@click.option("--redis-tls-key-file", envvar="REDIS_TLS_KEY_FILE", help="Its key (env REDIS_TLS_KEY_FILE).")
+@click.option(
+    "--redis-tls-check-hostname/--no-redis-tls-check-hostname",
+    envvar="REDIS_TLS_CHECK_HOSTNAME",
+    default=True,
+    help="The server's certificate must name the URL's host (env REDIS_TLS_CHECK_HOSTNAME).",
+)
 @click.pass_context
-def cli(ctx: click.Context, redis_url: str, cluster: bool, prefix: str) -> None:
-    """Inspect the calls of a running contact-center orchestrator."""
-    ctx.obj = {"redis_url": redis_url, "cluster": cluster, "prefix": prefix}
+def cli(
+    ctx: click.Context,
+    redis_url: str,
+    cluster: bool,
+    prefix: str,
+    redis_username: str | None,
+    redis_password: str | None,
+    redis_tls_ca_file: str | None,
+    redis_tls_cert_file: str | None,
+    redis_tls_key_file: str | None,
+    redis_tls_check_hostname: bool,
+) -> None:
+    """Inspect the calls of a running contact-center orchestrator.
+
+    Connects as the bots do (see docs/redis-security.md); a read-only operator user can
+    run every command but ``reconcile``."""
+    ctx.obj = {
+        "redis_url": redis_url,
+        "cluster": cluster,
+        "prefix": prefix,
+        # load_settings' names, so a bad value is reported as the bots report it.
+        "connection": {
+            "REDIS_USERNAME": redis_username,
+            "REDIS_PASSWORD": redis_password,
+            "REDIS_TLS_CA_FILE": redis_tls_ca_file,
+            "REDIS_TLS_CERT_FILE": redis_tls_cert_file,
+            "REDIS_TLS_KEY_FILE": redis_tls_key_file,
+            "REDIS_TLS_CHECK_HOSTNAME": redis_tls_check_hostname,
+        },
+    }
 
 
 @cli.group()
@@ -235,33 +285,59 @@ def _echo_json(data: Any) -> None:
 
 
 def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]]) -> T:
-    """Run one read against the bots' Redis; an unreachable Redis is one line and exit 1."""
+    """Run one action against the bots' Redis. An unreachable Redis, refused credentials,
+    a failed TLS handshake or a user not allowed the command: one line and exit 1."""
+    from redis.exceptions import NoPermissionError
+
     from adapters.inspector import CallInspector
     from adapters.keys import Keyspace
-    from adapters.redis_client import create_redis
+    from adapters.redis_client import connection_problem, create_redis
     from adapters.store import RedisCallStore, Retention
-    from orchestrator.config import load_settings
+    from orchestrator.config import load_settings, redact_url, redis_user
     from orchestrator.errors import ConfigError, StoreUnavailable
 
+    settings = None
+
     async def go() -> T:
+        nonlocal settings
         settings = load_settings(
-            REDIS_URL=options["redis_url"], REDIS_CLUSTER=options["cluster"], REDIS_TIMEOUT_SECONDS=3
+            REDIS_URL=options["redis_url"],
+            REDIS_CLUSTER=options["cluster"],
+            REDIS_TIMEOUT_SECONDS=3,
+            **options.get("connection", {}),
         )
         # The bots' own retention settings (from the environment), for ``reconcile``.
         store = RedisCallStore(
             create_redis(settings), Keyspace(options["prefix"]), Retention.from_settings(settings)
         )
         try:
-            if not await store.ping():
-                shown = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", options["redis_url"])  # no password
-                raise StoreUnavailable(f"Redis at {shown} is not reachable")
+            problem = await connection_problem(store.redis, settings)
+            if problem is not None:
+                shown = redact_url(options["redis_url"])
+                if problem.startswith("Redis is not reachable"):
+                    raise StoreUnavailable(f"Redis at {shown} is not reachable")
+                raise StoreUnavailable(f"Redis at {shown}: {problem}")
             return await action(CallInspector(store))
         finally:
             await store.redis.aclose()
 
     try:
         return asyncio.run(go())
-    except (StoreUnavailable, ConfigError) as e:
+    except (StoreUnavailable, NoPermissionError) as e:
+        refused = e if isinstance(e, NoPermissionError) else e.__cause__
+        if isinstance(refused, NoPermissionError) and settings is not None:
+            # redis-py's text quotes the whole pipeline; the command is what a person needs.
+            command = re.search(r"run the '([^']+)' command", str(refused))
+            what = f"run {command[1].upper()}" if command else "do this"
+            click.echo(
+                f"error: Redis user {redis_user(settings)!r} is not allowed to {what} (NOPERM): "
+                "a read-only user can inspect calls but not change them",
+                err=True,
+            )
+        else:
+            click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +34,15 @@ class Settings(BaseSettings):
     REDIS_CLUSTER: bool = False  # REDIS_URL is a seed node of a Redis Cluster
     REDIS_KEY_PREFIX: str = Field("cc", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     REDIS_TIMEOUT_SECONDS: float = Field(5.0, gt=0, le=14)
+    # AUTH: an ACL user (Redis 6+) and its password, or the password alone (requirepass).
+    REDIS_USERNAME: str | None = None
+    REDIS_PASSWORD: SecretStr | None = None
+    # TLS (rediss:// only): the CA that signed the server's certificate (unset: the
+    # system's CAs), and a client certificate and key when the server asks for one.
+    REDIS_TLS_CA_FILE: Path | None = None
+    REDIS_TLS_CERT_FILE: Path | None = None
+    REDIS_TLS_KEY_FILE: Path | None = None
+    REDIS_TLS_CHECK_HOSTNAME: bool = True  # the server's certificate must name REDIS_URL's host
     CALLFLOW_FILE: Path | None = None
     CALL_RETENTION_SECONDS: int = Field(86_400, gt=0)
     CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
@@ -59,6 +70,52 @@ class Settings(BaseSettings):
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
         return value
+
+    @field_validator("REDIS_USERNAME", "REDIS_PASSWORD", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value or None
+
+    @field_validator("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_security(self) -> Self:
+        url = urlsplit(self.REDIS_URL or "")
+        url_username, url_password = url_credentials(self.REDIS_URL)
+        for name in ("REDIS_USERNAME", "REDIS_PASSWORD"):
+            if getattr(self, name) is not None and self.REDIS_URL is None:
+                raise ConfigError(name, "needs REDIS_URL (the embedded Redis has no users)")
+        # redis-py lets the URL win over separate settings: one place only, or one is ignored.
+        if self.REDIS_USERNAME is not None and url_username:
+            raise ConfigError("REDIS_USERNAME", "REDIS_URL names a user too: set it in one place")
+        if self.REDIS_PASSWORD is not None and url_password:
+            raise ConfigError("REDIS_PASSWORD", "REDIS_URL has a password too: set it in one place")
+        if self.REDIS_USERNAME is not None and self.REDIS_PASSWORD is None and not url_password:
+            raise ConfigError("REDIS_PASSWORD", "required when REDIS_USERNAME is set")
+        tls = {
+            "REDIS_TLS_CA_FILE": self.REDIS_TLS_CA_FILE is not None,
+            "REDIS_TLS_CERT_FILE": self.REDIS_TLS_CERT_FILE is not None,
+            "REDIS_TLS_KEY_FILE": self.REDIS_TLS_KEY_FILE is not None,
+            "REDIS_TLS_CHECK_HOSTNAME": not self.REDIS_TLS_CHECK_HOSTNAME,
+        }
+        for name, is_set in tls.items():
+            if is_set and url.scheme != "rediss":
+                raise ConfigError(name, "applies to TLS only: REDIS_URL must start with rediss://")
+        if tls["REDIS_TLS_KEY_FILE"] != tls["REDIS_TLS_CERT_FILE"]:
+            missing = "REDIS_TLS_KEY_FILE" if tls["REDIS_TLS_CERT_FILE"] else "REDIS_TLS_CERT_FILE"
+            other = "REDIS_TLS_CERT_FILE" if tls["REDIS_TLS_CERT_FILE"] else "REDIS_TLS_KEY_FILE"
+            raise ConfigError(missing, f"required when {other} is set (a client certificate needs its key)")
+        return self
+
+    def __repr_args__(self) -> Any:
+        # A password in REDIS_URL must not reach a log or a traceback through repr().
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "REDIS_URL" and value else value)
 
     @field_validator("OPERATOR_TOKEN", mode="before")
     @classmethod
@@ -103,6 +160,29 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
         return value
+
+
+def url_credentials(url: str | None) -> tuple[str | None, str | None]:
+    """The (username, password) written into a Redis URL, in its authority or its query."""
+    parts = urlsplit(url or "")
+    query = dict(parse_qsl(parts.query))
+    username = unquote(parts.username) if parts.username else query.get("username")
+    password = unquote(parts.password) if parts.password else query.get("password")
+    return username or None, password or None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: fit for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        url = url.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+def redis_user(settings: Settings) -> str:
+    """The Redis user the bot logs in as, for messages: ``default`` unless one is named."""
+    return settings.REDIS_USERNAME or url_credentials(settings.REDIS_URL)[0] or "default"
 
 
 def load_settings(**overrides: Any) -> Settings:

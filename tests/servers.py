@@ -8,7 +8,11 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -43,12 +47,19 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def listen_args(self) -> list[str]:
+        return ["--port", str(self.port)]
+
+    def admin(self, **options: Any) -> redis.Redis:
+        """A synchronous client of the server's default user, for setting it up."""
+        return redis.Redis(port=self.port, socket_timeout=1, **options)
+
     def start(self) -> RedisServer:
-        command = [require_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command = [require_redis_server(), *self.listen_args(), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.dir), *self.args]
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log)
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = self.admin()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -65,6 +76,130 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files made by the test: a CA, a server certificate for 127.0.0.1 and localhost
+    and a client certificate, both signed by that CA, and a second CA that signed neither."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        def issue(
+            name: str, issuer: tuple[Any, x509.Certificate] | None, extensions: list[Any]
+        ) -> tuple[Any, x509.Certificate]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            signer_key, signer = issuer if issuer else (key, None)
+            now = datetime.now(UTC)
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(signer.subject if signer else subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5))
+                .not_valid_after(now + timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+            )
+            if issuer is None:
+                usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+                builder = builder.add_extension(usage, critical=True)
+                builder = builder.add_extension(
+                    x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+                )
+            else:
+                builder = builder.add_extension(
+                    x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+                    critical=False,
+                )
+            for extension in extensions:
+                builder = builder.add_extension(extension, critical=False)
+            return key, builder.sign(signer_key, hashes.SHA256())
+
+        def write(path: Path, key: Any, cert: x509.Certificate) -> None:
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            if key is not None:
+                key_path = path.with_suffix(".key")
+                key_path.write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+                key_path.chmod(0o600)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = issue("orchestrator test CA", None, [])
+        server = issue(
+            "127.0.0.1",
+            ca,
+            [
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
+                ),
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+            ],
+        )
+        client = issue("operator", ca, [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
+        other = issue("some other CA", None, [])
+        files = cls(
+            ca=directory / "ca.crt",
+            server_cert=directory / "server.crt",
+            server_key=directory / "server.key",
+            client_cert=directory / "client.crt",
+            client_key=directory / "client.key",
+            other_ca=directory / "other-ca.crt",
+        )
+        write(files.ca, None, ca[1])
+        write(files.server_cert, *server)
+        write(files.client_cert, *client)
+        write(files.other_ca, None, other[1])
+        return files
+
+
+class TlsRedisServer(RedisServer):
+    """A ``redis-server`` that speaks TLS only, on its one port. ``auth_clients`` is its
+    ``tls-auth-clients``: ``yes`` asks every client for a certificate signed by the CA."""
+
+    def __init__(self, workdir: Path, tls: TlsFiles, auth_clients: str = "no", *args: str) -> None:
+        super().__init__(workdir, None, *args)
+        self.tls = tls
+        self.auth_clients = auth_clients
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def listen_args(self) -> list[str]:
+        tls = self.tls
+        return [
+            "--port", "0", "--tls-port", str(self.port),
+            "--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key),
+            "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", self.auth_clients,
+        ]  # fmt: skip
+
+    def admin(self, **options: Any) -> redis.Redis:
+        return super().admin(
+            ssl=True,
+            ssl_ca_certs=str(self.tls.ca),
+            ssl_certfile=str(self.tls.client_cert),
+            ssl_keyfile=str(self.tls.client_key),
+            **options,
+        )
 
 
 def cluster_port() -> int:
