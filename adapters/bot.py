@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from datetime import datetime
@@ -11,6 +12,7 @@ from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import (
     Activity,
     ActivityTypes,
+    Attachment,
     ChannelAccount,
     ConversationReference,
     InputHints,
@@ -23,7 +25,7 @@ from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine
 from orchestrator.errors import StoreUnavailable
 from orchestrator.events import event_from_activity
-from orchestrator.handoff import create_handoff_initiation
+from orchestrator.handoff import HandoffEventNames, create_handoff_initiation
 from orchestrator.turn import Handoff, Say, Turn
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class CallBot(Bot):  # type: ignore[misc]
         self.engine = engine
         self.adapter = adapter
         self.app_id = app_id
+        self.full_transcript = engine.runner.flow.privacy.agent_transcript == "full"
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
@@ -63,12 +66,16 @@ class CallBot(Bot):  # type: ignore[misc]
             event,
             activity_id=activity.id or "",
             reference=conversation_reference(activity),
+            caller=caller_id(activity),
             render=lambda turn: replies(turn, turn_context),
         )
         if turn is None or not turn.replies:
             return
+        outgoing = turn.replies
+        if self.full_transcript:
+            outgoing = [with_full_transcript(reply, turn.call, activity) for reply in outgoing]
         try:
-            await turn_context.send_activities(turn.replies)
+            await turn_context.send_activities(outgoing)
         except Exception:
             log.exception(
                 "call %s v%d: %d replies not delivered%s",
@@ -142,6 +149,32 @@ def _reply(turn: Turn, effect: Say | Handoff, turn_context: TurnContext | None) 
     return create_handoff_initiation(turn_context, {"TargetPhoneNumber": effect.target}, transcript)
 
 
+def caller_id(activity: Activity) -> str:
+    """The caller's id (on Telephony their number): ``from.id`` of the caller's own
+    activities; events come from the agent side."""
+    if activity.type == ActivityTypes.event or activity.from_property is None:
+        return ""
+    return str(activity.from_property.id or "")
+
+
+def with_full_transcript(reply: Activity, call: Call, incoming: Activity) -> Activity:
+    """``reply`` as sent for ``agent_transcript: full``: a ``handoff.initiate`` gets a copy whose
+    transcript has the caller's words as said, as far as this process holds them (lines of
+    turns another instance took, or taken before a restart, stay redacted). The turn's
+    replies themselves, and so the outbox that re-sends them, keep the redacted transcript."""
+    if reply.name != HandoffEventNames.INITIATE_HANDOFF:
+        return reply
+    full = copy.copy(reply)
+    full.attachments = [
+        Attachment(
+            content_type="application/json",
+            name="Transcript",
+            content=Transcript(activities=transcript_activities(call, incoming, full=True)),
+        )
+    ]
+    return full
+
+
 def conversation_reference(activity: Activity) -> str:
     """The JSON reference to reach this call proactively (no activity id: it changes per turn)."""
     reference = TurnContext.get_conversation_reference(activity)
@@ -150,14 +183,15 @@ def conversation_reference(activity: Activity) -> str:
     return json.dumps(to_json(reference), separators=(",", ":"), sort_keys=True)
 
 
-def transcript_activities(call: Call, incoming: Activity) -> list[Activity]:
-    """The call's exchange so far as message activities, caller and bot in turn."""
+def transcript_activities(call: Call, incoming: Activity, *, full: bool = False) -> list[Activity]:
+    """The call's exchange so far as message activities, caller and bot in turn: redacted,
+    or with ``full``, the words as said where this process still holds them."""
     caller = _account(incoming.from_property, RoleTypes.user)
     bot = _account(incoming.recipient, RoleTypes.bot)
     return [
         Activity(
             type=ActivityTypes.message,
-            text=line.text,
+            text=line.full or line.text if full else line.text,
             timestamp=_parse_time(line.at),
             from_property=caller if line.role == CALLER else bot,
             recipient=bot if line.role == CALLER else caller,

@@ -10,11 +10,17 @@ from states import State
 
 @dataclass(slots=True, frozen=True)
 class Line:
-    """One transcript line: who spoke (``caller`` or ``bot``), what, and when (ISO 8601)."""
+    """One transcript line: who spoke (``caller`` or ``bot``), what, and when (ISO 8601).
+
+    ``text`` is redacted (``orchestrator.redact``); ``full``, the words as said, is kept in
+    memory only, and only for a flow with ``agent_transcript: full``: it is never stored,
+    compared or printed.
+    """
 
     role: str
     text: str
     at: str
+    full: str = field(default="", compare=False, repr=False)
 
 
 def timestamp(epoch_ms: int | None = None) -> str:

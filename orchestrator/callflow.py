@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, Self
+from typing import Annotated, Any, Literal, NamedTuple, Self
 
 import phonenumbers
 import yaml
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError, describe_validation
+from orchestrator.redact import Redactor, compile_pattern
 from orchestrator.ssml import clean_text, speak_parts, xml_text
 
 DEFAULT_CALLFLOW = "callflow.default.yaml"
@@ -106,6 +107,43 @@ class Transfer(_Strict):
         return self.targets[(attempt - 1) % len(self.targets)]
 
 
+def _digit_runs(n: int) -> int:
+    if 0 < n < 4:
+        raise ValueError(f"runs of {n} digits would redact menu choices: use 0 (off), or 4 or more")
+    return n
+
+
+class RedactionPattern(_Strict):
+    """One more redaction rule: text matching ``pattern`` becomes ``replace_with``."""
+
+    pattern: Annotated[
+        str, StringConstraints(min_length=1), AfterValidator(lambda p: compile_pattern(p).pattern)
+    ]
+    replace_with: str = "[redacted]"
+
+
+class Privacy(_Strict):
+    """What is redacted from caller words before they are stored or shown (docs/privacy.md)."""
+
+    digit_runs: Annotated[int, Field(ge=0, le=40), AfterValidator(_digit_runs)] = 7
+    keep_last_digits: int = Field(4, ge=0, le=4)
+    caller_number: bool = True
+    patterns: list[RedactionPattern] = Field(default_factory=list)
+    # "full": the handoff.initiate sent in the turn carries the caller's words as said (never
+    # stored: a re-sent handoff, and lines another instance or an earlier process took,
+    # carry the redacted text).
+    agent_transcript: Literal["redacted", "full"] = "redacted"
+
+    def redactor(self) -> Redactor:
+        """A redactor for these rules (every regex compiled once, here)."""
+        return Redactor(
+            digit_runs=self.digit_runs,
+            keep_last=self.keep_last_digits,
+            caller_number=self.caller_number,
+            patterns=[(compile_pattern(p.pattern), p.replace_with) for p in self.patterns],
+        )
+
+
 class SpokenPrompt(_Strict):
     """A prompt ready to send: plain text and SSML."""
 
@@ -134,6 +172,7 @@ class CallFlow(_Strict):
     routes: list[Route] = Field(default_factory=list)
     fallback_prompt: PromptName
     transfer: Transfer
+    privacy: Privacy = Field(default_factory=Privacy)
 
     @model_validator(mode="after")
     def _prompts_exist(self) -> Self:
@@ -167,6 +206,11 @@ class CallFlow(_Strict):
         return {normalize_input(p): route for route in self.routes for p in route.match}
 
     @cached_property
+    def redact(self) -> Redactor:
+        """The flow's redaction rules, compiled once: ``redact(text, caller)``."""
+        return self.privacy.redactor()
+
+    @cached_property
     def _renderings(self) -> dict[str, _Rendering]:
         renderings = {}
         for name, prompt in self.prompts.items():
@@ -181,7 +225,7 @@ class CallFlow(_Strict):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy without the caches: pydantic copies ``__dict__``, where they live."""
         copied = super().model_copy(update=update, deep=deep)
-        for cache in ("_routes", "_renderings"):
+        for cache in ("_routes", "_renderings", "redact"):
             copied.__dict__.pop(cache, None)
         return copied
 

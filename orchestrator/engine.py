@@ -128,13 +128,15 @@ class Engine:
         *,
         activity_id: str = "",
         reference: str = "",
+        caller: str = "",
         render: Render | None = None,
         only_if_changed: bool = False,
     ) -> Turn | None:
         """Apply one event; None if it was already applied (a redelivery), or, with
         ``only_if_changed`` (a timer), if it changes nothing or the call is unknown.
 
-        ``render`` turns the turn's effects into the activities to send; replies that
+        ``caller`` is the caller's id (``from.id``): their number is redacted from what
+        they say. ``render`` turns the turn's effects into the activities to send; replies that
         must be delivered are committed with the turn (see ``Turn.durable``).
         """
         # Where the call comes from: a timer always loads (it may do nothing, and must not
@@ -153,7 +155,7 @@ class Engine:
                     self.duplicates += 1
                     return None
                 call = loaded.call or Call(id=conversation_id)
-            turn = self.runner.run(call, event, now=timestamp(), reference=reference)
+            turn = self.runner.run(call, event, now=timestamp(), reference=reference, caller=caller)
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             if render is not None and turn.effects:

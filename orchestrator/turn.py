@@ -142,6 +142,9 @@ class TurnRunner:
     def __init__(self, flow: CallFlow, transcript_max: int = 50, *, compiled: bool = True) -> None:
         self.flow = flow
         self._transcript_max = transcript_max
+        self._redact = flow.redact
+        self._keep_full = flow.privacy.agent_transcript == "full"
+        self._caller = ""
         self._turn = Turn(call=Call(id=""))
         self._now = ""
         self.machine = build_machine(self)
@@ -158,11 +161,13 @@ class TurnRunner:
     def state(self, value: str) -> None:
         self._turn.call.state = value
 
-    def run(self, call: Call, event: Event, *, now: str, reference: str = "") -> Turn:
-        """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp."""
+    def run(self, call: Call, event: Event, *, now: str, reference: str = "", caller: str = "") -> Turn:
+        """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp,
+        ``caller`` the caller's id (``from.id``), whose number is redacted from their words."""
         call = copy_call(call)
         self._turn = turn = Turn(call=call, loaded_state=call.state)
         self._now = now
+        self._caller = caller
         if reference and reference != call.reference:
             call.reference = reference
             turn.reference_changed = True
@@ -175,9 +180,10 @@ class TurnRunner:
             case CallerInput(text=text):
                 self._on_input(text)
             case HandoffStatus(state=status, message=message):
-                self._fire(STATUS_TRIGGERS[status], reason=message or status)
+                # The agent side's words are stored (history, failure) and shown too.
+                self._fire(STATUS_TRIGGERS[status], reason=self._redact(message) if message else status)
             case InvalidStatus(reason=reason):
-                self._ignore("handoff_status", reason)
+                self._ignore("handoff_status", self._redact(reason))
             case WatchdogExpired(now_ms=now_ms):
                 # Fenced by the deadline: a timer for an attempt that already ended, or
                 # claimed early, finds the call elsewhere or not yet due and does nothing.
@@ -197,7 +203,10 @@ class TurnRunner:
         if call.state == State.ENDED:
             self._ignore("caller_input", "the call has ended")
             return
-        self._line(CALLER, text)
+        # Redacted here, once: the transcript, the echo, the history and everything that
+        # shows them only ever see this. Routes match the words as said (in memory only).
+        said = self._redact(text, self._caller)
+        self._line(CALLER, said, text if self._keep_full and said != text else "")
         if call.state in (State.ACCEPTED, State.TRANSFERRING):
             return  # the caller is with, or being put through to, an agent: the bot is silent
         route = self.flow.route_for(text)
@@ -206,7 +215,7 @@ class TurnRunner:
             return
         if call.state == State.FAILED:
             self._fire(Trigger.RESUME, reason="caller carried on with the bot")
-        self._say(route.say if route is not None and route.say else self.flow.fallback_prompt, text)
+        self._say(route.say if route is not None and route.say else self.flow.fallback_prompt, said)
 
     def _fire(self, trigger: Trigger, reason: str) -> None:
         """Trigger the machine; a trigger the current state does not take is recorded."""
@@ -224,8 +233,8 @@ class TurnRunner:
         self._turn.effects.append(Say(spoken))
         self._line(BOT, spoken.text)
 
-    def _line(self, role: str, text: str) -> None:
-        line = Line(role, text[:LINE_MAX_CHARS], self._now)
+    def _line(self, role: str, text: str, full: str = "") -> None:
+        line = Line(role, text[:LINE_MAX_CHARS], self._now, full[:LINE_MAX_CHARS])
         self._turn.lines.append(line)
         self._turn.call.transcript.append(line)
 

@@ -1,0 +1,302 @@
+"""PII redaction: caller words are redacted where they enter a call, so Redis (and everything
+that shows it) never holds them; the agent gets them whole only when the flow says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from adapters.http import STORE_KEY
+from adapters.store import RedisCallStore
+from app import create_app
+from orchestrator.call import CALLER, Call
+from orchestrator.callflow import CallFlow, load_callflow, parse_callflow
+from orchestrator.config import load_settings
+from orchestrator.engine import Engine
+from orchestrator.errors import ConfigError
+from orchestrator.events import CallerInput, CallStarted, HandoffStatus, InvalidStatus
+from orchestrator.redact import CALLER_NUMBER, Redactor
+from orchestrator.turn import TurnRunner
+from simulator.channel import Caller, ChannelStandIn
+from tests.conftest import delete_prefix
+
+DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
+CALLER_ID = "+14255550123"
+CARD = "4111 1111 1111 1111"
+SAID = f"my card is {CARD} and call me on 425-555-0123"
+MASKED_CARD = "************1111"
+REDACTED = f"my card is {MASKED_CARD} and call me on {CALLER_NUMBER}"
+# What must appear nowhere in Redis (the caller's number stays only in the conversation
+# reference's "from", where it belongs).
+SECRETS = ("4111", "555-0123", "5550123")
+
+
+def flow_with(**privacy: Any) -> CallFlow:
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["privacy"] = {**data["privacy"], **privacy}
+    return CallFlow.model_validate(data)
+
+
+# --- the rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (CARD, MASKED_CARD),
+        ("4111-1111-1111-1111", MASKED_CARD),
+        ("card 4111111111111111.", f"card {MASKED_CARD}."),
+        ("call +1 (206) 555-0100 please", "call *******0100 please"),
+        ("account 12345678, order 42", "account ****5678, order 42"),
+        ("1234567", "***4567"),
+        ("123456", "123456"),  # six digits: kept
+        ("press 1 or 0", "press 1 or 0"),
+        ("on 2024/01/15 at 10:30", "on 2024/01/15 at 10:30"),
+        ("", ""),
+        ("talk to agent", "talk to agent"),
+    ],
+)
+def test_long_digit_runs_are_masked_but_their_last_four(text: str, expected: str) -> None:
+    assert Redactor()(text) == expected
+    assert Redactor()(expected) == expected  # masking twice changes nothing
+
+
+def test_keep_no_digits() -> None:
+    assert flow_with(keep_last_digits=0).redact(CARD) == "*" * 16
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "+14255550123",
+        "14255550123",
+        "4255550123",
+        "425-555-0123",
+        "(425) 555 0123",
+        "425.555.0123",
+        "555 0123",
+    ],
+)
+def test_the_callers_own_number_in_any_formatting(said: str) -> None:
+    redact = Redactor(digit_runs=0)  # only the caller rule
+    assert redact(f"it is {said}, thanks", CALLER_ID) == f"it is {CALLER_NUMBER}, thanks"
+    assert redact(f"it is {said}", "+14255559999") == f"it is {said}"  # someone else's number
+    assert redact(f"it is {said}", "web-user-1") == f"it is {said}"  # not a phone number
+
+
+def test_a_national_number_with_a_trunk_zero() -> None:
+    assert Redactor()("020 7946 0000", "+442079460000") == CALLER_NUMBER
+
+
+def test_the_caller_rule_catches_numbers_shorter_than_digit_runs() -> None:
+    redact = Redactor(digit_runs=12)
+    assert redact("4255550123 or 4255550124", CALLER_ID) == f"{CALLER_NUMBER} or 4255550124"
+
+
+def test_configured_patterns_run_after_the_digit_rules() -> None:
+    flow = flow_with(patterns=[{"pattern": r"[\w.+-]+@[\w-]+\.[\w.]+", "replace_with": "[email]"}])
+    assert flow.redact("mail a.b@example.com or 4255550123", CALLER_ID) == f"mail [email] or {CALLER_NUMBER}"
+
+
+def test_everything_off() -> None:
+    flow = flow_with(digit_runs=0, caller_number=False)
+    assert flow.redact(SAID, CALLER_ID) == SAID
+
+
+def test_the_default_flow_redacts() -> None:
+    flow = load_callflow()
+    assert flow.privacy.agent_transcript == "redacted"
+    assert flow.redact(SAID, CALLER_ID) == REDACTED
+
+
+@pytest.mark.parametrize(
+    ("privacy", "where", "problem"),
+    [
+        (
+            {"patterns": [{"pattern": "(unclosed"}]},
+            "privacy.patterns.0.pattern",
+            "not a valid regular expression",
+        ),
+        ({"patterns": [{"pattern": "x*"}]}, "privacy.patterns.0.pattern", "matches the empty string"),
+        ({"digit_runs": 2}, "privacy.digit_runs", "would redact menu choices"),
+        ({"keep_last_digits": 5}, "privacy.keep_last_digits", "less than or equal to 4"),
+        ({"agent_transcript": "raw"}, "privacy.agent_transcript", "'redacted' or 'full'"),
+        ({"redact": []}, "privacy.redact", "unknown field"),
+    ],
+)
+def test_bad_privacy_settings_stop_start_up(privacy: dict[str, Any], where: str, problem: str) -> None:
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["privacy"] = privacy
+    with pytest.raises(ConfigError) as e:
+        parse_callflow(yaml.safe_dump(data), "flow.yaml")
+    assert e.value.where == f"flow.yaml: {where}"
+    assert problem in e.value.problem
+
+
+# --- where caller words enter a call -------------------------------------------------
+
+
+def test_a_turn_stores_and_echoes_only_redacted_words() -> None:
+    runner = TurnRunner(load_callflow())
+    turn = runner.run(
+        runner.run(_new(), CallStarted(), now="t").call, CallerInput(SAID), now="t", caller=CALLER_ID
+    )
+    caller_line, bot_line = turn.lines
+    assert caller_line.text == REDACTED and caller_line.full == ""  # nothing kept whole
+    assert bot_line.text == f'What I heard was "{REDACTED}"'
+    (say,) = turn.effects
+    assert "4111" not in say.prompt.ssml and "4111" not in say.prompt.text  # type: ignore[union-attr]
+
+
+def test_routes_match_the_words_as_said() -> None:
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["routes"].append({"match": ["12345678"], "say": "billing"})
+    runner = TurnRunner(CallFlow.model_validate(data))
+    turn = runner.run(_new(), CallerInput("12345678"), now="t", caller=CALLER_ID)
+    assert turn.effects[0].prompt.name == "billing"  # type: ignore[union-attr]
+    assert turn.lines[0].text == "****5678"
+
+
+def test_full_agent_transcript_keeps_the_words_in_memory_only() -> None:
+    runner = TurnRunner(flow_with(agent_transcript="full"))
+    turn = runner.run(_new(), CallerInput(SAID), now="t", caller=CALLER_ID)
+    line = turn.lines[0]
+    assert (line.text, line.full) == (REDACTED, SAID)
+    assert SAID not in repr(line)
+
+
+def test_agent_side_status_messages_are_redacted() -> None:
+    runner = TurnRunner(load_callflow())
+    transferring = runner.run(_new(), CallerInput("agent"), now="t").call
+    turn = runner.run(transferring, HandoffStatus("failed", "agent at 4255550199 busy"), now="t")
+    assert turn.call.failure == "agent at ******0199 busy"
+    assert turn.steps[0].reason == "agent at ******0199 busy"
+    ignored = runner.run(turn.call, InvalidStatus("unknown state '4111111111111111'"), now="t")
+    assert ignored.steps[0].reason == f"ignored: unknown state '{MASKED_CARD}'"
+
+
+def _new() -> Call:
+    return Call(id="call-1")
+
+
+# --- nothing raw reaches Redis -------------------------------------------------------
+
+
+async def everything_stored(client: Redis | RedisCluster, prefix: str) -> list[tuple[str, Any]]:
+    """(key, contents) of every key under the prefix, the reference field left out."""
+    found: list[tuple[str, Any]] = []
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = await client.type(key)
+        if kind == "hash":
+            value: Any = await client.hgetall(key)
+            value.pop("reference", None)
+        elif kind == "list":
+            value = await client.lrange(key, 0, -1)
+        elif kind == "zset":
+            value = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = await client.xrange(key)
+        else:
+            value = await client.get(key)
+        found.append((key, value))
+    return found
+
+
+async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_prefix: str) -> None:
+    engine = Engine(store, flow_with(agent_transcript="full"))
+    await engine.handle("call-1", CallStarted(), activity_id="a1", caller=CALLER_ID)
+    await engine.handle("call-1", CallerInput(SAID), activity_id="a2", caller=CALLER_ID)
+    await engine.handle("call-1", CallerInput("agent"), activity_id="a3", caller=CALLER_ID)
+    await engine.handle("call-1", HandoffStatus("failed", "4111 1111 1111 1111 declined"), activity_id="a4")
+    await engine.handle("call-1", CallerInput(f"it is {CARD}"), activity_id="a5", caller=CALLER_ID)
+    stored = json.dumps(await everything_stored(store.redis, key_prefix))
+    assert CALLER_NUMBER in stored and MASKED_CARD in stored
+    for secret in SECRETS:
+        assert secret not in stored
+    call = (await store.load("call-1")).call
+    assert call is not None
+    assert next(line.text for line in call.transcript if line.role == CALLER) == REDACTED
+
+
+# --- the handoff transcript, over HTTP -------------------------------------------------
+
+
+def flow_file(tmp_path: Path, agent_transcript: str) -> Path:
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["privacy"]["agent_transcript"] = agent_transcript
+    path = tmp_path / "callflow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(params=["redacted", "full"])
+def agent_transcript(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def bot(
+    agent_transcript: str, bot_redis: dict[str, Any], tmp_path: Path, key_prefix: str
+) -> AsyncIterator[TestClient[Any, Any]]:
+    settings = load_settings(
+        **bot_redis,
+        REDIS_KEY_PREFIX=key_prefix,
+        CALLFLOW_FILE=flow_file(tmp_path, agent_transcript),
+        DELIVERY_GRACE_SECONDS=1,
+        SCHEDULER_POLL_SECONDS=0.05,
+    )
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    yield client
+    async with asyncio.timeout(20):
+        if bot_redis["REDIS_URL"]:
+            await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+        await client.close()
+
+
+def transcript_texts(handoff: dict[str, Any]) -> list[str]:
+    return [a["text"] for a in handoff["attachments"][0]["content"]["activities"]]
+
+
+async def test_the_agent_gets_the_transcript_the_flow_says(
+    bot: TestClient[Any, Any], channel: ChannelStandIn, agent_transcript: str
+) -> None:
+    full = agent_transcript == "full"
+    caller = Caller(channel.url, number=CALLER_ID)
+    cid = caller.conversation_id
+    for activity in (caller.start(), caller.say(SAID), caller.say("agent")):
+        assert (await bot.post("/api/messages", json=activity)).status == 201
+    handoff = channel.for_conversation(cid)[-1]
+    assert handoff["name"] == "handoff.initiate"
+    texts = transcript_texts(handoff)
+    assert texts[1] == (SAID if full else REDACTED)
+    assert texts[2] == f'What I heard was "{REDACTED}"'  # what the caller actually heard
+    assert texts[3] == "agent"
+    store: RedisCallStore = bot.app[STORE_KEY]
+    stored = json.dumps(await everything_stored(store.redis, store.keys.prefix))
+    for secret in SECRETS:
+        assert secret not in stored
+
+
+async def test_a_re_sent_handoff_carries_the_redacted_transcript(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """The outbox is Redis: what it re-sends was never the full transcript."""
+    caller = Caller(channel.url, number=CALLER_ID)
+    cid = caller.conversation_id
+    assert (await bot.post("/api/messages", json=caller.say(SAID))).status == 201
+    channel.refuse_next = 1
+    assert (await bot.post("/api/messages", json=caller.say("agent"))).status == 201
+    await channel.wait_for(2, cid)  # re-sent by the scheduler after the grace period
+    handoff = channel.for_conversation(cid)[-1]
+    assert handoff["name"] == "handoff.initiate"
+    assert transcript_texts(handoff)[0] == REDACTED
