@@ -172,7 +172,7 @@ class CallFlow(_Strict):
     routes: list[Route] = Field(default_factory=list)
     fallback_prompt: PromptName
     transfer: Transfer
-    privacy: Privacy = Field(default_factory=Privacy)
+    privacy: Privacy = Privacy()  # frozen: one shared default is safe
 
     @model_validator(mode="after")
     def _prompts_exist(self) -> Self:
