@@ -126,7 +126,7 @@ class Privacy(_Strict):
     """What is redacted from caller words before they are stored or shown (docs/privacy.md)."""
 
     digit_runs: Annotated[int, Field(ge=0, le=40), AfterValidator(_digit_runs)] = 7
-    keep_last_digits: int = Field(4, ge=0, le=4)
+    keep_last_digits: Annotated[int, Field(ge=0, le=4)] = 4
     caller_number: bool = True
     patterns: list[RedactionPattern] = Field(default_factory=list)
     # "full": the handoff.initiate sent in the turn carries the caller's words as said (never
