@@ -328,7 +328,7 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
         if isinstance(refused, NoPermissionError) and settings is not None:
             # redis-py's text quotes the whole pipeline; the command is what a person needs.
             command = re.search(r"run the '([^']+)' command", str(refused))
-            what = f"run {command[1].upper()}" if command else "do this"
+            what = f"run {command[1].upper().replace('|', ' ')}" if command else "do this"
             click.echo(
                 f"error: Redis user {redis_user(settings)!r} is not allowed to {what} (NOPERM): "
                 "a read-only user can inspect calls but not change them",

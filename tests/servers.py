@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import redis
@@ -54,7 +54,7 @@ class RedisServer:
         """A synchronous client of the server's default user, for setting it up."""
         return redis.Redis(port=self.port, socket_timeout=1, **options)
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         command = [require_redis_server(), *self.listen_args(), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.dir), *self.args]
         with (self.dir / "redis.log").open("ab") as log:
