@@ -14,9 +14,24 @@ from botbuilder.integration.aiohttp import (
     ConfigurationBotFrameworkAuthentication,
 )
 
+from adapters.auth import (
+    CheckedAuthentication,
+    channel_metadata_url,
+    install_key_cache,
+    sdk_configuration,
+    warm_keys,
+)
 from adapters.bot import CallBot
 from adapters.channel_client import PooledAuthentication
-from adapters.http import ADAPTER_KEY, BOT_KEY, METRICS_KEY, SCHEDULER_KEY, STORE_KEY, add_routes
+from adapters.http import (
+    ADAPTER_KEY,
+    BOT_KEY,
+    MAX_BODY_BYTES,
+    METRICS_KEY,
+    SCHEDULER_KEY,
+    STORE_KEY,
+    add_routes,
+)
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
 from adapters.redis_client import create_redis
@@ -30,7 +45,6 @@ from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger("app")
 
-MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
 SHUTDOWN_SECONDS = 25.0  # inside docker-compose's stop_grace_period of 30 s
 CLEANUP_SECONDS = 2.0  # each clean-up step after that
 GC_YOUNG_THRESHOLD = 2_000  # allocations between young collections (CPython's default: 700)
@@ -46,7 +60,11 @@ def create_app(config: Settings | None = None) -> web.Application:
             "CALL_IDLE_TTL_SECONDS",
             f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)",
         )
-    AUTH = PooledAuthentication(ConfigurationBotFrameworkAuthentication(CONFIG))
+    # Our settings plus the SDK's optional endpoint settings (from the environment);
+    # every authentication failure a 401; signing keys fetched off the event loop.
+    SDK_CONFIG = sdk_configuration(CONFIG)
+    install_key_cache()
+    AUTH = PooledAuthentication(CheckedAuthentication(ConfigurationBotFrameworkAuthentication(SDK_CONFIG)))
     ADAPTER = CloudAdapter(AUTH)
     STORE = RedisCallStore(
         create_redis(CONFIG),
@@ -128,7 +146,17 @@ def create_app(config: Settings | None = None) -> web.Application:
         except (StoreUnavailable, TimeoutError) as e:
             log.warning("claimed work not handed back (its leases will lapse): %r", e)
 
+    async def keys_lifetime(app: web.Application) -> AsyncIterator[None]:
+        # Load the channel's signing keys in the background: the server starts at once,
+        # and the first calls wait (off the loop) for this same fetch, not a new one.
+        task = asyncio.create_task(warm_keys(channel_metadata_url(SDK_CONFIG)), name="warm-keys")
+        yield
+        task.cancel()  # the fetch itself runs on a daemon thread, bounded by its timeout
+        await asyncio.gather(task, return_exceptions=True)
+
     APP.cleanup_ctx.append(redis_lifetime)
+    if CONFIG.APP_ID:
+        APP.cleanup_ctx.append(keys_lifetime)
     APP.cleanup_ctx.append(scheduler_lifetime)
     add_routes(APP)
     if CONFIG.OPERATOR_TOKEN is not None:

@@ -21,6 +21,7 @@ from msrest.exceptions import DeserializationError  # type: ignore[attr-defined]
 from msrest.serialization import Model
 
 from adapters.activity_json import activity_from_json
+from adapters.auth import Unauthorized
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
 from orchestrator.metrics import Metrics
@@ -35,6 +36,8 @@ SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
 TURN_SECONDS = 12.0  # inside the channel's 15 s
+MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
+BODY_READ_SECONDS = 10.0  # a body still arriving after this is cut off with 408
 
 # Fields we read, and the JSON type each must have when present.
 _OBJECT_FIELDS = ("from", "recipient", "conversation")
@@ -109,7 +112,10 @@ def _activity_problem(data: dict[str, Any]) -> str:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     """``POST /api/messages``: one activity from the channel."""
-    parsed = parse_activity(await request.read(), request.content_type)
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    parsed = parse_activity(body, request.content_type)
     if isinstance(parsed, web.Response):
         return parsed
     metrics = request.app[METRICS_KEY]
@@ -120,18 +126,51 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The request body, or a 413 (too big, refused before it is read) or a 408 (too slow)."""
+    too_big = f"the body is over {MAX_BODY_BYTES} bytes; an activity is a few KB"
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return problem(413, too_big)  # unread; aiohttp discards the rest for a few seconds, then closes
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            return await request.read()  # stops with 413 past client_max_size (chunked bodies)
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, too_big)
+    except TimeoutError:
+        # Answer, then close: aiohttp would otherwise linger for seconds reading the rest.
+        response = problem(408, f"the body did not arrive within {BODY_READ_SECONDS} s")
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
+
+
+def _unauthorized(reason: str) -> web.Response:
+    return problem(
+        401,
+        f"missing or invalid channel token: {reason}",
+        **{"WWW-Authenticate": 'Bearer realm="api/messages"'},
+    )
+
+
 async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
-    """Run the activity through the bot; the response for the channel."""
+    """Authenticate, then run the activity through the bot; the response for the channel."""
     adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
     try:
         # The channel gives a turn 15 s; answer before that, so it redelivers rather
         # than giving up (a turn cut short here was either committed or not at all).
         async with asyncio.timeout(TURN_SECONDS):
-            invoke_response = await adapter.process_activity(
-                request.headers.get("Authorization", ""), parsed, bot.on_turn
-            )
-    except PermissionError:
-        return problem(401, "missing or invalid channel token")
+            # Authenticated first, on its own: only this step answers 401, so nothing a
+            # turn raises is taken for a bad token. (None, not "", for a missing header:
+            # the SDK's parameterised path fails on "" with a 500.)
+            try:
+                authenticated = await adapter.bot_framework_authentication.authenticate_request(
+                    parsed, request.headers.get("Authorization")
+                )
+            except Unauthorized as e:
+                log.info("activity %s refused: %s", parsed.id, e.reason)
+                return _unauthorized(e.reason)
+            invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
     except TimeoutError:
         log.warning(
             "activity %s not answered within %s s; the channel will redeliver", parsed.id, TURN_SECONDS
@@ -154,14 +193,13 @@ async def streaming(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
     try:
+        # Before the upgrade the SDK only authenticates (it needs a token even with auth off).
         await request.app[ADAPTER_KEY].process(request, request.app[BOT_KEY], ws)
-    except Exception as e:
+    except Unauthorized as e:
         if ws.prepared:
             raise
-        # Before the upgrade the SDK only authenticates; it raises PermissionError for a
-        # bad token and ValueError for a missing one (it needs a token even with auth off).
-        log.warning("streaming connection refused before the upgrade: %r", e)
-        return problem(401, "the streaming connection needs a valid channel token")
+        log.info("streaming connection refused before the upgrade: %s", e.reason)
+        return _unauthorized(e.reason)
     return ws
 
 
