@@ -14,6 +14,7 @@
 --       n_steps, trigger, source, dest, reason, history entry without its time, ...,
 --       n_counters, '<outcome>:<target>', ..., feed max length,
 --       minute bucket, minute hash ttl, hour bucket, hour hash ttl,
+--       the feed's retention in seconds, a live call's maximum lifetime in seconds (0: none),
 --       last: the state the turn was computed from (compared with the version)
 -- Returns {1, version, deadline, since}  applied
 --         {2, version, deadline, since}  already applied by this same token (a retried command)
@@ -39,7 +40,7 @@ end
 
 -- The version is the compare-and-set token; the state is compared too, so a record edited
 -- by hand (a state changed without the version) is not overwritten from a cached copy.
-local record = redis.call('HMGET', call, 'version', 'state', 'since')
+local record = redis.call('HMGET', call, 'version', 'state', 'since', 'created')
 local version = tonumber(record[1] or '0')
 local old_state = record[2]
 if version ~= tonumber(ARGV[1]) or (old_state or 'bot') ~= ARGV[#ARGV] then
@@ -143,6 +144,11 @@ end
 if n_steps > 0 then
   redis.call('RPUSH', history, unpack(entries))
   redis.call('LTRIM', history, -tonumber(ARGV[6]), -1)
+  -- The feed is shared by the shard's calls, so it has no call's TTL: its entries go once
+  -- older than any call is kept, and the whole stream when the shard has been quiet as long.
+  local feed_keep = tonumber(ARGV[#ARGV - 2])
+  redis.call('XTRIM', feed, 'MINID', now - feed_keep * 1000)
+  redis.call('EXPIRE', feed, feed_keep)
 end
 
 -- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
@@ -174,7 +180,20 @@ if redis.call('HLEN', seen) > seen_max + math.floor(seen_max / 4) then
     redis.call('HDEL', seen, unpack(old))
   end
 end
-local ttl = ARGV[4]
+-- A live call's TTL is its idle time, but never past its maximum lifetime: a call that
+-- never ends, however busy, still expires. An ended call is kept for the retention.
+local ttl = tonumber(ARGV[4])
+local lifetime = tonumber(ARGV[#ARGV - 1])
+if state ~= 'ended' and lifetime > 0 then
+  local created = now
+  if record[4] then
+    created = tonumber(record[4])
+  end
+  local left = math.ceil((created + lifetime * 1000 - now) / 1000)
+  if left < ttl then
+    ttl = math.max(left, 1)
+  end
+end
 for _, k in ipairs({call, seen, transcript, history, outbox}) do
   redis.call('EXPIRE', k, ttl)
 end

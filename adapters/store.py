@@ -71,7 +71,10 @@ PRUNE_SCRIPT = _script("prune.lua")
 class Retention:
     """How long call keys live and how much of a call is kept."""
 
-    live_seconds: int = 86_400  # refreshed by every commit: a call nobody ends still expires
+    live_seconds: int = 86_400  # a live call's keys expire this long after its last commit ...
+    # ... but never later than this long after it started: a call nobody ends, however
+    # busy, still expires (0: no bound)
+    max_live_seconds: int = 86_400
     ended_seconds: int = 86_400
     transcript_max: int = 50
     history_max: int = 1000
@@ -82,10 +85,22 @@ class Retention:
     delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
     feed_max: int = 1000  # recent steps kept per shard for watchers (about, as MAXLEN ~)
 
+    @property
+    def feed_seconds(self) -> int:
+        """How long a shard feed entry is kept: as long as any call's keys can be."""
+        return max(self.live_seconds, self.ended_seconds)
+
+    @property
+    def live_bound_seconds(self) -> int:
+        """The longest a live call's keys can outlast its entry into its state."""
+        return min(self.live_seconds, self.max_live_seconds) if self.max_live_seconds else self.live_seconds
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Retention:
         return cls(
             live_seconds=settings.CALL_IDLE_TTL_SECONDS,
+            # Not a setting yet: the default until CALL_MAX_LIFETIME_SECONDS is wired.
+            max_live_seconds=int(getattr(settings, "CALL_MAX_LIFETIME_SECONDS", cls.max_live_seconds)),
             ended_seconds=settings.CALL_RETENTION_SECONDS,
             transcript_max=settings.TRANSCRIPT_MAX_ENTRIES,
             history_max=settings.HISTORY_MAX_ENTRIES,
@@ -234,9 +249,10 @@ class RedisCallStore:
         index whose call expired without a commit to remove them. How many went."""
         now_ms = int(time.time() * 1000)
         keep = self.retention
-        # An entry younger than its state's TTL cannot belong to an expired call.
+        # An entry younger than its state's TTL most likely belongs to a live call (one near its
+        # maximum lifetime may have expired sooner: its entry goes on a later pass).
         older_than = {
-            state: now_ms - 1000 * (keep.ended_seconds if state == State.ENDED else keep.live_seconds)
+            state: now_ms - 1000 * (keep.ended_seconds if state == State.ENDED else keep.live_bound_seconds)
             for state in KNOWN_STATES
         }
         indexes = [
@@ -319,7 +335,7 @@ class RedisCallStore:
         args += [len(counters), *counters, keep.feed_max]
         for bucket in (MINUTE, HOUR):
             args += [bucket.bucket(now_s), bucket.keep_seconds]
-        args.append(turn.loaded_state)
+        args += [keep.feed_seconds, keep.max_live_seconds, turn.loaded_state]
         return args
 
     async def record(self, conversation_id: str) -> dict[str, str]:
