@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE = (RedisError, RedisClusterException, OSError)
 KNOWN_STATES = frozenset(s.value for s in State)
+MAX_LIFETIME_SECONDS = 86_400  # a live call's keys expire at the latest this long after it started
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ class Retention:
     live_seconds: int = 86_400  # a live call's keys expire this long after its last commit ...
     # ... but never later than this long after it started: a call nobody ends, however
     # busy, still expires (0: no bound)
-    max_live_seconds: int = 86_400
+    max_live_seconds: int = MAX_LIFETIME_SECONDS
     ended_seconds: int = 86_400
     transcript_max: int = 50
     history_max: int = 1000
@@ -100,7 +101,7 @@ class Retention:
         return cls(
             live_seconds=settings.CALL_IDLE_TTL_SECONDS,
             # Not a setting yet: the default until CALL_MAX_LIFETIME_SECONDS is wired.
-            max_live_seconds=int(getattr(settings, "CALL_MAX_LIFETIME_SECONDS", cls.max_live_seconds)),
+            max_live_seconds=int(getattr(settings, "CALL_MAX_LIFETIME_SECONDS", MAX_LIFETIME_SECONDS)),
             ended_seconds=settings.CALL_RETENTION_SECONDS,
             transcript_max=settings.TRANSCRIPT_MAX_ENTRIES,
             history_max=settings.HISTORY_MAX_ENTRIES,

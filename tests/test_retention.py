@@ -67,11 +67,8 @@ async def members_of_the_call(store: RedisCallStore) -> dict[str, list[str]]:
         store.keys.due(shard),
         *(store.keys.state_index(shard, s) for s in ("bot", "transferring", "accepted", "failed", "ended")),
     ]:
-        members = [
-            m
-            for m in await store.redis.zrange(key, 0, -1)
-            if m == CID or CID in json.loads(m if m.startswith("[") else "[]")
-        ]
+        raw: list[str] = await store.redis.zrange(key, 0, -1)  # type: ignore[assignment]
+        members = [m for m in raw if m == CID or CID in json.loads(m if m.startswith("[") else "[]")]
         if members:
             found[key.rsplit(":", 1)[-1]] = members
     return found
@@ -132,6 +129,6 @@ async def test_old_feed_entries_go(store: RedisCallStore) -> None:
     feed = store.keys.feed(store.keys.locate(CID)[0])
     await store.redis.xadd(feed, {"call": "old"}, id="1000-0")  # from 1970: long past the retention
     await engine.handle(CID, CallerInput("agent"), activity_id="a1")  # a step: written to the feed
-    entries = await store.redis.xrange(feed)
+    entries: list[tuple[str, dict[str, str]]] = await store.redis.xrange(feed)  # type: ignore[assignment]
     assert [fields["call"] for _, fields in entries] == [CID]
     assert 0 < await store.redis.ttl(feed) <= store.retention.feed_seconds
