@@ -17,9 +17,14 @@ SSML_NAMESPACE = "http://www.w3.org/2001/10/synthesis"
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+# A parser turns a literal CR (alone or before LF) into LF; as a character reference it
+# stays a CR, so the text parsed back is the text given.
+_ENTITIES = {'"': "&quot;", "'": "&apos;", "\r": "&#13;"}
+
+
 def xml_text(text: str) -> str:
-    """Text safe to place between XML tags."""
-    return escape(_NOT_XML_CHAR.sub("", text), {'"': "&quot;", "'": "&apos;"})
+    """Text safe to place between XML tags; a parser reads back exactly ``clean_text(text)``."""
+    return escape(_NOT_XML_CHAR.sub("", text), _ENTITIES)
 
 
 def clean_text(text: str) -> str:

@@ -1,6 +1,7 @@
 """SSML rendering: hostile caller text always yields well-formed, whitespace-separated SSML.
 
-hypothesis is not installed in the venv, so the hostile inputs are a fixed list.
+The hostile inputs here are a fixed list, one named case per kind; tests/test_fuzz.py
+generates them with Hypothesis (10,000 caller strings through ``speak`` and the reply path).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ HOSTILE = {
     "doctype": '<!DOCTYPE x [<!ENTITY e "boom">]>&e;',
     "placeholder": "{input}",
     "tab-newline": "a\tb\nc",
+    "carriage-returns": "a\rb\r\nc",  # a parser reads a literal CR as LF
     "empty": "",
     "mixed": "caf\u00e9 \x07bell \ud83d",
 }
@@ -90,6 +92,7 @@ def test_clean_text_removes_only_forbidden_characters() -> None:
 def test_xml_text_escapes_markup() -> None:
     assert xml_text("<a href='x'>&\"</a>") == "&lt;a href=&apos;x&apos;&gt;&amp;&quot;&lt;/a&gt;"
     assert xml_text("ok\x00") == "ok"
+    assert xml_text("a\rb\r\n") == "a&#13;b&#13;\n"
 
 
 def test_speak_quotes_attributes() -> None:
