@@ -198,6 +198,7 @@ async def test_a_server_that_wants_client_certificates(mtls_redis: TlsRedisServe
         started = time.monotonic()
         problem = await connection_problem(client, without)
         assert problem is not None and time.monotonic() - started < without.REDIS_TIMEOUT_SECONDS + 1
+        assert "TLS handshake" in problem and "CERTIFICATE_REQUIRED" in problem
     finally:
         await client.aclose()
 
