@@ -18,7 +18,6 @@ from adapters.auth import (
     CheckedAuthentication,
     channel_metadata_url,
     install_key_cache,
-    sdk_configuration,
     warm_keys,
 )
 from adapters.bot import CallBot
@@ -34,7 +33,7 @@ from adapters.http import (
 )
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
-from adapters.redis_client import create_redis
+from adapters.redis_client import connection_problem, create_redis
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
@@ -60,11 +59,9 @@ def create_app(config: Settings | None = None) -> web.Application:
             "CALL_IDLE_TTL_SECONDS",
             f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)",
         )
-    # Our settings plus the SDK's optional endpoint settings (from the environment);
-    # every authentication failure a 401; signing keys fetched off the event loop.
-    SDK_CONFIG = sdk_configuration(CONFIG)
+    # Every authentication failure a 401; signing keys fetched off the event loop.
     install_key_cache()
-    AUTH = PooledAuthentication(CheckedAuthentication(ConfigurationBotFrameworkAuthentication(SDK_CONFIG)))
+    AUTH = PooledAuthentication(CheckedAuthentication(ConfigurationBotFrameworkAuthentication(CONFIG)))
     ADAPTER = CloudAdapter(AUTH)
     STORE = RedisCallStore(
         create_redis(CONFIG),
@@ -125,8 +122,8 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP[METRICS_KEY] = METRICS
 
     async def redis_lifetime(app: web.Application) -> AsyncIterator[None]:
-        if not await STORE.ping():
-            log.error("Redis is not reachable yet; /readyz fails until it is")
+        if problem := await connection_problem(STORE.redis, CONFIG):
+            log.error("%s; /readyz fails until Redis answers", problem)
         yield
         await AUTH.close()
         try:
@@ -149,7 +146,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     async def keys_lifetime(app: web.Application) -> AsyncIterator[None]:
         # Load the channel's signing keys in the background: the server starts at once,
         # and the first calls wait (off the loop) for this same fetch, not a new one.
-        task = asyncio.create_task(warm_keys(channel_metadata_url(SDK_CONFIG)), name="warm-keys")
+        task = asyncio.create_task(warm_keys(channel_metadata_url(CONFIG)), name="warm-keys")
         yield
         task.cancel()  # the fetch itself runs on a daemon thread, bounded by its timeout
         await asyncio.gather(task, return_exceptions=True)

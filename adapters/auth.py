@@ -13,8 +13,6 @@ calls, without a timeout, inside the event loop, on the first request and again 
   a turn is never mistaken for a bad token.
 - ``install_key_cache`` swaps the SDK's per-URL key cache for ``OffLoopKeys``: fetched on
   a thread with a timeout, one fetch at a time, stale keys served while new ones load.
-- ``sdk_configuration`` adds the SDK's optional endpoint settings, read from the
-  environment, to our ``Settings``.
 - ``warm_keys`` loads the channel's keys at start-up, so the first call does not wait.
 """
 
@@ -24,11 +22,9 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import re
 import threading
 import time
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,21 +55,6 @@ UNKNOWN_KID_REFETCH = timedelta(hours=1)  # the SDK's: an unknown key id refetch
 FETCH_TIMEOUT = (3.05, 10.0)  # connect, read: the SDK has none, so a dead endpoint hung a thread
 RETRY_SECONDS = 5.0  # after a failed fetch, requests fail fast this long before the next try
 
-# The SDK reads these from its configuration object with getattr; Settings does not
-# declare them, so they come from the environment under the same names.
-SDK_OPTIONAL_SETTINGS = (
-    "CHANNEL_SERVICE",
-    "VALIDATE_AUTHORITY",
-    "TO_CHANNEL_FROM_BOT_LOGIN_URL",
-    "TO_CHANNEL_FROM_BOT_OAUTH_SCOPE",
-    "TO_BOT_FROM_CHANNEL_TOKEN_ISSUER",
-    "OAUTH_URL",
-    "TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL",
-    "TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL",
-    "CALLER_ID",
-)
-
-
 _BEARER = re.compile(r"Bearer [^\s]+")
 
 
@@ -94,34 +75,6 @@ class KeysUnavailable(Exception):
 
 class UnknownKey(Exception):
     """The token names a key the channel does not publish."""
-
-
-class SdkConfiguration:
-    """``Settings`` as the SDK reads it, plus the SDK's optional endpoint settings."""
-
-    def __init__(self, settings: Any, environ: Mapping[str, str]) -> None:
-        self._settings = settings
-        self._extra: dict[str, Any] = {}
-        for name in SDK_OPTIONAL_SETTINGS:
-            value = environ.get(name, "").strip()
-            if value:
-                self._extra[name] = (
-                    value.lower() not in ("0", "false", "no") if name == "VALIDATE_AUTHORITY" else value
-                )
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._extra:
-            return self._extra[name]
-        return getattr(self._settings, name)
-
-    @property
-    def parameterized(self) -> bool:
-        """Any endpoint setting given: the SDK then uses them instead of its public-cloud ones."""
-        return any(name in self._extra for name in SDK_OPTIONAL_SETTINGS[2:])
-
-
-def sdk_configuration(settings: Any, environ: Mapping[str, str] | None = None) -> SdkConfiguration:
-    return SdkConfiguration(settings, os.environ if environ is None else environ)
 
 
 def channel_metadata_url(config: Any) -> str:

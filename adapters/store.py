@@ -100,8 +100,7 @@ class Retention:
     def from_settings(cls, settings: Settings) -> Retention:
         return cls(
             live_seconds=settings.CALL_IDLE_TTL_SECONDS,
-            # Not a setting yet: the default until CALL_MAX_LIFETIME_SECONDS is wired.
-            max_live_seconds=int(getattr(settings, "CALL_MAX_LIFETIME_SECONDS", MAX_LIFETIME_SECONDS)),
+            max_live_seconds=settings.CALL_MAX_LIFETIME_SECONDS,
             ended_seconds=settings.CALL_RETENTION_SECONDS,
             transcript_max=settings.TRANSCRIPT_MAX_ENTRIES,
             history_max=settings.HISTORY_MAX_ENTRIES,

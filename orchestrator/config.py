@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     CALLFLOW_FILE: Path | None = None
     CALL_RETENTION_SECONDS: int = Field(86_400, gt=0)
     CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
+    CALL_MAX_LIFETIME_SECONDS: int = Field(
+        86_400, ge=0
+    )  # a live call expires by then, however busy; 0: no bound
     TRANSCRIPT_MAX_ENTRIES: int = Field(50, ge=1, le=1000)
     CALL_CACHE_SIZE: int = Field(4096, ge=0, le=1_000_000)  # calls kept in memory per instance
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
@@ -60,6 +63,31 @@ class Settings(BaseSettings):
     APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)
     APP_TYPE: str = Field("MultiTenant", validation_alias="MicrosoftAppType")
     APP_TENANTID: str = Field("", validation_alias="MicrosoftAppTenantId")
+    # botbuilder's optional endpoint settings, under its own names: another cloud, or a
+    # test issuer. Unset, it uses the public cloud's. The SDK reads them with getattr.
+    CHANNEL_SERVICE: str | None = None
+    VALIDATE_AUTHORITY: bool = True
+    TO_CHANNEL_FROM_BOT_LOGIN_URL: str | None = None
+    TO_CHANNEL_FROM_BOT_OAUTH_SCOPE: str | None = None
+    TO_BOT_FROM_CHANNEL_TOKEN_ISSUER: str | None = None
+    OAUTH_URL: str | None = None
+    TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL: str | None = None
+    TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL: str | None = None
+    CALLER_ID: str | None = None
+
+    @field_validator(
+        "CHANNEL_SERVICE",
+        "TO_CHANNEL_FROM_BOT_LOGIN_URL",
+        "TO_CHANNEL_FROM_BOT_OAUTH_SCOPE",
+        "TO_BOT_FROM_CHANNEL_TOKEN_ISSUER",
+        "OAUTH_URL",
+        "TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL",
+        "TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL",
+        "CALLER_ID",
+    )
+    @classmethod
+    def _optional(cls, value: str | None) -> str | None:
+        return value.strip() or None if value else None  # set but empty: the SDK's default
 
     @field_validator("REDIS_URL")
     @classmethod

@@ -88,7 +88,21 @@ async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> None:
 
 
 # Settings the tests set themselves: a developer's environment must not leak into the bot.
-BOT_ENVIRONMENT = ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "REDIS_CLUSTER", "OPERATOR_TOKEN")
+BOT_ENVIRONMENT = (
+    "MicrosoftAppId",
+    "MicrosoftAppPassword",
+    "REDIS_URL",
+    "REDIS_CLUSTER",
+    "REDIS_USERNAME",
+    "REDIS_PASSWORD",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TLS_CERT_FILE",
+    "REDIS_TLS_KEY_FILE",
+    "OPERATOR_TOKEN",
+    "CHANNEL_SERVICE",
+    "TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL",
+    "TO_BOT_FROM_CHANNEL_TOKEN_ISSUER",
+)
 
 
 @pytest.fixture(params=["fake", "real", "cluster"])

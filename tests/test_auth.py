@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from aiohttp import WSServerHandshakeError
 from aiohttp.test_utils import TestClient, TestServer
+from botbuilder.integration.aiohttp import ConfigurationBotFrameworkAuthentication
 from botframework.connector.auth import MicrosoftAppCredentials
 from botframework.connector.auth.jwt_token_extractor import JwtTokenExtractor
 
 import adapters.http
-from adapters.auth import KeysUnavailable, OffLoopKeys, keys_for, sdk_configuration
+from adapters.auth import KeysUnavailable, OffLoopKeys, keys_for
 from adapters.http import BOT_KEY, MAX_BODY_BYTES, STORE_KEY
 from app import create_app
 from orchestrator.config import Settings, load_settings
@@ -256,14 +257,19 @@ async def test_an_unreachable_metadata_endpoint_is_logged_and_refused_with_401(
         assert "signing keys not available" in (await response.json())["error"]
 
 
-def test_the_sdk_reads_its_optional_settings_from_the_environment(clean_env: None) -> None:
+def test_the_sdk_reads_its_optional_settings_from_the_environment(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TO_BOT_FROM_CHANNEL_TOKEN_ISSUER", ISSUER)
+    monkeypatch.setenv("VALIDATE_AUTHORITY", "false")
+    monkeypatch.setenv("CALLER_ID", "")
     settings = load_settings(REDIS_URL=None, APP_ID=APP_ID)
-    environ = {"TO_BOT_FROM_CHANNEL_TOKEN_ISSUER": ISSUER, "VALIDATE_AUTHORITY": "false"}
-    config = sdk_configuration(settings, environ)
-    assert config.APP_ID == APP_ID and config.TO_BOT_FROM_CHANNEL_TOKEN_ISSUER == ISSUER
-    assert config.VALIDATE_AUTHORITY is False and config.parameterized
-    assert getattr(config, "CALLER_ID", None) is None
-    assert not sdk_configuration(settings, {}).parameterized
+    assert settings.APP_ID == APP_ID and settings.TO_BOT_FROM_CHANNEL_TOKEN_ISSUER == ISSUER
+    assert settings.VALIDATE_AUTHORITY is False and settings.CALLER_ID is None
+    # The SDK's own factory takes them from there (its getattr).
+    inner = ConfigurationBotFrameworkAuthentication(settings)._inner
+    assert inner._to_bot_from_channel_token_issuer == ISSUER
+    assert inner._validate_authority is False
 
 
 # Request limits -------------------------------------------------------------------------
