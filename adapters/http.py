@@ -100,6 +100,10 @@ def _activity_problem(data: dict[str, Any]) -> str:
     conversation_id = (data.get("conversation") or {}).get("id")
     if not isinstance(conversation_id, str) or not conversation_id:
         return "activity 'conversation.id' must be a non-empty string"
+    if not data.get("channelId"):
+        # The SDK checks a token's key is endorsed for the activity's channel only when
+        # the activity names one: without it, a key of any channel would do.
+        return "activity 'channelId' is required"
     if not data.get("serviceUrl"):
         return "activity 'serviceUrl' is required: replies are posted to it"
     members = data.get("membersAdded")
