@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -108,6 +109,17 @@ def _check_header(auth_header: str | None) -> None:
         raise Unauthorized("the Authorization header must be 'Bearer <token>'")
 
 
+async def _identified(authenticating: Awaitable[AuthenticateRequestResult]) -> AuthenticateRequestResult:
+    """The SDK's result, or ``Unauthorized`` for whatever it raised or an empty identity."""
+    try:
+        result = await authenticating
+    except Exception as e:
+        raise Unauthorized(_reason(e)) from e
+    if result is None or result.claims_identity is None:
+        raise Unauthorized("no identity in the token")
+    return result
+
+
 class CheckedAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
     """The SDK's authentication, with every authentication failure raised as ``Unauthorized``."""
 
@@ -118,25 +130,13 @@ class CheckedAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
         self, activity: Activity, auth_header: str | None
     ) -> AuthenticateRequestResult:
         _check_header(auth_header)
-        try:
-            result = await self.inner.authenticate_request(activity, auth_header)
-        except Exception as e:
-            raise Unauthorized(_reason(e)) from e
-        if result is None or result.claims_identity is None:
-            raise Unauthorized("no identity in the token")
-        return result
+        return await _identified(self.inner.authenticate_request(activity, auth_header))
 
     async def authenticate_streaming_request(
         self, auth_header: str | None, channel_id_header: str | None
     ) -> AuthenticateRequestResult:
         _check_header(auth_header)
-        try:
-            result = await self.inner.authenticate_streaming_request(auth_header, channel_id_header)
-        except Exception as e:
-            raise Unauthorized(_reason(e)) from e
-        if result is None or result.claims_identity is None:
-            raise Unauthorized("no identity in the token")
-        return result
+        return await _identified(self.inner.authenticate_streaming_request(auth_header, channel_id_header))
 
     async def authenticate_channel_request(self, auth_header: str) -> ClaimsIdentity:
         try:

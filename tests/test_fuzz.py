@@ -45,6 +45,7 @@ from orchestrator.ssml import SSML_NAMESPACE, clean_text, speak, xml_text
 from orchestrator.turn import LINE_MAX_CHARS, Say, TurnRunner
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
+from tests.test_http import dump
 
 SPEAK_TAG = f"{{{SSML_NAMESPACE}}}speak"
 VOICE_TAG = f"{{{SSML_NAMESPACE}}}voice"
@@ -217,18 +218,6 @@ async def bot(
     if bot_redis["REDIS_URL"]:
         await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
     await client.close()
-
-
-async def dump(store: RedisCallStore, conversation_id: str) -> list[Any]:
-    """Everything Redis holds for one call."""
-    keys = store.keys.call(conversation_id)
-    return [
-        await store.redis.hgetall(keys.call),
-        await store.redis.lrange(keys.transcript, 0, -1),
-        await store.redis.lrange(keys.history, 0, -1),
-        await store.redis.hgetall(keys.seen),
-        await store.redis.hgetall(keys.outbox),
-    ]
 
 
 DELETE = object()  # a field replaced by this is left out

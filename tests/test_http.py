@@ -218,12 +218,14 @@ async def test_statuses_that_do_not_fit_are_recorded_and_never_error(
 
 
 async def dump(store: RedisCallStore, conversation_id: str) -> list[Any]:
+    """Everything Redis holds for one call."""
     keys = store.keys.call(conversation_id)
     return [
         await store.redis.hgetall(keys.call),
         await store.redis.lrange(keys.transcript, 0, -1),
         await store.redis.lrange(keys.history, 0, -1),
         await store.redis.hgetall(keys.seen),
+        await store.redis.hgetall(keys.outbox),
     ]
 
 
