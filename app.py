@@ -53,12 +53,15 @@ def create_app(config: Settings | None = None) -> web.Application:
     """Build the bot; raises ConfigError for a bad setting or call flow file."""
     CONFIG = config or load_settings()
     FLOW = load_callflow(CONFIG.CALLFLOW_FILE)
-    if 2 * FLOW.transfer.timeout_seconds > CONFIG.CALL_IDLE_TTL_SECONDS:
-        # A transferring call must outlive its watchdog, or nobody hears the retry prompt.
-        raise ConfigError(
-            "CALL_IDLE_TTL_SECONDS",
-            f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)",
-        )
+    # A transferring call must outlive its watchdog, or nobody hears the retry prompt.
+    for name, seconds in (
+        ("CALL_IDLE_TTL_SECONDS", CONFIG.CALL_IDLE_TTL_SECONDS),
+        ("CALL_MAX_LIFETIME_SECONDS", CONFIG.CALL_MAX_LIFETIME_SECONDS or None),  # 0: no bound
+    ):
+        if seconds is not None and 2 * FLOW.transfer.timeout_seconds > seconds:
+            raise ConfigError(
+                name, f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)"
+            )
     # Every authentication failure a 401; signing keys fetched off the event loop.
     install_key_cache()
     AUTH = PooledAuthentication(CheckedAuthentication(ConfigurationBotFrameworkAuthentication(CONFIG)))

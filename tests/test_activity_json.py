@@ -512,7 +512,7 @@ def test_conversation_reference_json_is_unchanged() -> None:
 
 
 def test_parse_activity_answers_400_when_msrest_raises_past_its_own_errors() -> None:
-    base = '{"type":"message","serviceUrl":"http://c/","conversation":{"id":"c"}'
+    base = '{"type":"message","channelId":"telephony","serviceUrl":"http://c/","conversation":{"id":"c"}'
     for body in (
         base + ',"textHighlights":[{"occurrence":Infinity}]}',  # int(inf): OverflowError
         base + ',"timestamp":"2026-11-23T10:00:00+99:00"}',  # a DeserializationError

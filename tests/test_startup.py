@@ -36,6 +36,15 @@ def bad_flow(tmp_path: Path, **transfer: object) -> str:
         ({"PORT": "eighty"}, "configuration error: PORT: "),
         ({"REDIS_URL": "http://redis:6379"}, "configuration error: REDIS_URL: must start with"),
         ({"CALLFLOW_FILE": "/no/such/flow.yaml"}, "configuration error: CALLFLOW_FILE: no such file"),
+        # The default flow's watchdog is 60 s: a call must be kept at least twice that.
+        (
+            {"CALL_IDLE_TTL_SECONDS": "60"},
+            "configuration error: CALL_IDLE_TTL_SECONDS: must be at least twice",
+        ),
+        (
+            {"CALL_MAX_LIFETIME_SECONDS": "100"},
+            "configuration error: CALL_MAX_LIFETIME_SECONDS: must be at least twice",
+        ),
     ],
 )
 def test_a_bad_setting_stops_start_up_naming_it(env: dict[str, str], expected: str) -> None:
