@@ -136,7 +136,15 @@ class CheckedAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
         self, auth_header: str | None, channel_id_header: str | None
     ) -> AuthenticateRequestResult:
         _check_header(auth_header)
-        return await _identified(self.inner.authenticate_streaming_request(auth_header, channel_id_header))
+        # The SDK refuses a missing channelid (auth on) but takes "" as "no channel to check
+        # the key's endorsements against": a key of any channel would do. Blank is missing.
+        channel_id = (channel_id_header or "").strip() or None
+        try:
+            return await _identified(self.inner.authenticate_streaming_request(auth_header, channel_id))
+        except Unauthorized as e:
+            if channel_id is None:
+                raise Unauthorized(f"{e.reason}; the channelid header is missing or empty") from e
+            raise
 
     async def authenticate_channel_request(self, auth_header: str) -> ClaimsIdentity:
         try:

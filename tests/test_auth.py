@@ -179,6 +179,11 @@ async def test_the_streaming_upgrade_needs_a_valid_token(
         {**bearer(issuer.token(APP_ID, "x", key=issuer.teams_key, kid=TEAMS_KID)), "channelid": "telephony"},
         {**bearer(issuer.token("another-app-id", "x")), "channelid": "telephony"},
     ]
+    # A channelid header that is there but empty (or blank) names no channel either: the SDK
+    # would skip the endorsement check, so a key of any channel would open a connection.
+    teams_only = issuer.token(APP_ID, "x", key=issuer.teams_key, kid=TEAMS_KID)
+    for token in (teams_only, valid):
+        refused += [{**bearer(token), "channelid": ""}, {**bearer(token), "channelid": " \t "}]
     for headers in refused:
         with pytest.raises(WSServerHandshakeError) as failed:
             await secured.ws_connect("/api/messages", headers=headers)
