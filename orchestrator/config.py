@@ -125,6 +125,16 @@ class Settings(BaseSettings):
             raise ConfigError("REDIS_PASSWORD", "REDIS_URL has a password too: set it in one place")
         if self.REDIS_USERNAME is not None and self.REDIS_PASSWORD is None and not url_password:
             raise ConfigError("REDIS_PASSWORD", "required when REDIS_USERNAME is set")
+        # The same for TLS: a URL's ?ssl_cert_reqs=none would turn verification off, and its
+        # ?ssl_check_hostname=false overrule REDIS_TLS_CHECK_HOSTNAME. Only the option
+        # names are shown: a value may be a secret (ssl_password) that redact_url keeps.
+        if url_tls := url_tls_options(self.REDIS_URL):
+            raise ConfigError(
+                "REDIS_URL",
+                f"TLS options may not be set in the URL ({', '.join(url_tls)}): use REDIS_TLS_CA_FILE, "
+                "REDIS_TLS_CERT_FILE, REDIS_TLS_KEY_FILE and REDIS_TLS_CHECK_HOSTNAME "
+                "(certificate verification cannot be turned off)",
+            )
         tls = {
             "REDIS_TLS_CA_FILE": self.REDIS_TLS_CA_FILE is not None,
             "REDIS_TLS_CERT_FILE": self.REDIS_TLS_CERT_FILE is not None,
@@ -197,6 +207,14 @@ def url_credentials(url: str | None) -> tuple[str | None, str | None]:
     username = unquote(parts.username) if parts.username else query.get("username")
     password = unquote(parts.password) if parts.password else query.get("password")
     return username or None, password or None
+
+
+def url_tls_options(url: str | None) -> list[str]:
+    """The names of the ``ssl_*`` query options in a Redis URL (any case, percent-encoded
+    or not, with a value or without), in order: redis-py would let each one override the
+    TLS settings it is given as arguments."""
+    names = (name for name, _ in parse_qsl(urlsplit(url or "").query, keep_blank_values=True))
+    return list(dict.fromkeys(name for name in names if name.strip().lower().startswith("ssl")))
 
 
 def redact_url(url: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from click.testing import CliRunner
+from redis.asyncio import Redis
 
 from adapters.inspector import CallInspector
 from adapters.keys import Keyspace
@@ -211,6 +212,34 @@ def test_the_host_name_check_is_on_unless_turned_off(tls: TlsFiles) -> None:
     )
     assert options == {"ssl_check_hostname": False, "ssl_ca_certs": str(tls.ca)}
     assert security_options(load_settings(REDIS_URL="redis://h:6379/0")) == {}
+
+
+async def test_the_client_verifies_what_the_settings_say_and_no_url_can_say_otherwise(tls: TlsFiles) -> None:
+    # Why a URL's ssl_* options are refused: redis-py lets them win over the arguments.
+    sneaky = Redis.from_url(
+        "rediss://h/0?ssl_cert_reqs=none&ssl_check_hostname=false", ssl_check_hostname=True
+    )
+    assert sneaky.connection_pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    assert sneaky.connection_pool.connection_kwargs["ssl_check_hostname"] is False
+    await sneaky.aclose()
+    for url in ("rediss://h/0?ssl_cert_reqs=none", "rediss://h/0?ssl_check_hostname=false"):
+        with pytest.raises(ConfigError) as info:
+            load_settings(REDIS_URL=url, REDIS_TLS_CA_FILE=tls.ca)
+        assert info.value.where == "REDIS_URL" and "REDIS_TLS_CHECK_HOSTNAME" in str(info.value)
+    # What the accepted settings give the connections: verification on, the host checked.
+    for check_hostname in ("1", "0"):
+        settings = load_settings(
+            REDIS_URL="rediss://h:6380/0?db=0",
+            REDIS_TLS_CA_FILE=tls.ca,
+            REDIS_TLS_CHECK_HOSTNAME=check_hostname,
+        )
+        client = create_redis(settings)
+        assert isinstance(client, Redis)
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs.get("ssl_cert_reqs", "required") == "required"
+        assert kwargs["ssl_check_hostname"] is (check_hostname == "1")
+        assert kwargs["ssl_ca_certs"] == str(tls.ca)
+        await client.aclose()
 
 
 # --- AUTH and ACL users -------------------------------------------------------------
@@ -460,6 +489,46 @@ def pem(tmp_path: Path) -> Path:
             {"REDIS_URL": "redis://h?password=pw-secret-2", "REDIS_PASSWORD": "pw-secret-1"},
             "REDIS_PASSWORD",
             "one place",
+        ),
+        # redis-py lets a URL's ssl_* options win over the REDIS_TLS_* settings: refused.
+        *(
+            ({"REDIS_URL": url, **more}, "REDIS_URL", says)
+            for url, more, says in [
+                ("rediss://h/0?ssl_cert_reqs=none", {}, "(ssl_cert_reqs)"),
+                ("rediss://h/0?ssl_cert_reqs=required", {}, "(ssl_cert_reqs)"),
+                (
+                    "rediss://h/0?ssl_check_hostname=false",
+                    {"REDIS_TLS_CHECK_HOSTNAME": "1"},
+                    "(ssl_check_hostname)",
+                ),
+                (
+                    "rediss://h/0?ssl_check_hostname=true",
+                    {"REDIS_TLS_CHECK_HOSTNAME": "0"},
+                    "REDIS_TLS_CHECK_HOSTNAME",
+                ),
+                ("rediss://h/0?ssl_ca_certs=/etc/ssl/certs/ca.pem", {}, "REDIS_TLS_CA_FILE"),
+                ("rediss://h/0?ssl_ca_path=/etc/ssl/certs", {}, "(ssl_ca_path)"),
+                ("rediss://h/0?ssl_certfile=/c.crt&ssl_keyfile=/c.key", {}, "(ssl_certfile, ssl_keyfile)"),
+                ("rediss://h/0?ssl_password=pw-secret-3", {}, "(ssl_password)"),
+                ("rediss://h/0?ssl_min_version=2", {}, "(ssl_min_version)"),
+                (
+                    "rediss://h/0?ssl_include_verify_flags=VERIFY_X509_PARTIAL_CHAIN",
+                    {},
+                    "(ssl_include_verify_flags)",
+                ),
+                ("rediss://h/0?ssl_cert_reqs", {}, "(ssl_cert_reqs)"),  # no value: still refused
+                ("rediss://h/0?SSL_CERT_REQS=none", {}, "(SSL_CERT_REQS)"),
+                ("rediss://h/0?%73sl_cert_reqs=none", {}, "(ssl_cert_reqs)"),  # percent-encoded
+                ("rediss://h/0?db=1&ssl_cert_reqs=none&ssl_cert_reqs=none", {}, "(ssl_cert_reqs)"),
+                (
+                    "rediss://cc-bot:pw-secret-2@h/0?ssl_cert_reqs=none",
+                    {},
+                    "verification cannot be turned off",
+                ),
+                ("rediss://h/0?password=pw-secret-2&ssl_cert_reqs=none", {}, "may not be set in the URL"),
+                ("redis://h/0?ssl_cert_reqs=none", {}, "(ssl_cert_reqs)"),
+                ("unix:///run/redis.sock?ssl_check_hostname=false", {}, "(ssl_check_hostname)"),
+            ]
         ),
     ],
 )
