@@ -55,6 +55,11 @@ KEYS_MAX_AGE = timedelta(days=1)  # the SDK's: refetch keys a day old
 UNKNOWN_KID_REFETCH = timedelta(hours=1)  # the SDK's: an unknown key id refetches at most hourly
 FETCH_TIMEOUT = (3.05, 10.0)  # connect, read: the SDK has none, so a dead endpoint hung a thread
 RETRY_SECONDS = 5.0  # after a failed fetch, requests fail fast this long before the next try
+# A request waits this long at most for the signing keys, then is refused with 401 (the
+# channel retries); well inside adapters.http.TURN_SECONDS, which a key fetch (up to two
+# of FETCH_TIMEOUT) could otherwise use up, leaving a forged token a 503 instead.
+AUTH_SECONDS = 5.0
+KEYS_LOADING = "signing keys not loaded yet"
 
 _BEARER = re.compile(r"Bearer [^\s]+")
 
@@ -110,10 +115,16 @@ def _check_header(auth_header: str | None) -> None:
 
 
 async def _identified(authenticating: Awaitable[AuthenticateRequestResult]) -> AuthenticateRequestResult:
-    """The SDK's result, or ``Unauthorized`` for whatever it raised or an empty identity."""
+    """The SDK's result, or ``Unauthorized`` for whatever it raised, an empty identity, or
+    no answer within ``AUTH_SECONDS`` (only a wait for the signing keys takes that long)."""
+    bound = asyncio.timeout(AUTH_SECONDS)
     try:
-        result = await authenticating
+        async with bound:
+            result = await authenticating
     except Exception as e:
+        if bound.expired():
+            log.warning("a request was refused after %s s waiting for the signing keys", AUTH_SECONDS)
+            raise Unauthorized(KEYS_LOADING) from e
         raise Unauthorized(_reason(e)) from e
     if result is None or result.claims_identity is None:
         raise Unauthorized("no identity in the token")

@@ -160,20 +160,22 @@ def _unauthorized(reason: str) -> web.Response:
 async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
     """Authenticate, then run the activity through the bot; the response for the channel."""
     adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
+    # The channel gives a turn 15 s; answer before that, so it redelivers rather than
+    # giving up (a turn cut short here was either committed or not at all).
+    deadline = asyncio.get_running_loop().time() + TURN_SECONDS
+    # Authenticated first, on its own and outside the turn's timeout: only this step
+    # answers 401, so nothing a turn raises is taken for a bad token, and a wait for the
+    # signing keys ends in 401 (adapters.auth.AUTH_SECONDS), not 503. (None, not "", for
+    # a missing header: the SDK's parameterised path fails on "" with a 500.)
     try:
-        # The channel gives a turn 15 s; answer before that, so it redelivers rather
-        # than giving up (a turn cut short here was either committed or not at all).
-        async with asyncio.timeout(TURN_SECONDS):
-            # Authenticated first, on its own: only this step answers 401, so nothing a
-            # turn raises is taken for a bad token. (None, not "", for a missing header:
-            # the SDK's parameterised path fails on "" with a 500.)
-            try:
-                authenticated = await adapter.bot_framework_authentication.authenticate_request(
-                    parsed, request.headers.get("Authorization")
-                )
-            except Unauthorized as e:
-                log.info("activity %s refused: %s", parsed.id, e.reason)
-                return _unauthorized(e.reason)
+        authenticated = await adapter.bot_framework_authentication.authenticate_request(
+            parsed, request.headers.get("Authorization")
+        )
+    except Unauthorized as e:
+        log.info("activity %s refused: %s", parsed.id, e.reason)
+        return _unauthorized(e.reason)
+    try:
+        async with asyncio.timeout_at(deadline):  # what authentication left of TURN_SECONDS
             invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
     except TimeoutError:
         log.warning(

@@ -18,8 +18,9 @@ from botbuilder.integration.aiohttp import ConfigurationBotFrameworkAuthenticati
 from botframework.connector.auth import MicrosoftAppCredentials
 from botframework.connector.auth.jwt_token_extractor import JwtTokenExtractor
 
+import adapters.auth
 import adapters.http
-from adapters.auth import KeysUnavailable, OffLoopKeys, keys_for
+from adapters.auth import KEYS_LOADING, KeysUnavailable, OffLoopKeys, keys_for
 from adapters.http import BOT_KEY, MAX_BODY_BYTES, STORE_KEY
 from app import create_app
 from orchestrator.config import Settings, load_settings
@@ -218,6 +219,49 @@ async def test_a_slow_metadata_endpoint_does_not_stall_other_requests(
             assert issuer.metadata_requests == fetches + 1
     finally:
         issuer.release()
+
+
+async def test_a_request_waiting_too_long_for_the_keys_is_a_401_not_a_503(
+    secured: TestClient[Any, Any], issuer: Issuer, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Authentication has its own bound, outside the turn's: the channel retries a 401."""
+    caller = Caller(channel.url)
+    valid = bearer(issuer.token(APP_ID, channel.url))
+    assert await post(secured, caller.start(), valid) == 201
+    store = secured.app[STORE_KEY]
+    before = await dump(store, caller.conversation_id)
+    sent = len(channel.for_conversation(caller.conversation_id))
+    keys = keys_for(issuer.metadata_url)
+    keys.keys, keys.last_updated = [], datetime.min  # as before the first fetch
+    # A turn bound shorter than authentication's: were authentication inside the turn's
+    # timeout (as it was), these would be 503s.
+    monkeypatch.setattr(adapters.http, "TURN_SECONDS", 0.05)
+    monkeypatch.setattr(adapters.auth, "AUTH_SECONDS", 0.2)
+    issuer.hold()
+    try:
+        forged = bearer(issuer.token(APP_ID, channel.url, key=issuer.other_key))
+        for headers in (forged, valid):
+            response = await secured.post("/api/messages", json=caller.say("agent"), headers=headers)
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await response.json())["error"] == f"missing or invalid channel token: {KEYS_LOADING}"
+        with pytest.raises(WSServerHandshakeError) as failed:
+            await secured.ws_connect("/api/messages", headers={**valid, "channelid": "telephony"})
+        assert failed.value.status == 401
+        assert issuer.pending, "the key fetch is still held: the bound answered, not the fetch"
+        assert await dump(store, caller.conversation_id) == before
+        assert len(channel.for_conversation(caller.conversation_id)) == sent
+        fetch = keys.refresh()  # the one held, not a new one
+        issuer.release()
+        await asyncio.wrap_future(fetch)
+    finally:
+        issuer.release()
+    monkeypatch.setattr(adapters.http, "TURN_SECONDS", 12.0)
+    assert await post(secured, caller.say("agent"), valid) == 201  # served once the keys are in
+
+
+def test_authentication_is_bounded_inside_the_turn() -> None:
+    assert adapters.auth.AUTH_SECONDS < adapters.http.TURN_SECONDS
 
 
 async def test_stale_keys_are_refreshed_in_the_background(
