@@ -115,6 +115,9 @@ def refused_tokens(issuer: Issuer, service_url: str) -> list[tuple[str, dict[str
         ("no serviceUrl claim", bearer(token(serviceurl=None))),
         ("alg none", bearer(token(algorithm="none"))),
         ("alg HS256 with the public key as secret", bearer(token(algorithm="HS256"))),
+        # The SDK lets RS384/RS512 past its header check, then decodes with RS256 only.
+        ("alg RS384", bearer(token(algorithm="RS384"))),
+        ("alg RS512", bearer(token(algorithm="RS512"))),
     ]
 
 
