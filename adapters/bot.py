@@ -21,6 +21,7 @@ from botbuilder.schema import (
 )
 
 from adapters.activity_json import activity_from_json, model_from_json, to_json
+from adapters.store import CALLER_ACCOUNT, restore_caller
 from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine
 from orchestrator.errors import StoreUnavailable
@@ -103,8 +104,10 @@ class CallBot(Bot):  # type: ignore[misc]
         return proactive_replies(turn)
 
     async def send(self, reference: str, replies: list[Activity]) -> None:
-        """Speak to a call proactively (the adapter's continue-conversation)."""
+        """Speak to a call proactively (the adapter's continue-conversation). Replies from
+        the outbox get the caller's account back from ``reference`` (see ``unpark``)."""
         ref = model_from_json(ConversationReference, json.loads(reference))
+        replies = [with_caller(reply, reference) for reply in replies]
 
         async def speak(turn_context: TurnContext) -> None:
             await turn_context.send_activities(replies)
@@ -113,8 +116,18 @@ class CallBot(Bot):  # type: ignore[misc]
 
     @staticmethod
     def unpark(payload: str) -> list[Activity]:
-        """The activities of an outbox entry."""
+        """The activities of an outbox entry. The outbox does not hold the caller's number:
+        their account is ``CALLER_ACCOUNT`` until ``send`` restores it from the reference."""
         return [activity_from_json(data) for data in json.loads(payload)]
+
+
+def with_caller(reply: Activity, reference: str) -> Activity:
+    """``reply`` with the caller's account, which the outbox keeps as ``CALLER_ACCOUNT``,
+    restored from the call's stored conversation ``reference``; others as they are."""
+    accounts = (reply.from_property, reply.recipient)
+    if not (reply.attachments or reply.relates_to or any(a and a.id == CALLER_ACCOUNT for a in accounts)):
+        return reply
+    return activity_from_json(restore_caller(to_json(reply), reference))
 
 
 def proactive_replies(turn: Turn) -> list[Activity]:

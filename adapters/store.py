@@ -295,7 +295,7 @@ class RedisCallStore:
 
     def _commit_args(self, turn: Turn, dedupe_key: str, token: str, now_s: int) -> list[Any]:
         call, keep = turn.call, self.retention
-        outbox = json.dumps([to_json(reply) for reply in turn.replies]) if turn.durable else ""
+        outbox = parked_replies(turn.replies, call.reference) if turn.durable else ""
         ended = call.state == State.ENDED
         fields: dict[str, Any] = {
             CallField.ID: call.id,
@@ -358,6 +358,72 @@ class RedisCallStore:
                 return bool(await self.redis.ping())
         except (*UNAVAILABLE, TimeoutError):
             return False
+
+
+# --- the outbox: parked replies, without the caller's number ----------------------------
+
+# What a parked reply holds instead of the caller's account id and name: a ``handoff.initiate``
+# names the caller in its ``from``, ``relatesTo.user`` and every transcript line's
+# ``from``/``recipient``. The number stays only in the call's stored conversation reference
+# (its ``user``), and ``restore_caller`` puts it back from there when the reply is re-sent.
+CALLER_ACCOUNT = "[caller]"
+
+
+def parked_replies(replies: list[Any], reference: str) -> str:
+    """The outbox entry of ``replies``: their JSON, every account of the caller (the
+    ``user`` of ``reference``) with ``CALLER_ACCOUNT`` for its id and name."""
+    data = [to_json(reply) for reply in replies]
+    caller = _reference_user(reference).get("id")
+    if caller:
+        for activity in data:
+            _conceal(activity, caller)
+    return json.dumps(data)
+
+
+def restore_caller(activity: dict[str, Any], reference: str) -> dict[str, Any]:
+    """``activity`` (an outbox entry's JSON) with the caller's id and name back, from the
+    ``user`` of the call's stored conversation ``reference``; changed in place."""
+    user = _reference_user(reference)
+    _restore(activity, str(user.get("id") or ""), user.get("name"))
+    return activity
+
+
+def _reference_user(reference: str) -> dict[str, Any]:
+    try:
+        user = json.loads(reference).get("user") if reference else None
+    except (ValueError, AttributeError):
+        return {}
+    return user if isinstance(user, dict) else {}
+
+
+def _conceal(value: Any, caller: str) -> None:
+    """Every account (a dict whose ``id`` is ``caller``) in ``value``, id and name concealed."""
+    if isinstance(value, dict):
+        if value.get("id") == caller:
+            value["id"] = CALLER_ACCOUNT
+            if "name" in value:
+                value["name"] = CALLER_ACCOUNT
+        for item in value.values():
+            _conceal(item, caller)
+    elif isinstance(value, list):
+        for item in value:
+            _conceal(item, caller)
+
+
+def _restore(value: Any, caller: str, name: Any) -> None:
+    if isinstance(value, dict):
+        if value.get("id") == CALLER_ACCOUNT:
+            value["id"] = caller
+            if "name" in value:
+                if name:
+                    value["name"] = name
+                else:
+                    del value["name"]
+        for item in value.values():
+            _restore(item, caller, name)
+    elif isinstance(value, list):
+        for item in value:
+            _restore(item, caller, name)
 
 
 # Transcript lines are JSON arrays [role, at, text]: the role by its initial, the time in

@@ -253,6 +253,7 @@ async def bot(
         CALLFLOW_FILE=flow_file(tmp_path, agent_transcript),
         DELIVERY_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
+        SCHEDULER_LEASE_SECONDS=1,  # a refused re-send is tried again a second later
     )
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
@@ -281,22 +282,73 @@ async def test_the_agent_gets_the_transcript_the_flow_says(
     assert texts[1] == (SAID if full else REDACTED)
     assert texts[2] == f'What I heard was "{REDACTED}"'  # what the caller actually heard
     assert texts[3] == "agent"
-    store: RedisCallStore = bot.app[STORE_KEY]
-    stored = json.dumps(await everything_stored(store.redis, store.keys.prefix))
-    for secret in SECRETS:
-        assert secret not in stored
 
 
-async def test_a_re_sent_handoff_carries_the_redacted_transcript(
-    bot: TestClient[Any, Any], channel: ChannelStandIn
+# The caller's number as it may be written; none may be stored outside the reference.
+CALLER_FORMS = (
+    "+14255550123",
+    "14255550123",
+    "4255550123",
+    "425-555-0123",
+    "555-0123",
+    "555 0123",
+    "5550123",
+)
+
+
+def accounts(handoff: dict[str, Any]) -> list[Any]:
+    """Every account a handoff.initiate names: its own, its relatesTo's and its transcript's."""
+    lines = handoff["attachments"][0]["content"]["activities"]
+    return [
+        handoff["from"],
+        handoff["recipient"],
+        handoff["relatesTo"]["user"],
+        handoff["relatesTo"]["bot"],
+        *(line[side] for line in lines for side in ("from", "recipient")),
+    ]
+
+
+async def handoff_of(channel: ChannelStandIn, cid: str) -> dict[str, Any]:
+    """The first handoff.initiate that reached the call, waiting for it to arrive."""
+    while not any(a["name"] == "handoff.initiate" for a in channel.for_conversation(cid) if "name" in a):
+        await channel.wait_for(len(channel.for_conversation(cid)) + 1, cid)
+    return next(a for a in channel.for_conversation(cid) if a.get("name") == "handoff.initiate")
+
+
+async def test_a_parked_handoff_holds_no_caller_number_and_is_re_sent_whole(
+    bot: TestClient[Any, Any], channel: ChannelStandIn, agent_transcript: str
 ) -> None:
-    """The outbox is Redis: what it re-sends was never the full transcript."""
+    """The outbox is Redis: while a handoff waits there, it holds neither the caller's words
+    nor their number (only the reference does); re-sent, it names the caller as a handoff sent
+    at once does, and carries the redacted transcript (also for ``full``)."""
+    store: RedisCallStore = bot.app[STORE_KEY]
+    sent_at_once = Caller(channel.url, number=CALLER_ID)
+    for activity in (sent_at_once.start(), sent_at_once.say(SAID), sent_at_once.say("agent")):
+        assert (await bot.post("/api/messages", json=activity)).status == 201
+    expected = await handoff_of(channel, sent_at_once.conversation_id)
+    await delete_prefix(store.redis, store.keys.prefix)  # only the parked call's keys below
+
     caller = Caller(channel.url, number=CALLER_ID)
     cid = caller.conversation_id
-    assert (await bot.post("/api/messages", json=caller.say(SAID))).status == 201
-    channel.refuse_next = 1
+    for activity in (caller.start(), caller.say(SAID)):
+        assert (await bot.post("/api/messages", json=activity)).status == 201
+    channel.refuse_next = 1_000_000  # every delivery fails, re-sends too: the handoff stays parked
     assert (await bot.post("/api/messages", json=caller.say("agent"))).status == 201
-    await channel.wait_for(2, cid)  # re-sent by the scheduler after the grace period
-    handoff = channel.for_conversation(cid)[-1]
-    assert handoff["name"] == "handoff.initiate"
-    assert transcript_texts(handoff)[0] == REDACTED
+    assert await store.redis.hlen(store.keys.call(cid).outbox) == 1
+    stored = json.dumps(await everything_stored(store.redis, store.keys.prefix))
+    assert "handoff.initiate" in stored and MASKED_CARD in stored  # the parked handoff is there
+    for secret in (*SECRETS, *CALLER_FORMS):
+        assert secret not in stored
+    # The redactor finds the number in any other formatting: nothing it would mask is left.
+    assert Redactor(digit_runs=0)(stored, CALLER_ID).count(CALLER_NUMBER) == stored.count(CALLER_NUMBER)
+    assert CALLER_ID in (await store.record(cid))["reference"]  # the one place it is kept
+
+    channel.refuse_next = 0
+    resent = await handoff_of(channel, cid)
+    assert resent["channelData"] == expected["channelData"]
+    assert accounts(resent) == accounts(expected)
+    assert resent["relatesTo"]["user"] == {"id": CALLER_ID, "role": "user"}
+    assert resent["recipient"]["id"] == CALLER_ID
+    texts = transcript_texts(resent)
+    assert texts[1] == REDACTED  # the outbox never held the words as said
+    assert texts == [*transcript_texts(expected)[:1], REDACTED, *transcript_texts(expected)[2:]]
