@@ -36,6 +36,32 @@ def redact(text: str) -> str:
     return _LONG_DIGITS.sub(mask, text)
 
 
+def mask_account(text: str) -> str:
+    """A caller's account id or name for operator eyes: a ``*`` per digit but the last four,
+    as the digit-run rule does (``+14255550123`` -> ``*******0123``); a value with four
+    digits or fewer (not a phone number: a Web Chat id, a name), a ``*`` per character."""
+    digits = re.sub(r"\D", "", text)
+    if len(digits) > 4:
+        return "*" * (len(digits) - 4) + digits[-4:]
+    return "*" * len(text)
+
+
+def shown_reference(raw: str) -> Any:
+    """The stored conversation reference for operator eyes: its ``user`` (the caller: on
+    Telephony ``id`` is their number) masked, the rest as stored; None for none."""
+    if not raw:
+        return None
+    try:
+        reference = json.loads(raw)
+    except ValueError:
+        return "(unreadable)"
+    user = reference.get("user") if isinstance(reference, dict) else None
+    if isinstance(user, dict):
+        masked = ("id", "name", "aadObjectId")
+        reference["user"] = {k: mask_account(str(v)) if k in masked and v else v for k, v in user.items()}
+    return reference
+
+
 def parse_window(text: str) -> int:
     """``90s``, ``15m``, ``1h``, ``7d`` (or plain seconds) -> seconds."""
     match = _WINDOW.match(text)
@@ -83,7 +109,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
     transcript = loaded.transcript if loaded is not None else []
     history = await store.history(conversation_id)
     shown: dict[str, Any] = {k: v for k, v in record.items() if k != "reference"}
-    shown["reference"] = json.loads(record["reference"]) if record.get("reference") else None
+    shown["reference"] = shown_reference(record.get("reference", ""))
     shown["failure"] = redact(record.get("failure", ""))
     return {
         "record": shown,

@@ -30,6 +30,9 @@ from tests.conftest import REAL_REDIS_URL, delete_prefix, require_real_redis_syn
 
 pytestmark = pytest.mark.real_redis
 
+# A stored reference names the caller: on Telephony, by their number.
+REFERENCE = json.dumps({"user": {"id": "+14255550123", "name": "+1 425 555 0123", "role": "user"}, "x": 1})
+
 
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -46,7 +49,7 @@ def call_in_redis(key_prefix: str) -> Iterator[str]:
         client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
         engine = Engine(RedisCallStore(client, Keyspace(key_prefix)), load_callflow())
         await engine.handle("call-42", CallerInput("my card is 4111 1111 1111 1111"), activity_id="a1")
-        await engine.handle("call-42", CallerInput("agent"), activity_id="a2", reference='{"x": 1}')
+        await engine.handle("call-42", CallerInput("agent"), activity_id="a2", reference=REFERENCE)
         await engine.handle("call-42", HandoffStatus("failed", "busy"), activity_id="a3")
         await client.aclose()
 
@@ -67,7 +70,10 @@ def test_calls_show_json_has_the_whole_call_redacted(call_in_redis: str) -> None
     assert result.exit_code == 0, result.output
     call = json.loads(result.output)
     assert call["record"]["state"] == "failed" and call["record"]["attempts"] == "1"
-    assert call["record"]["failure"] == "busy" and call["record"]["reference"] == {"x": 1}
+    assert call["record"]["failure"] == "busy"
+    masked = {"id": "*******0123", "name": "*******0123", "role": "user"}
+    assert call["record"]["reference"] == {"user": masked, "x": 1}  # the caller's number masked
+    assert "5550123" not in result.output and "555 0123" not in result.output
     said = [line["text"] for line in call["transcript"] if line["role"] == "caller"]
     assert said == ["my card is ************1111", "agent"]
     assert [(s["trigger"], s["from"], s["to"]) for s in call["history"]] == [

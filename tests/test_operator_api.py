@@ -4,6 +4,7 @@ calls made the way the channel makes them (activities posted to /api/messages)."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -89,6 +90,12 @@ async def test_calls_by_state_and_one_call_whole(bot: TestClient[Any, Any], call
         ("transferring", "failed"),
     ]
     assert call["targets_tried"] == [TARGET]
+    # The caller's number (their account in the reference) is masked like a digit run.
+    reference = call["record"]["reference"]
+    assert reference["user"] == {"id": "*******0123", "role": "user"}
+    assert reference["conversation"] == {"id": failed} and reference["channelId"] == "telephony"
+    for form in (calls["failed"].number, "4255550123", "5550123"):
+        assert form not in json.dumps(call)
     await get(bot, "/api/calls/nobody", 404)
 
 
