@@ -17,9 +17,14 @@ CALLER_NUMBER = "[caller number]"  # what the caller's own number becomes
 # national numbers ("555 0123"); shorter runs (a menu choice, a PIN's worth) stay.
 CALLER_MIN_DIGITS = 7
 # Between two digits of one run: up to three of these, as people speak and type numbers
-# ("4111 1111 1111 1111", "+1 (425) 555-0100", "425.555.0100"). Not "/" or ",": dates
-# and amounts in a sentence stay apart.
-_SEPARATORS = r"[ \t.()\-]{0,3}"
+# ("4111 1111 1111 1111", "+1 (425) 555-0100", "425.555.0100", 4111 1111 1111 1111 with en dashes):
+# any whitespace (no-break and narrow spaces too), invisible format characters (soft hyphen,
+# zero-width space and joiners, word joiner, BOM), dots, commas, slashes, brackets and every
+# dash and hyphen (U+2010-U+2015, minus, the small and fullwidth hyphen-minus). A date or an
+# amount of 7 or more digits ("2024/01/15", "1,250,000") is masked too: a false positive
+# rather than a card number left readable. No class member is a digit, so the scan stays
+# linear: each repetition of the run takes a digit.
+_SEPARATORS = r"[\s\u00ad\u200b-\u200d\u2060\ufeff.,/()\-\u2010-\u2015\u2212\ufe63\uff0d]{0,3}"
 _NON_DIGITS = re.compile(r"\D")
 
 
