@@ -84,8 +84,30 @@ async def connection_problem(client: Redis | RedisCluster, settings: Settings) -
                 f"the TLS handshake with Redis failed: check REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, "
                 f"REDIS_TLS_KEY_FILE and REDIS_TLS_CHECK_HOSTNAME ({e})"
             )
+        if settings.REDIS_URL is not None and settings.REDIS_URL.startswith("rediss://") and _cut_off(e):
+            # TLS 1.3 checks the client's certificate after the handshake: the server's alert
+            # (CERTIFICATE_REQUIRED, unknown CA) races its close, and a reset can lose it.
+            return (
+                f"Redis cut off the TLS connection: if it asks for client certificates, check "
+                f"REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (a refused certificate can look like "
+                f"this when the server's alert is lost to the reset) ({e})"
+            )
         return f"Redis is not reachable ({e or type(e).__name__})"
     return None
+
+
+def _cut_off(error: BaseException) -> bool:
+    """Whether ``error`` or what caused it is the peer resetting or closing the connection."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a chain, not a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionResetError | BrokenPipeError) or "Connection reset by peer" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _tls_failure(error: BaseException) -> bool:
