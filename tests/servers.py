@@ -52,7 +52,8 @@ class RedisServer:
 
     def admin(self, **options: Any) -> redis.Redis:
         """A synchronous client of the server's default user, for setting it up."""
-        return redis.Redis(port=self.port, socket_timeout=1, **options)
+        # 10 s: a TLS connect on a loaded 2-core machine takes a good part of a second.
+        return redis.Redis(port=self.port, socket_timeout=10, **options)
 
     def start(self) -> Self:
         command = [require_redis_server(), *self.listen_args(), "--bind", "127.0.0.1"]
@@ -60,12 +61,12 @@ class RedisServer:
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log)
         client = self.admin()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):  # not listening yet, or slow
                 assert time.monotonic() < deadline, (self.dir / "redis.log").read_text()
                 time.sleep(0.05)
         client.close()
