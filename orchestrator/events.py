@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from botbuilder.schema import Activity, ActivityTypes
 
 from orchestrator.handoff import HandoffEventNames, HandoffStates
+from orchestrator.redact import MARGIN
+
+STATUS_MESSAGE_MAX = 500  # what is kept of the agent side's status message (redacted first)
+INVALID_REASON_MAX = 200  # ... and of why a status was ignored
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,6 +77,20 @@ def status_from_value(value: object) -> HandoffStatus | InvalidStatus:
         return InvalidStatus(f"value is {type(value).__name__}, not an object")
     state = value.get("state")
     if state not in HandoffStates.ALL:
-        return InvalidStatus(f"unknown state {state!r}"[:200])
+        return InvalidStatus(f"unknown state {_quoted(state)}")
     message = value.get("message")
-    return HandoffStatus(str(state), message[:500] if isinstance(message, str) else "")
+    if not isinstance(message, str):
+        return HandoffStatus(str(state))
+    # Cut with redaction's margin: the turn redacts it, then cuts it to what is kept.
+    return HandoffStatus(str(state), message[: STATUS_MESSAGE_MAX + MARGIN])
+
+
+def _quoted(state: object) -> str:
+    """An unknown state as recorded: a string in quotes (as sent: the turn redacts, then
+    cuts it), None as None, any other value only by its type. A list like [4111, 1111,
+    1111, 1111] is no text the redactor would see as one number, so none of it is kept."""
+    if state is None:
+        return "None"
+    if isinstance(state, str):
+        return f"'{state[: INVALID_REASON_MAX + MARGIN]}'"
+    return f"of type {type(state).__name__}"

@@ -26,6 +26,10 @@ CALLER_MIN_DIGITS = 7
 # linear: each repetition of the run takes a digit.
 _SEPARATORS = r"[\s\u00ad\u200b-\u200d\u2060\ufeff.,/()\-\u2010-\u2015\u2212\ufe63\uff0d]{0,3}"
 _NON_DIGITS = re.compile(r"\D")
+# How far past a cut redaction looks. Text that is kept only up to a limit is cut at the
+# limit plus this, redacted, then cut at the limit: a match of a rule that starts before
+# the limit is found whole if it is at most this long, and no rule scans more than needed.
+MARGIN = 256
 
 
 def _digits(text: str) -> str:
@@ -65,6 +69,11 @@ class Redactor:
         # "+" or "(" a number may start with. Each repetition takes a digit, and digits are
         # no separators: the scan is linear, whatever the text.
         self._runs = re.compile(rf"\+?\(?\d(?:{_SEPARATORS}\d){{{shortest - 1},}}") if shortest else None
+
+    @property
+    def has_patterns(self) -> bool:
+        """Whether configured patterns (which may cost more than linear time) apply."""
+        return bool(self._patterns)
 
     def __call__(self, text: str, caller: str = "") -> str:
         """``text`` redacted; ``caller`` is the caller's id (``from.id``, a phone number)."""

@@ -17,6 +17,7 @@ from transitions import EventData, MachineError
 from orchestrator.call import BOT, CALLER, Call, Line, Step
 from orchestrator.callflow import CallFlow, SpokenPrompt
 from orchestrator.events import (
+    INVALID_REASON_MAX,
     CallEnded,
     CallerInput,
     CallStarted,
@@ -26,10 +27,15 @@ from orchestrator.events import (
     WatchdogExpired,
 )
 from orchestrator.handoff import HandoffStates
+from orchestrator.redact import MARGIN
 from states import State, Trigger, build_machine
 from states.call import Dispatch
 
 LINE_MAX_CHARS = 1000
+# With configured patterns (any regex: some take quadratic time), a message is cut to this
+# before it is redacted, and the redacted words to LINE_MAX_CHARS: no pattern scans 256 KB.
+# The built-in rules are linear and see the whole message (the echo repeats all of it).
+CALLER_TEXT_MAX = LINE_MAX_CHARS + MARGIN
 
 STATUS_TRIGGERS = {
     HandoffStates.ACCEPTED: Trigger.ACCEPT,
@@ -144,6 +150,7 @@ class TurnRunner:
         self._transcript_max = transcript_max
         self._redact = flow.redact
         self._keep_full = flow.privacy.agent_transcript == "full"
+        self._cut_input = self._redact.has_patterns
         self._caller = ""
         self._turn = Turn(call=Call(id=""))
         self._now = ""
@@ -183,7 +190,7 @@ class TurnRunner:
                 # The agent side's words are stored (history, failure) and shown too.
                 self._fire(STATUS_TRIGGERS[status], reason=self._redact(message) if message else status)
             case InvalidStatus(reason=reason):
-                self._ignore("handoff_status", self._redact(reason))
+                self._ignore("handoff_status", self._redact(reason)[:INVALID_REASON_MAX])
             case WatchdogExpired(now_ms=now_ms):
                 # Fenced by the deadline: a timer for an attempt that already ended, or
                 # claimed early, finds the call elsewhere or not yet due and does nothing.
@@ -205,7 +212,10 @@ class TurnRunner:
             return
         # Redacted here, once: the transcript, the echo, the history and everything that
         # shows them only ever see this. Routes match the words as said (in memory only).
-        said = self._redact(text, self._caller)
+        if self._cut_input and len(text) > CALLER_TEXT_MAX:
+            said = self._redact(text[:CALLER_TEXT_MAX], self._caller)[:LINE_MAX_CHARS]
+        else:
+            said = self._redact(text, self._caller)
         self._line(CALLER, said, text if self._keep_full and said != text else "")
         if call.state in (State.ACCEPTED, State.TRANSFERRING):
             return  # the caller is with, or being put through to, an agent: the bot is silent

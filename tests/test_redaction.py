@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from orchestrator.callflow import CallFlow, load_callflow, parse_callflow
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError
-from orchestrator.events import CallerInput, CallStarted, HandoffStatus, InvalidStatus
+from orchestrator.events import CallerInput, CallStarted, HandoffStatus, InvalidStatus, status_from_value
 from orchestrator.redact import CALLER_NUMBER, Redactor
-from orchestrator.turn import TurnRunner
+from orchestrator.turn import LINE_MAX_CHARS, TurnRunner
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
 
@@ -229,6 +230,63 @@ def test_agent_side_status_messages_are_redacted() -> None:
     assert turn.steps[0].reason == "agent at ******0199 busy"
     ignored = runner.run(turn.call, InvalidStatus("unknown state '4111111111111111'"), now="t")
     assert ignored.steps[0].reason == f"ignored: unknown state '{MASKED_CARD}'"
+
+
+def test_agent_side_text_is_redacted_before_it_is_cut() -> None:
+    """A card split by the cut keeps none of its first digits: the turn redacts, then cuts."""
+    runner = TurnRunner(load_callflow())
+    transferring = runner.run(_new(), CallerInput("agent"), now="t").call
+    message = "x" * 492 + f" {CARD} declined"  # cut first at 500, "4111 11" was kept
+    turn = runner.run(transferring, status_from_value({"state": "failed", "message": message}), now="t")
+    assert turn.call.failure == ("x" * 492 + f" {MASKED_CARD}")[:500]
+    assert turn.steps[0].reason == turn.call.failure and "4111" not in turn.call.failure
+    state = "y" * 180 + f" {CARD}"  # an unknown state with a card across character 200
+    ignored = runner.run(turn.call, status_from_value({"state": state}), now="t")
+    assert ignored.steps[0].reason == "ignored: " + f"unknown state '{'y' * 180} {MASKED_CARD}'"[:200]
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        ([4111, 1111, 1111, 1111], "unknown state of type list"),
+        ({"number": 4111111111111111}, "unknown state of type dict"),
+        (4111111111111111, "unknown state of type int"),
+        (None, "unknown state None"),
+        ("bogus", "unknown state 'bogus'"),
+    ],
+)
+def test_an_unknown_state_that_is_no_string_is_named_by_its_type(state: Any, reason: str) -> None:
+    assert status_from_value({"state": state}) == InvalidStatus(reason)
+
+
+EMAIL = r"[\w.+-]+@[\w-]+\.[\w.]+"  # quadratic: docs/privacy.md recommended it once
+
+
+def test_patterns_see_the_kept_words_and_a_margin_not_the_whole_message() -> None:
+    runner = TurnRunner(flow_with(patterns=[{"pattern": EMAIL, "replace_with": "[email]"}]))
+    # 256 KB of one word: the quadratic pattern scans only the first 1,256 characters (whole
+    # it would take minutes), and the words kept, and echoed, are the first 1,000.
+    turn = runner.run(_new(), CallerInput("a" * 256 * 1024), now="t", caller=CALLER_ID)
+    assert turn.lines[0].text == "a" * LINE_MAX_CHARS
+    # An address across the cut is found whole (cut after redaction), not left half-readable.
+    said = "x" * 990 + " a.b@example.com " + "z" * 2000
+    line = runner.run(_new(), CallerInput(said), now="t", caller=CALLER_ID).lines[0]
+    assert line.text == ("x" * 990 + " [email] z")[:LINE_MAX_CHARS] and "a.b@" not in line.text
+    # So is a card across the cut, and the caller's number.
+    said = "x" * 990 + f" {CARD} or 425-555-0123 " + "z" * 2000
+    assert "4111" not in runner.run(_new(), CallerInput(said), now="t", caller=CALLER_ID).lines[0].text
+
+
+def test_the_recommended_email_pattern_is_linear_and_finds_addresses() -> None:
+    """The pattern docs/privacy.md recommends: only where a run of address characters
+    starts, so 100k of them are one scan (measured by hand: ~2 ms; the old one took minutes)."""
+    docs = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
+    (pattern,) = re.findall(r"- pattern: '([^']+)'", docs)
+    flow = flow_with(patterns=[{"pattern": pattern, "replace_with": "[email]"}])
+    for text in ("a" * 100_000, "a." * 50_000, "a@" + "b" * 100_000, "-@a" * 30_000):
+        assert flow.redact(text) == text
+    assert flow.redact("mail a.b@example.com, x+y@mail.co.uk. or me") == "mail [email], [email] or me"
+    assert flow.redact("first.last@sub-domain.example.org") == "[email]"
 
 
 def _new() -> Call:
