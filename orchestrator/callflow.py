@@ -119,7 +119,7 @@ class RedactionPattern(_Strict):
     pattern: Annotated[
         str, StringConstraints(min_length=1), AfterValidator(lambda p: compile_pattern(p).pattern)
     ]
-    replace_with: str = "[redacted]"
+    replace_with: str = "[redacted]"  # literal text: no group references, a backslash is a backslash
 
 
 class Privacy(_Strict):

@@ -9,7 +9,7 @@ the CLI and the dashboard only ever hold the redacted text. Built once per call 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 MASK = "*"  # a long digit run becomes one per digit, but the last few: ************1111
 CALLER_NUMBER = "[caller number]"  # what the caller's own number becomes
@@ -61,7 +61,9 @@ class Redactor:
         self._digit_runs = digit_runs
         self._keep_last = keep_last
         self._caller_number = caller_number
-        self._patterns = tuple(patterns)
+        # ``replace_with`` is literal text: as a template, "C:\\path" would raise re.error
+        # on every turn and "\\1" would put the caller's words back.
+        self._patterns = tuple((pattern, _literal(replacement)) for pattern, replacement in patterns)
         shortest = min(
             [n for n in (digit_runs, CALLER_MIN_DIGITS if caller_number else 0) if n > 0], default=0
         )
@@ -95,8 +97,12 @@ class Redactor:
 
             text = runs.sub(replace, text)
         for pattern, replacement in self._patterns:
-            text = pattern.sub(replacement, text)
+            text = pattern.sub(replacement, text)  # a function: its text is taken literally
         return text
+
+
+def _literal(replacement: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: replacement
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:

@@ -155,6 +155,18 @@ def test_configured_patterns_run_after_the_digit_rules() -> None:
     assert flow.redact("mail a.b@example.com or 4255550123", CALLER_ID) == f"mail [email] or {CALLER_NUMBER}"
 
 
+@pytest.mark.parametrize("replace_with", ["C:\\path", "\\1", "\\g<0>", "a\\nb", "\\"])
+def test_replace_with_is_literal_text(replace_with: str) -> None:
+    """A backslash in replace_with loaded, then made every redaction raise re.error (and a
+    group reference would have put the words back)."""
+    data = yaml.safe_load(DEFAULT_FLOW.read_text())
+    data["privacy"]["patterns"] = [{"pattern": r"secret (\w+)", "replace_with": replace_with}]
+    flow = parse_callflow(yaml.safe_dump(data), "flow.yaml")
+    assert flow.redact("my secret sauce, ok") == f"my {replace_with}, ok"
+    turn = TurnRunner(flow).run(_new(), CallerInput("secret sauce"), now="t")
+    assert turn.lines[0].text == replace_with
+
+
 def test_everything_off() -> None:
     flow = flow_with(digit_runs=0, caller_number=False)
     assert flow.redact(SAID, CALLER_ID) == SAID
