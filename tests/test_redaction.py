@@ -13,9 +13,13 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from botbuilder.core import TurnContext
+from botbuilder.core.adapters import TestAdapter
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from adapters.activity_json import activity_from_json
+from adapters.bot import caller_id, conversation_reference, replies
 from adapters.http import STORE_KEY
 from adapters.store import RedisCallStore
 from app import create_app
@@ -39,6 +43,16 @@ REDACTED = f"my card is {MASKED_CARD} and call me on {CALLER_NUMBER}"
 # What must appear nowhere in Redis (the caller's number stays only in the conversation
 # reference's "from", where it belongs).
 SECRETS = ("4111", "555-0123", "5550123")
+# The caller's number as it may be written; none may be stored outside the reference.
+CALLER_FORMS = (
+    "+14255550123",
+    "14255550123",
+    "4255550123",
+    "425-555-0123",
+    "555-0123",
+    "555 0123",
+    "5550123",
+)
 
 
 def flow_with(**privacy: Any) -> CallFlow:
@@ -329,15 +343,34 @@ async def everything_stored(client: Redis | RedisCluster, prefix: str) -> list[t
 
 
 async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_prefix: str) -> None:
+    """Every turn renders its replies as the bot does, and none is acknowledged: the
+    handoff.initiate and the prompts after it stay parked in the outbox when Redis is read."""
     engine = Engine(store, flow_with(agent_transcript="full"))
-    await engine.handle("call-1", CallStarted(), activity_id="a1", caller=CALLER_ID)
-    await engine.handle("call-1", CallerInput(SAID), activity_id="a2", caller=CALLER_ID)
-    await engine.handle("call-1", CallerInput("agent"), activity_id="a3", caller=CALLER_ID)
-    await engine.handle("call-1", HandoffStatus("failed", "4111 1111 1111 1111 declined"), activity_id="a4")
-    await engine.handle("call-1", CallerInput(f"it is {CARD}"), activity_id="a5", caller=CALLER_ID)
+    caller = Caller("http://channel.invalid/", conversation_id="call-1", number=CALLER_ID)
+
+    async def turn(activity: dict[str, Any], event: Any) -> None:
+        incoming = activity_from_json(activity)
+        context = TurnContext(TestAdapter(), incoming)
+        await engine.handle(
+            "call-1",
+            event,
+            activity_id=incoming.id,
+            reference=conversation_reference(incoming),
+            caller=caller_id(incoming),
+            render=lambda turn: replies(turn, context),
+        )
+
+    await turn(caller.start(), CallStarted())
+    await turn(caller.say(SAID), CallerInput(SAID))
+    await turn(caller.say("agent"), CallerInput("agent"))
+    await turn(caller.status({"state": "failed"}), HandoffStatus("failed", "4111 1111 1111 1111 declined"))
+    await turn(caller.say(f"it is {CARD}"), CallerInput(f"it is {CARD}"))
+    parked = await store.redis.hvals(store.keys.call("call-1").outbox)
+    # Never acknowledged: the handoff, the retry prompt and the reply that resumed the bot.
+    assert len(parked) == 3 and sum("handoff.initiate" in entry for entry in parked) == 1
     stored = json.dumps(await everything_stored(store.redis, key_prefix))
     assert CALLER_NUMBER in stored and MASKED_CARD in stored
-    for secret in SECRETS:
+    for secret in (*SECRETS, *CALLER_FORMS):
         assert secret not in stored
     call = (await store.load("call-1")).call
     assert call is not None
@@ -399,18 +432,6 @@ async def test_the_agent_gets_the_transcript_the_flow_says(
     assert texts[1] == (SAID if full else REDACTED)
     assert texts[2] == f'What I heard was "{REDACTED}"'  # what the caller actually heard
     assert texts[3] == "agent"
-
-
-# The caller's number as it may be written; none may be stored outside the reference.
-CALLER_FORMS = (
-    "+14255550123",
-    "14255550123",
-    "4255550123",
-    "425-555-0123",
-    "555-0123",
-    "555 0123",
-    "5550123",
-)
 
 
 def accounts(handoff: dict[str, Any]) -> list[Any]:
