@@ -119,7 +119,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request)
     if isinstance(body, web.Response):
         return body
-    parsed = parse_activity(body, request.content_type)
+    try:
+        content_type = request.content_type
+    except (IndexError, ValueError):
+        # aiohttp parses the header with CPython's email parser, which raises IndexError
+        # on some parameters (``application/json;a*``): a 500 until this.
+        return problem(400, "malformed Content-Type header")
+    parsed = parse_activity(body, content_type)
     if isinstance(parsed, web.Response):
         return parsed
     metrics = request.app[METRICS_KEY]

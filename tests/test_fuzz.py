@@ -358,7 +358,10 @@ def requests(draw: st.DrawFn, service_url: str, known: str) -> Request:
         )
     if kind == "content type":
         content_type = draw(
-            st.sampled_from(["", "text/plain", "application/xml", "application/json-patch+json", "*/*"])
+            # "text/plain;a*": a parameter CPython's email parser (aiohttp's) raises IndexError on
+            st.sampled_from(
+                ["", "text/plain", "application/xml", "application/json-patch+json", "*/*", "text/plain;a*"]
+            )
             | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
         )
         assume(content_type.split(";")[0].strip().lower() != JSON)

@@ -244,6 +244,7 @@ def bad_requests(caller: Caller) -> list[tuple[str, bytes, str, int]]:
         ("not UTF-8", b"\xff\xfe{}", json_type, 400),
         ("wrong content type", json.dumps(good).encode(), "text/plain", 415),
         ("no content type", json.dumps(good).encode(), "", 415),
+        ("content type the email parser fails on", json.dumps(good).encode(), "application/json;a*", 400),
         ("a list", json.dumps([good]).encode(), json_type, 400),
         ("a string", b'"message"', json_type, 400),
         ("null", b"null", json_type, 400),
