@@ -52,7 +52,7 @@ class CallBot(Bot):  # type: ignore[misc]
         self.engine = engine
         self.adapter = adapter
         self.app_id = app_id
-        self.full_transcript = engine.runner.flow.privacy.agent_transcript == "full"
+        self.full_transcript = engine.runner.flow.privacy.full_transcript
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity

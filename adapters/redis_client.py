@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from fakeredis import FakeServer
@@ -98,25 +99,26 @@ async def connection_problem(client: Redis | RedisCluster, settings: Settings) -
 
 def _cut_off(error: BaseException) -> bool:
     """Whether ``error`` or what caused it is the peer resetting or closing the connection."""
-    seen: BaseException | None = error
-    for _ in range(8):  # a chain, not a cycle
-        if seen is None:
-            break
-        if isinstance(seen, ConnectionResetError | BrokenPipeError) or "Connection reset by peer" in str(
-            seen
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return _caused_by(
+        error,
+        lambda e: (
+            isinstance(e, ConnectionResetError | BrokenPipeError) or "Connection reset by peer" in str(e)
+        ),
+    )
 
 
 def _tls_failure(error: BaseException) -> bool:
     """Whether ``error`` or what caused it is an SSL error (redis-py wraps them)."""
+    return _caused_by(error, lambda e: isinstance(e, ssl.SSLError) or "[SSL" in str(e))
+
+
+def _caused_by(error: BaseException, matches: Callable[[BaseException], bool]) -> bool:
+    """Whether ``error`` or one of the errors that caused it (redis-py wraps them) matches."""
     seen: BaseException | None = error
     for _ in range(8):  # a chain, not a cycle
         if seen is None:
             break
-        if isinstance(seen, ssl.SSLError) or "[SSL" in str(seen):
+        if matches(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

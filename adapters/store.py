@@ -375,8 +375,7 @@ def parked_replies(replies: list[Any], reference: str) -> str:
     data = [to_json(reply) for reply in replies]
     caller = _reference_user(reference).get("id")
     if caller:
-        for activity in data:
-            _conceal(activity, caller)
+        _replace_account(data, caller, CALLER_ACCOUNT, CALLER_ACCOUNT)
     return json.dumps(data)
 
 
@@ -384,7 +383,7 @@ def restore_caller(activity: dict[str, Any], reference: str) -> dict[str, Any]:
     """``activity`` (an outbox entry's JSON) with the caller's id and name back, from the
     ``user`` of the call's stored conversation ``reference``; changed in place."""
     user = _reference_user(reference)
-    _restore(activity, str(user.get("id") or ""), user.get("name"))
+    _replace_account(activity, CALLER_ACCOUNT, str(user.get("id") or ""), user.get("name") or None)
     return activity
 
 
@@ -396,34 +395,22 @@ def _reference_user(reference: str) -> dict[str, Any]:
     return user if isinstance(user, dict) else {}
 
 
-def _conceal(value: Any, caller: str) -> None:
-    """Every account (a dict whose ``id`` is ``caller``) in ``value``, id and name concealed."""
+def _replace_account(value: Any, old_id: str, new_id: str, new_name: Any) -> None:
+    """Every account (a dict whose ``id`` is ``old_id``) anywhere in ``value`` gets ``new_id``,
+    and its name, where it has one, ``new_name`` (removed for None); changed in place."""
     if isinstance(value, dict):
-        if value.get("id") == caller:
-            value["id"] = CALLER_ACCOUNT
+        if value.get("id") == old_id:
+            value["id"] = new_id
             if "name" in value:
-                value["name"] = CALLER_ACCOUNT
-        for item in value.values():
-            _conceal(item, caller)
-    elif isinstance(value, list):
-        for item in value:
-            _conceal(item, caller)
-
-
-def _restore(value: Any, caller: str, name: Any) -> None:
-    if isinstance(value, dict):
-        if value.get("id") == CALLER_ACCOUNT:
-            value["id"] = caller
-            if "name" in value:
-                if name:
-                    value["name"] = name
-                else:
+                if new_name is None:
                     del value["name"]
+                else:
+                    value["name"] = new_name
         for item in value.values():
-            _restore(item, caller, name)
+            _replace_account(item, old_id, new_id, new_name)
     elif isinstance(value, list):
         for item in value:
-            _restore(item, caller, name)
+            _replace_account(item, old_id, new_id, new_name)
 
 
 # Transcript lines are JSON arrays [role, at, text]: the role by its initial, the time in

@@ -134,6 +134,11 @@ class Privacy(_Strict):
     # carry the redacted text).
     agent_transcript: Literal["redacted", "full"] = "redacted"
 
+    @property
+    def full_transcript(self) -> bool:
+        """Whether the agent gets the caller's words as said (``agent_transcript: full``)."""
+        return self.agent_transcript == "full"
+
     def redactor(self) -> Redactor:
         """A redactor for these rules (every regex compiled once, here)."""
         return Redactor(

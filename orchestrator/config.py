@@ -46,9 +46,8 @@ class Settings(BaseSettings):
     CALLFLOW_FILE: Path | None = None
     CALL_RETENTION_SECONDS: int = Field(86_400, gt=0)
     CALL_IDLE_TTL_SECONDS: int = Field(86_400, gt=0)
-    CALL_MAX_LIFETIME_SECONDS: int = Field(
-        86_400, ge=0
-    )  # a live call expires by then, however busy; 0: no bound
+    # A live call expires this long after it started, however busy it is (0: no bound).
+    CALL_MAX_LIFETIME_SECONDS: int = Field(86_400, ge=0)
     TRANSCRIPT_MAX_ENTRIES: int = Field(50, ge=1, le=1000)
     CALL_CACHE_SIZE: int = Field(4096, ge=0, le=1_000_000)  # calls kept in memory per instance
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
@@ -103,13 +102,6 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
-
-    @field_validator("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
-    @classmethod
-    def _tls_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
 
     @model_validator(mode="after")
     def _redis_security(self) -> Self:
@@ -192,9 +184,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}")
         return level
 
-    @field_validator("CALLFLOW_FILE")
+    @field_validator("CALLFLOW_FILE", "REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
     @classmethod
-    def _callflow_file(cls, value: Path | None) -> Path | None:
+    def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
         return value

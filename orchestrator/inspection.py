@@ -10,6 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.call import timestamp
+from orchestrator.redact import masked
 from orchestrator.turn import Outcome
 from states import LIVE_STATES, State
 from states.diagram import arrows
@@ -29,11 +30,7 @@ MAX_WINDOW_SECONDS = 7 * 86_400  # transfer counters are kept by the hour for ei
 def redact(text: str) -> str:
     """Text for operator eyes: long digit runs masked but for their last four digits."""
 
-    def mask(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        return "*" * (len(digits) - 4) + digits[-4:]
-
-    return _LONG_DIGITS.sub(mask, text)
+    return _LONG_DIGITS.sub(lambda match: masked(re.sub(r"\D", "", match.group())), text)
 
 
 def mask_account(text: str) -> str:
@@ -42,7 +39,7 @@ def mask_account(text: str) -> str:
     digits or fewer (not a phone number: a Web Chat id, a name), a ``*`` per character."""
     digits = re.sub(r"\D", "", text)
     if len(digits) > 4:
-        return "*" * (len(digits) - 4) + digits[-4:]
+        return masked(digits)
     return "*" * len(text)
 
 

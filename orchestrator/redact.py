@@ -32,6 +32,11 @@ _NON_DIGITS = re.compile(r"\D")
 MARGIN = 256
 
 
+def masked(digits: str, keep: int = 4) -> str:
+    """``digits`` as shown: a ``*`` for each but the last ``keep`` (``************1111``)."""
+    return MASK * (len(digits) - keep) + digits[len(digits) - keep :]
+
+
 def _digits(text: str) -> str:
     """The digits of ``text``, leading zeros (a trunk or international prefix) dropped."""
     return _NON_DIGITS.sub("", text).lstrip("0")
@@ -92,7 +97,7 @@ class Redactor:
                     return CALLER_NUMBER
                 every = _NON_DIGITS.sub("", match.group())
                 if digit_runs and len(every) >= digit_runs:
-                    return MASK * (len(every) - keep) + every[len(every) - keep :]
+                    return masked(every, keep)
                 return match.group()
 
             text = runs.sub(replace, text)

@@ -149,7 +149,7 @@ class TurnRunner:
         self.flow = flow
         self._transcript_max = transcript_max
         self._redact = flow.redact
-        self._keep_full = flow.privacy.agent_transcript == "full"
+        self._keep_full = flow.privacy.full_transcript
         self._cut_input = self._redact.has_patterns
         self._caller = ""
         self._turn = Turn(call=Call(id=""))
