@@ -22,6 +22,7 @@ from adapters.auth import (
 )
 from adapters.bot import CallBot
 from adapters.channel_client import PooledAuthentication
+from adapters.connections import Connections
 from adapters.http import (
     ADAPTER_KEY,
     BOT_KEY,
@@ -29,11 +30,13 @@ from adapters.http import (
     METRICS_KEY,
     SCHEDULER_KEY,
     STORE_KEY,
+    TURN_SECONDS,
     add_routes,
 )
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
 from adapters.redis_client import connection_problem, create_redis
+from adapters.socket_api import add_socket_routes
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
@@ -72,6 +75,14 @@ def create_app(config: Settings | None = None) -> web.Application:
         Retention.from_settings(CONFIG),
     )
     METRICS = Metrics()
+    # The streaming sockets of this instance, and the way to other instances' sockets.
+    CONNECTIONS = Connections(
+        STORE.redis,
+        STORE.keys,
+        hold_seconds=max(CONFIG.CALL_IDLE_TTL_SECONDS, CONFIG.CALL_MAX_LIFETIME_SECONDS),
+        metrics=METRICS,
+    )
+    AUTH.sockets = CONNECTIONS
     ENGINE = Engine(
         STORE,
         FLOW,
@@ -117,6 +128,27 @@ def create_app(config: Settings | None = None) -> web.Application:
         "cc_replies_redelivered", "Parked replies sent again by the scheduler", lambda: SCHEDULER.redelivered
     )
 
+    METRICS.level("cc_streaming_connections", "Open streaming connections", lambda: len(CONNECTIONS.sockets))
+    METRICS.level(
+        "cc_streaming_calls",
+        "Calls carried by this instance's streaming connections",
+        lambda: CONNECTIONS.calls,
+    )
+    METRICS.tally(
+        "cc_streaming_sends",
+        "Sends over streaming connections: local (on this instance's socket), routed (to "
+        "another instance's), served (for another instance)",
+        lambda: CONNECTIONS.sends,
+        "route",
+    )
+    METRICS.tally(
+        "cc_streaming_send_failures",
+        "Streaming sends that failed: no_connection (no instance held the call: a reply that "
+        "must arrive stays parked), timeout, closed (the socket went)",
+        lambda: CONNECTIONS.failures,
+        "reason",
+    )
+
     APP = web.Application(client_max_size=MAX_BODY_BYTES)
     APP[ADAPTER_KEY] = ADAPTER
     APP[BOT_KEY] = BOT
@@ -154,11 +186,25 @@ def create_app(config: Settings | None = None) -> web.Application:
         task.cancel()  # the fetch itself runs on a daemon thread, bounded by its timeout
         await asyncio.gather(task, return_exceptions=True)
 
+    async def sockets_lifetime(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(CONNECTIONS.run(), name="connections")
+        yield
+        task.cancel()
+        await asyncio.wait({task}, timeout=CLEANUP_SECONDS)
+
+    async def close_sockets(app: web.Application) -> None:
+        # Shutdown, before aiohttp waits for handlers: a socket's handler ends only when the
+        # socket closes. In-flight turns finish first; the channel then reconnects elsewhere.
+        await CONNECTIONS.close_all(drain_seconds=TURN_SECONDS)
+
     APP.cleanup_ctx.append(redis_lifetime)
     if CONFIG.APP_ID:
         APP.cleanup_ctx.append(keys_lifetime)
     APP.cleanup_ctx.append(scheduler_lifetime)
+    APP.cleanup_ctx.append(sockets_lifetime)
+    APP.on_shutdown.append(close_sockets)
     add_routes(APP)
+    add_socket_routes(APP, CONNECTIONS)
     if CONFIG.OPERATOR_TOKEN is not None:
         add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value())
     else:

@@ -150,6 +150,14 @@ class CheckedAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
         # The SDK refuses a missing channelid (auth on) but takes "" as "no channel to check
         # the key's endorsements against": a key of any channel would do. Blank is missing.
         channel_id = (channel_id_header or "").strip() or None
+        if not auth_header:
+            # The SDK's streaming path demands a token even with authentication off; its
+            # request path decides as for a POST: anonymous when off, refused when on.
+            result = await _identified(
+                self.inner.authenticate_request(Activity(channel_id=channel_id or ""), auth_header)
+            )
+            result.connector_factory = None  # the streaming path gives its own
+            return result
         try:
             return await _identified(self.inner.authenticate_streaming_request(auth_header, channel_id))
         except Unauthorized as e:

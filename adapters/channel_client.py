@@ -17,10 +17,12 @@ authenticates every request) and changes only where outbound clients come from:
 - a user-token client (OAuth sign-in, which the Telephony channel never uses) is made
   once per app id.
 
-Streaming (WebSocket) connections keep the SDK's own path: it replaces the connector
-factory with one that answers over the socket. ``tests/test_channel_client.py`` fails if
-an SDK upgrade makes this unneeded (the stock adapter stops building clients per
-activity) or wrong (the stock client's request differs from ours).
+A call the channel carries on a streaming socket has a ``serviceUrl`` that is not
+http(s) (``urn:botframework:...``): its replies, in a turn or proactive, go over the
+socket (``SocketConnectorClient``, through ``adapters.connections``), whichever instance
+holds it. ``tests/test_channel_client.py`` fails if an SDK upgrade makes this unneeded
+(the stock adapter stops building clients per activity) or wrong (the stock client's
+request differs from ours).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin
 
 import aiohttp
@@ -45,9 +47,19 @@ from botframework.connector.skills import BotFrameworkClient
 from yarl import URL
 
 from adapters.activity_json import to_json
+from adapters.framing import CONTENT_TYPE, Request, new_id
+
+if TYPE_CHECKING:
+    from adapters.connections import Connections
 
 CLIENTS_MAX = 256  # service URLs a bot hears from: one or two per region
 POST_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=3)  # inside a turn's 12 s
+
+
+def is_streaming(service_url: str | None) -> bool:
+    """Whether replies to this ``serviceUrl`` go over a streaming socket: streaming channels
+    name theirs with a URN (``urn:botframework:...``), never http(s)."""
+    return not (service_url or "").lower().startswith(("http://", "https://"))
 
 
 class ChannelError(Exception):
@@ -66,6 +78,7 @@ class PooledAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
         self._clients: OrderedDict[tuple[str, str, str], PooledConnectorClient] = OrderedDict()
         self._token_clients: dict[str, UserTokenClient] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.sockets: Connections | None = None  # set by the app: how streaming calls are reached
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -91,7 +104,10 @@ class PooledAuthentication(BotFrameworkAuthentication):  # type: ignore[misc]
     async def authenticate_streaming_request(
         self, auth_header: str, channel_id_header: str
     ) -> AuthenticateRequestResult:
-        return await self.inner.authenticate_streaming_request(auth_header, channel_id_header)
+        result = await self.inner.authenticate_streaming_request(auth_header, channel_id_header)
+        # Every turn on the socket sends through the same factory as a proactive send.
+        result.connector_factory = self.create_connector_factory(result.claims_identity)
+        return result
 
     def create_connector_factory(self, claims_identity: ClaimsIdentity) -> ConnectorFactory:
         """The proactive path (``continue_conversation``): the scheduler's prompts."""
@@ -144,7 +160,13 @@ class _PooledFactory(ConnectorFactory):  # type: ignore[misc]
     def __init__(self, owner: PooledAuthentication, inner: ConnectorFactory, app_id: str) -> None:
         self._owner, self._inner, self._app_id = owner, inner, app_id
 
-    async def create(self, service_url: str, audience: str | None = None) -> PooledConnectorClient:
+    async def create(
+        self, service_url: str, audience: str | None = None
+    ) -> PooledConnectorClient | SocketConnectorClient:
+        if is_streaming(service_url):
+            if self._owner.sockets is None:
+                raise ChannelError(0, service_url, "this bot takes no streaming connections")
+            return SocketConnectorClient(self._owner.sockets)
         key = (self._app_id, service_url, audience or "")
         return await self._owner._client(key, self._inner, service_url, audience)
 
@@ -215,3 +237,36 @@ class _Conversations:
     ) -> ResourceResponse:
         path = f"v3/conversations/{quote(conversation_id, safe='')}/activities"
         return await self._client.post(path, activity)
+
+
+class SocketConnectorClient:
+    """A connector client whose sends go over the call's streaming socket, on this instance
+    or, routed through Redis, on the one holding it; the channel's answer is read as the
+    SDK's client would read an HTTP one."""
+
+    def __init__(self, sockets: Connections) -> None:
+        self.sockets = sockets
+        self.conversations = self
+
+    async def reply_to_activity(
+        self, conversation_id: str, activity_id: str, activity: Activity, **_: Any
+    ) -> ResourceResponse:
+        path = f"/v3/conversations/{quote(conversation_id, safe='')}/activities/{quote(activity_id, safe='')}"
+        return await self._post(conversation_id, path, activity)
+
+    async def send_to_conversation(
+        self, conversation_id: str, activity: Activity, **_: Any
+    ) -> ResourceResponse:
+        return await self._post(
+            conversation_id, f"/v3/conversations/{quote(conversation_id, safe='')}/activities", activity
+        )
+
+    async def _post(self, conversation_id: str, path: str, activity: Activity) -> ResourceResponse:
+        body = json.dumps(to_json(activity)).encode()
+        response = await self.sockets.send(
+            conversation_id, Request(new_id(), "POST", path, body, CONTENT_TYPE)
+        )
+        if not 200 <= response.status < 300:
+            raise ChannelError(response.status, path, (response.body or b"").decode(errors="replace"))
+        data = response.json()
+        return ResourceResponse(id=data.get("id") if isinstance(data, dict) else None)

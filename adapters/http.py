@@ -17,11 +17,13 @@ from aiohttp import web
 from botbuilder.core import Bot, serializer_helper
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity
+from botframework.connector.auth import AuthenticateRequestResult
 from msrest.exceptions import DeserializationError  # type: ignore[attr-defined]
 from msrest.serialization import Model
 
 from adapters.activity_json import activity_from_json
 from adapters.auth import Unauthorized
+from adapters.channel_client import is_streaming
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
 from orchestrator.metrics import Metrics
@@ -128,6 +130,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     parsed = parse_activity(body, content_type)
     if isinstance(parsed, web.Response):
         return parsed
+    if is_streaming(parsed.service_url):
+        return problem(
+            400,
+            f"serviceUrl {parsed.service_url!r} is not http(s): a streaming channel sends its "
+            "activities over its WebSocket (GET /api/messages), where the replies go too",
+        )
     metrics = request.app[METRICS_KEY]
     with metrics.turn_seconds.time():
         response = await _turn(request, parsed)
@@ -155,7 +163,7 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
         return response
 
 
-def _unauthorized(reason: str) -> web.Response:
+def unauthorized(reason: str) -> web.Response:
     return problem(
         401,
         f"missing or invalid channel token: {reason}",
@@ -165,7 +173,7 @@ def _unauthorized(reason: str) -> web.Response:
 
 async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
     """Authenticate, then run the activity through the bot; the response for the channel."""
-    adapter, bot = request.app[ADAPTER_KEY], request.app[BOT_KEY]
+    adapter = request.app[ADAPTER_KEY]
     # The channel gives a turn 15 s; answer before that, so it redelivers rather than
     # giving up (a turn cut short here was either committed or not at all).
     deadline = asyncio.get_running_loop().time() + TURN_SECONDS
@@ -179,9 +187,18 @@ async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
         )
     except Unauthorized as e:
         log.info("activity %s refused: %s", parsed.id, e.reason)
-        return _unauthorized(e.reason)
+        return unauthorized(e.reason)
+    return await answer_activity(request.app, authenticated, parsed, deadline)
+
+
+async def answer_activity(
+    app: web.Application, authenticated: AuthenticateRequestResult, parsed: Activity, deadline: float
+) -> web.Response:
+    """Run an authenticated activity through the bot by ``deadline`` (event loop time); the
+    answer for the channel, whichever way the activity came (a POST, or the socket)."""
+    adapter, bot = app[ADAPTER_KEY], app[BOT_KEY]
     try:
-        async with asyncio.timeout_at(deadline):  # what authentication left of TURN_SECONDS
+        async with asyncio.timeout_at(deadline):
             invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
     except TimeoutError:
         log.warning(
@@ -199,22 +216,6 @@ async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
     return web.Response(status=201)
 
 
-async def streaming(request: web.Request) -> web.StreamResponse:
-    """``GET /api/messages``: the Telephony channel's streaming (WebSocket) connection."""
-    ws = web.WebSocketResponse()
-    if not ws.can_prepare(request).ok:
-        return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
-    try:
-        # Before the upgrade the SDK only authenticates (it needs a token even with auth off).
-        await request.app[ADAPTER_KEY].process(request, request.app[BOT_KEY], ws)
-    except Unauthorized as e:
-        if ws.prepared:
-            raise
-        log.info("streaming connection refused before the upgrade: %s", e.reason)
-        return _unauthorized(e.reason)
-    return ws
-
-
 async def healthz(request: web.Request) -> web.Response:
     """The process is up."""
     return web.json_response({"status": "ok"})
@@ -229,6 +230,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/messages", messages)
-    app.router.add_get("/api/messages", streaming)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

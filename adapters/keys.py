@@ -170,5 +170,18 @@ class Keyspace:
         the buckets of one span; ``start`` is ``bucket.hash_of(...)`` (epoch hours or days)."""
         return f"{self.prefix}:{{{shard}}}:stats:{bucket.name}:{start}"
 
+    def socket(self, conversation_id: str) -> str:
+        """STRING: the instance whose streaming socket carries the call (absent: none, or HTTP)."""
+        shard, call_hash = self.locate(conversation_id)
+        return f"{self.prefix}:{{{shard}}}:{call_hash}:socket"
+
+    def instance(self, name: str) -> str:
+        """STRING with a TTL: a running instance's lease, ``{"sockets", "calls"}`` as JSON."""
+        return f"{self.prefix}:instance:{name}"
+
+    def inbox(self, name: str) -> str:
+        """Sharded Pub/Sub channel: sends other instances route to ``name``'s sockets."""
+        return f"{self.prefix}:inbox:{{{name}}}"
+
     def due_for(self, conversation_id: str) -> str:
         return self.due(self.locate(conversation_id)[0])

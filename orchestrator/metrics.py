@@ -8,10 +8,10 @@ Counters and histograms are this instance's own: Prometheus sums them over insta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from orchestrator.turn import Outcome, Turn
@@ -23,15 +23,39 @@ OUTCOME_BUCKETS = (1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300, 600)
 TURN_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 12)
 
 
-class _Tallies(Collector):
-    """Counters the engine and the scheduler already keep, read at scrape time."""
+# Connections carry one call or hundreds: the Telephony channel does not say which.
+CONNECTION_CALL_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 
-    def __init__(self, tallies: dict[str, tuple[str, Callable[[], int]]]) -> None:
-        self.tallies = tallies
+
+class _Read(Collector):
+    """A count some object already keeps, read at scrape time: a counter or a gauge, one
+    value or one per label value."""
+
+    def __init__(
+        self,
+        family: type[CounterMetricFamily | GaugeMetricFamily],
+        name: str,
+        documentation: str,
+        read: Callable[[], int | Mapping[str, int]],
+        label: str,
+    ) -> None:
+        self.family, self.name, self.documentation, self.read, self.label = (
+            family,
+            name,
+            documentation,
+            read,
+            label,
+        )
 
     def collect(self) -> Iterator[Metric]:
-        for name, (documentation, read) in self.tallies.items():
-            yield CounterMetricFamily(name, documentation, value=read())
+        value = self.read()
+        if isinstance(value, Mapping):
+            family = self.family(self.name, self.documentation, labels=[self.label])
+            for key, count in value.items():
+                family.add_metric([key], count)
+            yield family
+        else:
+            yield self.family(self.name, self.documentation, value=value)
 
 
 class Metrics:
@@ -60,15 +84,30 @@ class Metrics:
             buckets=TURN_BUCKETS,
             registry=self.registry,
         )
+        self.connection_calls = Histogram(
+            "cc_streaming_connection_calls",
+            "Calls each closed streaming connection carried",
+            buckets=CONNECTION_CALL_BUCKETS,
+            registry=self.registry,
+        )
         self.unavailable = Counter(
             "cc_turns_unavailable",
             "Activities answered 503 (Redis unavailable, turn too slow)",
             registry=self.registry,
         )
 
-    def tally(self, name: str, documentation: str, read: Callable[[], int]) -> None:
-        """Export a running count some object keeps (a conflict or re-delivery count)."""
-        self.registry.register(_Tallies({name: (documentation, read)}))
+    def tally(
+        self, name: str, documentation: str, read: Callable[[], int | Mapping[str, int]], label: str = ""
+    ) -> None:
+        """Export a running count some object keeps (a conflict or re-delivery count), or
+        one per value of ``label`` when ``read`` gives a mapping."""
+        self.registry.register(_Read(CounterMetricFamily, name, documentation, read, label))
+
+    def level(
+        self, name: str, documentation: str, read: Callable[[], int | Mapping[str, int]], label: str = ""
+    ) -> None:
+        """Export a level some object keeps (open connections) as a gauge."""
+        self.registry.register(_Read(GaugeMetricFamily, name, documentation, read, label))
 
     def applied(self, turn: Turn) -> None:
         """Count a committed turn's transfer outcomes, and how long each transfer rang."""

@@ -196,11 +196,14 @@ async def test_the_streaming_upgrade_needs_a_valid_token(
     await ws.close()
 
 
-async def test_the_streaming_upgrade_without_auth_still_needs_a_token(open_bot: TestClient[Any, Any]) -> None:
-    for headers in ({}, {**bearer("not-a-jwt"), "channelid": "telephony"}):
-        with pytest.raises(WSServerHandshakeError) as failed:
-            await open_bot.ws_connect("/api/messages", headers=headers)
-        assert failed.value.status == 401
+async def test_the_streaming_upgrade_without_auth_needs_no_token_but_refuses_a_bad_one(
+    open_bot: TestClient[Any, Any],
+) -> None:
+    ws = await open_bot.ws_connect("/api/messages")
+    await ws.close()
+    with pytest.raises(WSServerHandshakeError) as failed:
+        await open_bot.ws_connect("/api/messages", headers={**bearer("not-a-jwt"), "channelid": "telephony"})
+    assert failed.value.status == 401
 
 
 async def test_a_slow_metadata_endpoint_does_not_stall_other_requests(

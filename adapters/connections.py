@@ -1,0 +1,298 @@
+"""Which instance holds which call's socket, and how a send reaches it from any instance.
+
+Only the instance holding a call's streaming socket can write to the call. A call's
+``:socket`` key names that instance; the instance keeps a lease on itself (its
+``instance`` key, renewed while it runs) and listens on an inbox of its own (a sharded
+Pub/Sub channel, so it works the same on a Redis Cluster). A send fired elsewhere, a
+watchdog's prompt or a parked reply sent again, is published to the holder's inbox, and
+the holder answers with what the channel answered. When no instance holds the call, the
+send fails at once: a reply that must arrive stays parked in the call's outbox, and is
+made due again as soon as the channel's next activity for the call arrives on a socket
+(the channel reconnects by itself, to any instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+from collections import Counter
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+
+from adapters.framing import Request, Response, new_id
+from adapters.keys import Due, Keyspace
+from adapters.store import UNAVAILABLE, unavailable_while
+from adapters.streaming import ConnectionClosed, StreamingConnection
+from orchestrator.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15.0  # an instance that stops renewing is gone this long after
+SEND_SECONDS = 5.0  # the channel's answer to one send, however it is routed
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class NotConnected(ConnectionError):
+    """No instance holds a socket for the call now: the reply waits for the channel."""
+
+
+def instance_name() -> str:
+    """This process's name in Redis: host, pid and a random tag (pids repeat in containers)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Connections:
+    """The streaming sockets of this instance, and the way to the others'."""
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        keys: Keyspace,
+        *,
+        instance: str | None = None,
+        hold_seconds: int = 86_400,
+        lease_seconds: float = LEASE_SECONDS,
+        send_seconds: float = SEND_SECONDS,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.instance = instance or instance_name()
+        self.hold_seconds = hold_seconds  # a call's :socket key lives at most as long as the call
+        self.lease_seconds = lease_seconds
+        self.send_seconds = send_seconds
+        self.sockets: set[StreamingConnection] = set()
+        self._by_call: dict[str, StreamingConnection] = {}
+        self._routed: dict[str, asyncio.Future[Response]] = {}  # request id -> the holder's answer
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._release = redis.register_script(_RELEASE)
+        self.draining = False  # shutting down: no new sockets
+        self.sends: Counter[str] = Counter()  # local, routed, served (for another instance)
+        self.failures: Counter[str] = Counter()  # no_connection, timeout, closed, refused
+        self.metrics = metrics
+
+    # --- this instance's sockets -------------------------------------------------
+
+    @property
+    def calls(self) -> int:
+        return len(self._by_call)
+
+    def attach(self, connection: StreamingConnection) -> None:
+        self.sockets.add(connection)
+
+    async def detach(self, connection: StreamingConnection) -> None:
+        """The socket closed: its calls are no longer held here (unless on another socket)."""
+        self.sockets.discard(connection)
+        if self.metrics is not None:
+            self.metrics.connection_calls.observe(len(connection.conversations))
+        gone = [c for c in connection.conversations if self._by_call.get(c) is connection]
+        for conversation_id in gone:
+            del self._by_call[conversation_id]
+        await self._let_go(gone)
+
+    async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
+        """The call's activities arrive on ``connection``: its sends go there from now on.
+
+        The first time on a socket, the call's ``:socket`` key names this instance, and
+        replies parked while nobody held the call are made due at once."""
+        self._by_call[conversation_id] = connection
+        if conversation_id in connection.conversations:
+            return
+        connection.conversations.add(conversation_id)
+        keys = self.keys.call(conversation_id)
+        with unavailable_while("recording the call's socket"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.socket(conversation_id), self.instance, ex=self.hold_seconds)
+                pipe.hkeys(keys.outbox)
+                _, parked = await pipe.execute()
+            if parked:
+                due = {Due.delivery(conversation_id, key): 0 for key in parked}
+                await self.redis.zadd(self.keys.due_for(conversation_id), due, xx=True)
+                log.info(
+                    "call %s: %d parked deliveries due now, on a socket again", conversation_id, len(parked)
+                )
+
+    async def _let_go(self, conversation_ids: list[str]) -> None:
+        """Clear the calls' ``:socket`` keys where they still name this instance."""
+        if not conversation_ids:
+            return
+        try:
+            async with asyncio.timeout(self.send_seconds):
+                await asyncio.gather(
+                    *(
+                        self._release(keys=[self.keys.socket(c)], args=[self.instance])
+                        for c in conversation_ids
+                    )
+                )
+        except (*UNAVAILABLE, TimeoutError) as e:
+            # Harmless: a send to them finds nobody listening on this instance's inbox.
+            log.warning("%d calls' socket keys not cleared: %r", len(conversation_ids), e)
+
+    # --- sending --------------------------------------------------------------------
+
+    async def send(self, conversation_id: str, request: Request) -> Response:
+        """Send ``request`` to the channel over the socket holding the call, here or on
+        another instance; the channel's answer. ``NotConnected`` when none holds it."""
+        connection = self._by_call.get(conversation_id)
+        if connection is not None and not connection.closing:
+            self.sends["local"] += 1
+            return await self._over(connection, request)
+        with unavailable_while("finding the call's socket"):
+            holder = await self.redis.get(self.keys.socket(conversation_id))
+        if not holder or holder == self.instance:
+            self.failures["no_connection"] += 1
+            raise NotConnected(f"call {conversation_id}: no socket holds it")
+        self.sends["routed"] += 1
+        return await self._route(str(holder), conversation_id, request)
+
+    async def _over(self, connection: StreamingConnection, request: Request) -> Response:
+        try:
+            return await connection.request(request, self.send_seconds)
+        except TimeoutError:
+            self.failures["timeout"] += 1
+            raise
+        except ConnectionClosed:
+            self.failures["closed"] += 1
+            raise
+
+    async def _route(self, holder: str, conversation_id: str, request: Request) -> Response:
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._routed[request.id] = answer
+        message = {
+            "op": "send",
+            "id": request.id,
+            "from": self.instance,
+            "call": conversation_id,
+            "verb": request.verb,
+            "path": request.path,
+            "body": (request.body or b"").decode(),
+        }
+        try:
+            async with asyncio.timeout(self.send_seconds):
+                with unavailable_while("routing a send"):
+                    listening = await self.redis.spublish(self.keys.inbox(holder), json.dumps(message))
+                if not listening:  # the holder is gone (killed, or shut down)
+                    self.failures["no_connection"] += 1
+                    raise NotConnected(f"call {conversation_id}: its socket's instance {holder} is gone")
+                return await answer
+        except TimeoutError:
+            self.failures["timeout"] += 1
+            raise
+        finally:
+            self._routed.pop(request.id, None)
+
+    # --- the inbox ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep this instance's lease and serve its inbox until cancelled."""
+        lease = asyncio.create_task(self._keep_lease(), name="instance lease")
+        try:
+            await self._serve_inbox()
+        finally:
+            lease.cancel()
+            await asyncio.gather(lease, return_exceptions=True)
+
+    async def _keep_lease(self) -> None:
+        key = self.keys.instance(self.instance)
+        while True:
+            try:
+                state = json.dumps({"sockets": len(self.sockets), "calls": self.calls})
+                await self.redis.set(key, state, px=int(self.lease_seconds * 1000))
+            except UNAVAILABLE as e:
+                log.warning("instance lease not renewed: %r", e)
+            await asyncio.sleep(self.lease_seconds / 3)
+
+    async def _serve_inbox(self) -> None:
+        pause = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.ssubscribe(self.keys.inbox(self.instance))
+                pause = 0.1
+                while True:
+                    message = await _next(pubsub)
+                    if message is not None and message.get("type") == "smessage":
+                        self._receive(message["data"])
+            except UNAVAILABLE as e:
+                log.warning("inbox lost, subscribing again in %.1f s: %r", pause, e)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+            finally:
+                with contextlib.suppress(*UNAVAILABLE):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _receive(self, raw: str) -> None:
+        try:
+            message: dict[str, Any] = json.loads(raw)
+            ident = str(message["id"])
+            if message["op"] == "answer":
+                answer = self._routed.get(ident)
+                if answer is not None and not answer.done():
+                    if message.get("error"):
+                        answer.set_exception(NotConnected(str(message["error"])))
+                    else:
+                        body = str(message.get("body") or "").encode() or None
+                        answer.set_result(Response(ident, int(message["status"]), body))
+                return
+            sender, call = str(message["from"]), str(message["call"])
+            request = Request(
+                new_id(), str(message["verb"]), str(message["path"]), str(message["body"]).encode()
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("inbox: a message this version cannot read (%r): %.200s", e, raw)
+            return
+        task = asyncio.create_task(self._serve(ident, sender, call, request), name=f"routed send {ident}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, ident: str, sender: str, call: str, request: Request) -> None:
+        """Send for another instance over this one's socket, and tell it how it went."""
+        answer: dict[str, Any] = {"op": "answer", "id": ident}
+        connection = self._by_call.get(call)
+        try:
+            if connection is None or connection.closing:
+                raise NotConnected(f"call {call}: no socket on {self.instance} holds it now")
+            self.sends["served"] += 1
+            response = await self._over(connection, request)
+            answer.update(status=response.status, body=(response.body or b"").decode(errors="replace"))
+        except (NotConnected, ConnectionClosed, TimeoutError) as e:
+            answer["error"] = str(e) or type(e).__name__
+        try:
+            await self.redis.spublish(self.keys.inbox(sender), json.dumps(answer))
+        except UNAVAILABLE as e:  # the sender times out and the reply stays parked
+            log.warning("inbox: answer to %s not sent: %r", sender, e)
+
+    # --- shutdown -------------------------------------------------------------------
+
+    async def close_all(self, drain_seconds: float) -> None:
+        """Shutdown: take no new sockets, let the turns in flight finish, then close every
+        socket (the channel reconnects to another instance) and let go of their calls."""
+        self.draining = True
+        sockets = list(self.sockets)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_seconds):
+                await asyncio.gather(*(s.drain() for s in sockets))
+        await asyncio.gather(*(s.close(1012, "restarting") for s in sockets))  # 1012: service restart
+        with contextlib.suppress(*UNAVAILABLE, TimeoutError):
+            async with asyncio.timeout(self.send_seconds):
+                await self.redis.delete(self.keys.instance(self.instance))
+
+
+async def _next(pubsub: PubSub | ClusterPubSub) -> dict[str, Any] | None:
+    """The next inbox message, or None after a second of silence."""
+    if isinstance(pubsub, ClusterPubSub):
+        message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+    else:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    return message if isinstance(message, dict) else None

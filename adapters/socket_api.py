@@ -1,0 +1,142 @@
+"""The channel's streaming connection: the WebSocket upgrade on ``GET /api/messages``,
+and the requests the channel sends on it.
+
+botbuilder-python 4.17.1's streaming stack does not survive a real call (it cannot read
+the channel's answers, corrupts bodies over 4 KB, loses bytes when frames are merged or
+split, and never fails a send; see docs/streaming.md). This replaces it at the socket,
+and keeps the rest of the SDK: the channel's token is checked at the upgrade by the
+SDK's authentication, and each activity runs through ``CloudAdapter.process_activity``
+with the same checks and answers as a POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import logging
+
+from aiohttp import web
+from botbuilder.core import __version__ as botbuilder_version
+from botframework.connector.auth import AuthenticateRequestResult
+
+from adapters import framing
+from adapters.auth import Unauthorized
+from adapters.connections import Connections
+from adapters.framing import Request, Response
+from adapters.http import (
+    ADAPTER_KEY,
+    METRICS_KEY,
+    TURN_SECONDS,
+    answer_activity,
+    parse_activity,
+    problem,
+    unauthorized,
+)
+from adapters.streaming import StreamingConnection
+from orchestrator.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CONNECTIONS_KEY = web.AppKey("connections", Connections)
+HEARTBEAT_SECONDS = 20.0  # a WebSocket ping this often finds a peer that vanished without a close
+MAX_MESSAGE_BYTES = 2 * framing.MAX_BODY_BYTES  # one WebSocket message: several payloads at most
+MESSAGES_PATH = "/api/messages"
+VERSION_PATH = "/api/version"
+USER_AGENT = f"callflow-orchestrator (botbuilder-python {botbuilder_version})"
+_numbers = itertools.count(1)
+
+
+async def upgrade(request: web.Request) -> web.StreamResponse:
+    """``GET /api/messages``: authenticate, upgrade, then serve the socket until it closes."""
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_MESSAGE_BYTES)
+    if not ws.can_prepare(request).ok:
+        return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
+    connections = request.app[CONNECTIONS_KEY]
+    if connections.draining:
+        return problem(503, "this instance is shutting down; connect again", **{"Retry-After": "1"})
+    try:
+        authenticated = await request.app[
+            ADAPTER_KEY
+        ].bot_framework_authentication.authenticate_streaming_request(
+            request.headers.get("Authorization"), request.headers.get("channelid")
+        )
+    except Unauthorized as e:
+        log.info("streaming connection refused before the upgrade: %s", e.reason)
+        return unauthorized(e.reason)
+    await ws.prepare(request)
+    name = f"{connections.instance}/{next(_numbers)}"
+    connection = StreamingConnection(ws, functools.partial(_serve, request.app, authenticated), name=name)
+    connections.attach(connection)
+    log.info("socket %s opened from %s", name, request.remote)
+    try:
+        await connection.run()
+    finally:
+        await connections.detach(connection)
+        log.info(
+            "socket %s closed (code %s), %d calls carried", name, ws.close_code, len(connection.conversations)
+        )
+    return ws
+
+
+async def _serve(
+    app: web.Application,
+    authenticated: AuthenticateRequestResult,
+    connection: StreamingConnection,
+    request: Request,
+) -> Response:
+    """The answer to one request from the channel: an activity, or a clear 4xx."""
+    path = "/" + request.path.split("?", 1)[0].lstrip("/")
+    if path.lower() == VERSION_PATH and request.verb.upper() == "GET":  # the .NET channel side's keep-alive
+        return _framed(request, web.json_response({"userAgent": USER_AGENT}))
+    if path != MESSAGES_PATH:
+        return _framed(
+            request, problem(404, f"no such path {request.path!r}; activities go to {MESSAGES_PATH}")
+        )
+    if request.verb.upper() != "POST":
+        return _framed(request, problem(405, f"{request.verb} {MESSAGES_PATH}: activities are POSTed"))
+    if request.body is None:
+        return _framed(request, problem(400, "the request has no body: an activity is expected"))
+    content_type = request.content_type.split(";", 1)[0].strip().lower() or "application/json"
+    parsed = parse_activity(request.body, content_type)
+    if isinstance(parsed, web.Response):
+        return _framed(request, parsed)
+    deadline = asyncio.get_running_loop().time() + TURN_SECONDS
+    metrics = app[METRICS_KEY]
+    with metrics.turn_seconds.time():
+        try:
+            await app[CONNECTIONS_KEY].hold(parsed.conversation.id, connection)
+        except StoreUnavailable as e:
+            log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
+            answer = problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
+        else:
+            answer = await answer_activity(app, authenticated, parsed, deadline)
+    if answer.status == 503:
+        metrics.unavailable.inc()
+    return _framed(request, answer)
+
+
+def _framed(request: Request, answer: web.Response) -> Response:
+    """An HTTP answer as the streaming response to ``request``: same status and body, but
+    200 for an activity taken (every SDK answers 200 on the socket; a POST gets 201)."""
+    body = answer.body if isinstance(answer.body, bytes) and answer.body else None
+    if answer.status == 201 and body is None:
+        return Response(request.id, 200)
+    if answer.status >= 400 and body is not None:
+        log.info(
+            "socket request %s %s answered %d: %s", request.verb, request.path, answer.status, _reason(body)
+        )
+    return Response(request.id, answer.status, body, answer.content_type if body is not None else "")
+
+
+def _reason(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("error", ""))[:200]
+    except (ValueError, AttributeError):
+        return ""
+
+
+def add_socket_routes(app: web.Application, connections: Connections) -> None:
+    app[CONNECTIONS_KEY] = connections
+    app.router.add_get(MESSAGES_PATH, upgrade)
