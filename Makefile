@@ -27,6 +27,7 @@ lint: $(STAMP)
 test: lint
 	./scripts/ensure-redis
 	./scripts/ensure-browser
+	./scripts/ensure-jspeer
 	./scripts/ensure-compose
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

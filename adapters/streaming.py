@@ -1,5 +1,8 @@
 """One streaming connection: the channel's WebSocket, carrying requests both ways.
 
+The bot's side of an accepted socket; the simulator's channel uses the same session over
+the socket it opens.
+
 The channel sends each activity as a request and waits for its answer; the bot sends
 its replies as requests on the same socket and reads the channel's answers. Any number
 of calls share a socket, and each request is handled in a task of its own, so a slow
@@ -15,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
 from adapters.framing import Deframer, FramingError, Request, Response, encode
 
@@ -31,7 +34,9 @@ class ConnectionClosed(ConnectionError):
 class StreamingConnection:
     """The protocol session over one accepted WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, handle: Handler, *, name: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse | ClientWebSocketResponse, handle: Handler, *, name: str
+    ) -> None:
         self.ws = ws
         self.name = name  # for logs: which socket
         self._handle = handle

@@ -21,6 +21,7 @@ from orchestrator.ssml import SSML_NAMESPACE
 from simulator.channel import Caller, ChannelStandIn
 
 Protocol = Literal["telephony", "generic"]
+Transport = Literal["http", "websocket"]  # POSTs, or the Telephony channel's streaming socket
 TURN_SECONDS = 15.0  # the channel gives a bot this long to answer a post
 
 
@@ -50,13 +51,16 @@ class Bots:
         self.session = session
         self.tally = tally or Tally()
         self.last_error = ""  # why the last refused post was refused, as the bot said
+        self.sent: Counter[str] = Counter({url: 0 for url in self.urls})  # posts per bot (0: never reached)
 
     async def post(self, activity: dict[str, Any]) -> int:
         """Post one activity to the next bot; its HTTP status (0: not reached)."""
         started = time.perf_counter()
+        url = next(self._next)
+        self.sent[url] += 1
         try:
             timeout = aiohttp.ClientTimeout(total=TURN_SECONDS)
-            async with self.session.post(next(self._next), json=activity, timeout=timeout) as response:
+            async with self.session.post(url, json=activity, timeout=timeout) as response:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as e:

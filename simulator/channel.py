@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -47,30 +48,34 @@ class ChannelStandIn:
             await self._runner.cleanup()
 
     async def _receive(self, request: web.Request) -> web.Response:
+        status, answer = await self.take(request.match_info["conversation"], await request.read())
+        return web.json_response(answer, status=status)
+
+    async def take(self, conversation: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """What the channel answers an activity the bot sent to ``conversation`` (over HTTP
+        or a streaming socket): the status, and the JSON body (the activity's new id)."""
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.refuse_next > 0:
             self.refuse_next -= 1
-            return web.json_response({"error": "unavailable"}, status=503)
+            return 503, {"error": "unavailable"}
         if not self.record:
-            await request.read()
             self.received += 1
             self._changed[""].set()
-            return web.json_response({"id": f"sent-{next(self._ids)}"})
+            return 200, {"id": f"sent-{next(self._ids)}"}
         try:
-            activity = await request.json()
+            activity = json.loads(body)
         except ValueError:
-            return web.json_response({"error": "the body must be a JSON activity"}, status=400)
+            activity = None
         if not isinstance(activity, dict):
-            return web.json_response({"error": "the body must be a JSON activity"}, status=400)
-        conversation = request.match_info["conversation"]
+            return 400, {"error": "the body must be a JSON activity"}
         activity["_path_conversation"] = conversation
         self.activities.append(activity)
         self.received += 1
         self._by_conversation[conversation].append(activity)
         for key in (conversation, ""):  # "" wakes whoever waits for any conversation
             self._changed[key].set()
-        return web.json_response({"id": f"sent-{next(self._ids)}"})
+        return 200, {"id": f"sent-{next(self._ids)}"}
 
     def for_conversation(self, conversation_id: str) -> list[dict[str, Any]]:
         return self._by_conversation.get(conversation_id, [])

@@ -4,6 +4,7 @@ against running bots, interactively, from scenario files, or as a load of many c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,30 +15,52 @@ import click
 from rich.console import Console
 
 from simulator import scenario as scenarios
-from simulator.call import Bots, Protocol, Tally
+from simulator.call import Bots, Protocol, Tally, Transport
 from simulator.channel import ChannelStandIn
+from simulator.streaming import SERVICE_URL, SocketBots
 
 
 @asynccontextmanager
 async def wired(
-    urls: list[str], listen: str, tally: Tally | None = None
+    urls: list[str],
+    listen: str,
+    tally: Tally | None = None,
+    transport: Transport = "http",
+    session: aiohttp.ClientSession | None = None,
 ) -> AsyncIterator[tuple[Bots, ChannelStandIn]]:
-    """The channel's serviceUrl endpoint listening, and the bots to post to."""
-    host, _, port = listen.rpartition(":")
-    channel = await ChannelStandIn().start(host or "127.0.0.1", int(port or 0))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield Bots(urls, session, tally), channel
-    finally:
-        await channel.stop()
+    """The bots to send to, and the channel that records what they send back: its
+    serviceUrl endpoint listening (HTTP), or the sockets themselves (websocket)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+        channel = ChannelStandIn()
+        stack.push_async_callback(channel.stop)
+        if transport == "websocket":
+            channel.url = SERVICE_URL
+            bots: Bots = SocketBots(urls, session, channel, tally)
+            stack.push_async_callback(bots.close)  # type: ignore[attr-defined]
+        else:
+            host, _, port = listen.rpartition(":")
+            await channel.start(host or "127.0.0.1", int(port or 0))
+            bots = Bots(urls, session, tally)
+        yield bots, channel
 
 
-async def run_scripted(urls: list[str], files: list[Path], listen: str, console: Console) -> int:
-    """Run each scenario file as one call; print a pass/fail report; 0 only if all pass."""
+async def run_scripted(
+    urls: list[str], files: list[Path], listen: str, console: Console, transport: Transport = "http"
+) -> int:
+    """Run each scenario file as one call, over its own transport or ``transport``; print
+    a pass/fail report; 0 only if all pass."""
     loaded = [scenarios.load(path) for path in files]
-    async with wired(urls, listen) as (bots, channel):
+    async with contextlib.AsyncExitStack() as stack:
+        links = {
+            kind: await stack.enter_async_context(wired(urls, listen, transport=kind))
+            for kind in {scenario.transport or transport for scenario in loaded}
+        }
         # Each scenario is a call of its own: run them all at once, report in file order.
-        results = await asyncio.gather(*(scenarios.run(scenario, bots, channel) for scenario in loaded))
+        results = await asyncio.gather(
+            *(scenarios.run(scenario, *links[scenario.transport or transport]) for scenario in loaded)
+        )
         for result in results:
             scenario = result.scenario
             mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
@@ -83,6 +106,14 @@ async def run_scripted(urls: list[str], files: list[Path], listen: str, console:
     help="How an accepted transfer shows: the call ends (Telephony) or handoff.status accepted.",
 )
 @click.option(
+    "--transport",
+    type=click.Choice(["http", "websocket"]),
+    default="http",
+    show_default=True,
+    help="How activities reach the bots: POSTs (replies to our serviceUrl), or the Telephony "
+    "channel's streaming WebSocket (replies on the socket). A scenario's own transport wins.",
+)
+@click.option(
     "--listen",
     default="127.0.0.1:0",
     show_default=True,
@@ -96,6 +127,7 @@ def simulate(
     calls: int | None,
     rate: float,
     protocol: Protocol,
+    transport: Transport,
     listen: str,
 ) -> None:
     """Play the Telephony channel and the agent side against running bots.
@@ -111,13 +143,15 @@ def simulate(
         if calls is not None:
             from simulator.load import run_load
 
-            code = asyncio.run(run_load(urls, chosen or scenarios.shipped(), calls, rate, listen, console))
+            code = asyncio.run(
+                run_load(urls, chosen or scenarios.shipped(), calls, rate, listen, console, transport)
+            )
         elif chosen:
-            code = asyncio.run(run_scripted(urls, chosen, listen, console))
+            code = asyncio.run(run_scripted(urls, chosen, listen, console, transport))
         else:
             from simulator.interactive import run_interactive
 
-            code = asyncio.run(run_interactive(urls, protocol, listen, console))
+            code = asyncio.run(run_interactive(urls, protocol, listen, console, transport=transport))
     except scenarios.ScenarioError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from simulator.call import (
     Mismatch,
     Protocol,
     SimulatedCall,
+    Transport,
     describe,
     is_transfer,
     target_of,
@@ -376,7 +377,12 @@ class _Session:
         self.note(
             "call",
             f"{call.id} from {call.caller.number} to {', '.join(self.bots.urls)} "
-            f"(protocol {self.protocol}); the bot replies to {self.channel.url}",
+            f"(protocol {self.protocol}); "
+            + (
+                "over a streaming socket, the bot replies on it"
+                if self.channel.url.startswith("urn:")
+                else f"the bot replies to {self.channel.url}"
+            ),
             "bold cyan",
         )
         self.watcher = asyncio.create_task(self.watch(call))
@@ -522,6 +528,7 @@ async def run_interactive(
     listen: str,
     console: Console,
     lines: AsyncIterator[str] | None = None,
+    transport: Transport = "http",
 ) -> int:
     """One interactive call against the bots; 0 on quit, 1 when no call can be started.
 
@@ -535,7 +542,7 @@ async def run_interactive(
         return 1
     async with contextlib.AsyncExitStack() as stack:
         try:
-            bots, channel = await stack.enter_async_context(wired(urls, listen))
+            bots, channel = await stack.enter_async_context(wired(urls, listen, transport=transport))
         except OSError as e:  # the port is taken, or the host is not an address of this machine
             console.print(Text(f"error: cannot listen on {listen}: {e}", style="red"), soft_wrap=True)
             return 1

@@ -13,13 +13,13 @@ value at rank ``ceil(p * n / 100)``, always one of the measured values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from yarl import URL
 
+from simulator import cli
 from simulator import scenario as scenarios
-from simulator.call import Bots, Tally
+from simulator.call import Bots, Tally, Transport
 from simulator.channel import ChannelStandIn
 
 DEFAULT_CONCURRENCY = 1000  # calls in flight at once
@@ -104,30 +104,17 @@ def latency_ms(latencies: Sequence[float]) -> dict[str, float | None]:
 
 @asynccontextmanager
 async def wired(
-    urls: list[str], listen: str, tally: Tally, concurrency: int
-) -> AsyncIterator[tuple[Bots, ChannelStandIn, Counter[str]]]:
-    """Like ``simulator.cli.wired``, with a connection pool as large as the calls in flight
-    (aiohttp's default of 100 would queue posts in the client and count the wait as the
-    bots' latency), and the posts each bot URL received counted."""
-    host, _, port = listen.rpartition(":")
-    channel = await ChannelStandIn().start(host or "127.0.0.1", int(port or 0))
-    posts: Counter[str] = Counter()
-
-    async def count(
-        _: aiohttp.ClientSession, __: SimpleNamespace, params: aiohttp.TraceRequestStartParams
-    ) -> None:
-        posts[str(params.url)] += 1
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(count)
+    urls: list[str], listen: str, tally: Tally, concurrency: int, transports: set[Transport]
+) -> AsyncIterator[dict[Transport, tuple[Bots, ChannelStandIn]]]:
+    """``simulator.cli.wired`` for each transport the mix uses, sharing one connection pool
+    as large as the calls in flight (aiohttp's default of 100 would queue posts in the
+    client and count the wait as the bots' latency)."""
     connector = aiohttp.TCPConnector(limit=concurrency)
-    try:
-        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
-            bots = Bots(urls, session, tally)
-            posts.update({str(URL(url)): 0 for url in bots.urls})  # a bot never reached shows 0
-            yield bots, channel, posts
-    finally:
-        await channel.stop()
+    async with aiohttp.ClientSession(connector=connector) as session, contextlib.AsyncExitStack() as stack:
+        yield {
+            kind: await stack.enter_async_context(cli.wired(urls, listen, tally, kind, session))
+            for kind in transports
+        }
 
 
 def _cause(result: scenarios.Result) -> tuple[str, str]:
@@ -148,6 +135,7 @@ async def load(
     listen: str = "127.0.0.1:0",
     console: Console | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    transport: Transport = "http",
 ) -> LoadSummary:
     """Run ``calls`` simulated calls through the scenario mix in ``files``, ``rate`` new
     calls a second; a progress bar on ``console`` if given. Raises ``ScenarioError`` for a
@@ -187,7 +175,8 @@ async def load(
         tallied[result.passed] += 1
         progress.update(bar, advance=1, passed=tallied[True], failed=tallied[False])
 
-    async with wired(urls, listen, tally, concurrency) as (bots, channel, posts):
+    transports = {scenario.transport or transport for scenario in mix}
+    async with wired(urls, listen, tally, concurrency, transports) as links:
         with progress:
             t0 = loop.time()
             async with asyncio.TaskGroup() as group:
@@ -195,10 +184,14 @@ async def load(
                     await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
                     await slots.acquire()
                     starts.append(loop.time())
-                    group.create_task(call(mix[i % len(mix)], bots, channel))
+                    scenario = mix[i % len(mix)]
+                    group.create_task(call(scenario, *links[scenario.transport or transport]))
                     progress.update(bar, started=i + 1)
             duration = loop.time() - t0
-        received = len(channel.activities)
+        received = sum(len(channel.activities) for _, channel in links.values())
+        posts: Counter[str] = Counter()
+        for bots, _ in links.values():
+            posts.update(bots.sent)  # update, not +: a bot never reached keeps its 0
 
     failures: dict[str, list[str]] = {}  # reason: where each call failed so
     for result in results:
@@ -292,10 +285,16 @@ def report(summary: LoadSummary, console: Console) -> None:
 
 
 async def run_load(
-    urls: list[str], files: list[Path], calls: int, rate: float, listen: str, console: Console
+    urls: list[str],
+    files: list[Path],
+    calls: int,
+    rate: float,
+    listen: str,
+    console: Console,
+    transport: Transport = "http",
 ) -> int:
     """The CLI's load mode: run the load, print the summary; 0 only if every call passed
     and no post failed."""
-    summary = await load(urls, files, calls, rate, listen, console)
+    summary = await load(urls, files, calls, rate, listen, console, transport=transport)
     report(summary, console)
     return 0 if summary.ok else 1

@@ -2,6 +2,7 @@
 
     name: a caller asks for an agent and gets one
     protocol: telephony          # or generic: the accepted transfer as handoff.status
+    transport: websocket         # optional: http or websocket (the streaming socket)
     steps:
       - start                    # the call starts (conversationUpdate)
       - expect_prompt: {contains: "For the billing department"}
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from simulator.call import Bots, Mismatch, Protocol, SimulatedCall, describe
+from simulator.call import Bots, Mismatch, Protocol, SimulatedCall, Transport, describe
 from simulator.channel import ChannelStandIn
 
 SHIPPED = Path(__file__).parent / "scenarios"
@@ -84,6 +85,7 @@ class Step(_Strict):
 class Scenario(_Strict):
     name: str
     protocol: Protocol = "telephony"
+    transport: Transport | None = None  # http or websocket; unset: the run's (--transport)
     caller: str = "+14255550123"
     steps: list[Step] = Field(min_length=1)
     source: str = ""

@@ -18,6 +18,7 @@ from rich.console import Console
 from app import create_app
 from orchestrator.config import load_settings
 from simulator import scenario as scenarios
+from simulator.call import Transport
 from simulator.cli import run_scripted
 from tests.process import ROOT
 
@@ -69,9 +70,11 @@ def test_a_scenario_for_every_documented_behaviour_is_shipped() -> None:
         assert scenarios.load(path).steps  # every one parses
 
 
-async def test_every_shipped_scenario_passes(bot_url: str) -> None:
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+async def test_every_shipped_scenario_passes(bot_url: str, transport: Transport) -> None:
+    """Over POSTs and over the Telephony channel's streaming socket alike."""
     screen, out = console()
-    code = await run_scripted([bot_url], scenarios.shipped(), "127.0.0.1:0", screen)
+    code = await run_scripted([bot_url], scenarios.shipped(), "127.0.0.1:0", screen, transport)
     report = out.getvalue()
     assert code == 0, report
     assert f"{len(scenarios.shipped())} passed, 0 failed" in report
