@@ -91,15 +91,23 @@ class Connections:
     def attach(self, connection: StreamingConnection) -> None:
         self.sockets.add(connection)
 
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a task that must run to its end (a socket's reading and clean-up) until it does."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def detach(self, connection: StreamingConnection) -> None:
         """The socket closed: its calls are no longer held here (unless on another socket)."""
-        self.sockets.discard(connection)
         if self.metrics is not None:
             self.metrics.connection_calls.observe(len(connection.conversations))
         gone = [c for c in connection.conversations if self._by_call.get(c) is connection]
+
         for conversation_id in gone:
             del self._by_call[conversation_id]
-        await self._let_go(gone)
+        try:
+            await self._let_go(gone)
+        finally:
+            self.sockets.discard(connection)
 
     async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
         """The call's activities arrive on ``connection``: its sends go there from now on.
@@ -252,9 +260,7 @@ class Connections:
         except (ValueError, KeyError, TypeError) as e:
             log.warning("inbox: a message this version cannot read (%r): %.200s", e, raw)
             return
-        task = asyncio.create_task(self._serve(ident, sender, call, request), name=f"routed send {ident}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.keep(asyncio.create_task(self._serve(ident, sender, call, request), name=f"routed send {ident}"))
 
     async def _serve(self, ident: str, sender: str, call: str, request: Request) -> None:
         """Send for another instance over this one's socket, and tell it how it went."""
@@ -284,6 +290,9 @@ class Connections:
             async with asyncio.timeout(drain_seconds):
                 await asyncio.gather(*(s.drain() for s in sockets))
         await asyncio.gather(*(s.close(1012, "restarting") for s in sockets))  # 1012: service restart
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.send_seconds):  # the sockets' clean-up, routed sends
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(*UNAVAILABLE, TimeoutError):
             async with asyncio.timeout(self.send_seconds):
                 await self.redis.delete(self.keys.instance(self.instance))

@@ -68,16 +68,28 @@ async def upgrade(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     name = f"{connections.instance}/{next(_numbers)}"
     connection = StreamingConnection(ws, functools.partial(_serve, request.app, authenticated), name=name)
+    serving = asyncio.create_task(_carry(connections, connection, request.remote), name=f"socket {name}")
+    connections.keep(serving)
+    # aiohttp cancels this handler when the peer goes away; the socket's own task still
+    # lets its turns finish and lets go of its calls.
+    await asyncio.shield(serving)
+    return ws
+
+
+async def _carry(connections: Connections, connection: StreamingConnection, peer: str | None) -> None:
+    """Serve one socket until it closes, then let go of the calls it carried."""
     connections.attach(connection)
-    log.info("socket %s opened from %s", name, request.remote)
+    log.info("socket %s opened from %s", connection.name, peer)
     try:
         await connection.run()
     finally:
         await connections.detach(connection)
         log.info(
-            "socket %s closed (code %s), %d calls carried", name, ws.close_code, len(connection.conversations)
+            "socket %s closed (code %s), %d calls carried",
+            connection.name,
+            connection.ws.close_code,
+            len(connection.conversations),
         )
-    return ws
 
 
 async def _serve(

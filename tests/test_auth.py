@@ -25,8 +25,10 @@ from adapters.http import BOT_KEY, MAX_BODY_BYTES, STORE_KEY
 from app import create_app
 from orchestrator.config import Settings, load_settings
 from simulator.channel import Caller, ChannelStandIn
+from simulator.streaming import SERVICE_URL
 from tests.conftest import BOT_ENVIRONMENT
 from tests.issuer import ISSUER, TEAMS_KID, Issuer
+from tests.jspeer import JsChannel
 from tests.process import free_port
 from tests.test_http import dump
 
@@ -413,3 +415,27 @@ async def test_many_slow_requests_do_not_stop_a_fast_one(
     await asyncio.gather(*answers, return_exceptions=True)
     for _, writer in slow:
         await close(writer)
+
+
+async def test_a_call_over_the_socket_with_authentication_on(
+    secured: TestClient[Any, Any], issuer: Issuer
+) -> None:
+    """Microsoft's JS streaming client as the channel: its token is checked once, at the
+    upgrade; the activities and the bot's replies on the socket then carry none."""
+    url = str(secured.make_url("/api/messages")).replace("http", "ws", 1)
+    token = issuer.token(APP_ID, SERVICE_URL)
+    async with JsChannel() as js:
+        refused = await js.connect(
+            "bad", url, {**bearer(issuer.token("another-app-id", "x")), "channelid": "telephony"}
+        )
+        assert refused["event"] == "refused" and refused["status"] == 401
+        assert "invalid channel token" in refused["body"]
+        opened = await js.connect("s1", url, {**bearer(token), "channelid": "telephony"})
+        assert opened["event"] == "connected"
+        caller = Caller(SERVICE_URL)
+        assert (await js.send("s1", caller.start()))["status"] == 200
+        [welcome] = await js.wait_requests(1, "s1")
+        assert (
+            welcome["body"]["type"] == "message"
+            and welcome["body"]["conversation"]["id"] == caller.conversation_id
+        )
