@@ -17,6 +17,7 @@ those written here carry 4096 at most, which every SDK reads.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +29,16 @@ MAX_BODY_BYTES = 256 * 1024  # as over HTTP: an activity is a few KB
 MAX_OPEN = 1024  # messages and streams being assembled at once on one socket
 MAX_HELD_BYTES = 4 * MAX_BODY_BYTES  # bytes of them held at once on one socket
 CONTENT_TYPE = "application/json; charset=utf-8"
+
+
+# As .NET's Guid.TryParse and JS's check read an id: hyphens in their places, nothing else.
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _guid(text: str) -> str:
+    if not _GUID.fullmatch(text):
+        raise ValueError(f"{text!r} is not a GUID")
+    return text.lower()
 
 
 class PayloadType(StrEnum):
@@ -59,7 +70,7 @@ class Header:
             kind, length, ident, end = text[0], text[2:8], text[9:45], text[46:]
             if text[1] != "." or text[8] != "." or text[45] != "." or end not in ("0\n", "1\n"):
                 raise ValueError("delimiters")
-            header = cls(PayloadType(kind), int(length), str(uuid.UUID(ident)), end == "1\n")
+            header = cls(PayloadType(kind), int(length), _guid(ident), end == "1\n")
         except (ValueError, IndexError) as e:
             raise FramingError(f"malformed header {raw[:HEADER_BYTES]!r}") from e
         if not length.isdigit():  # int() took a sign or spaces
@@ -193,6 +204,15 @@ class Deframer:
         if header.type in (PayloadType.STREAM, PayloadType.REQUEST, PayloadType.RESPONSE):
             self._hold(len(payload))
         if header.type is PayloadType.STREAM:
+            if (
+                not payload
+                and header.end
+                and header.id not in self._streams
+                and header.id not in self._pending
+            ):
+                # .NET ends an empty body with an empty payload after the message, which its
+                # declared length 0 already completed: nothing is left to end.
+                return []
             stream = self._stream(header.id)
             stream.data += payload
             if len(stream.data) > MAX_BODY_BYTES:
@@ -248,16 +268,20 @@ class Deframer:
             if not isinstance(described, list) or not all(isinstance(s, dict) for s in described):
                 raise ValueError("'streams' is not a list of objects")
             streams = [
-                (str(uuid.UUID(str(s["id"]))), str(s.get("type") or s.get("contentType") or ""))
-                for s in described
+                (_guid(str(s["id"])), str(s.get("type") or s.get("contentType") or "")) for s in described
             ]
             message: Request | Response
             if header.type is PayloadType.REQUEST:
                 message = Request(header.id, str(head.get("verb") or ""), str(head.get("path") or ""))
             else:
                 message = Response(header.id, int(head.get("statusCode") or 0))
-        except (ValueError, KeyError, TypeError) as e:
-            raise FramingError(f"malformed {header.type.name.lower()} payload: {e}") from e
+        except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
+            # ArithmeticError: int() of an Infinity status; RecursionError: deep nesting.
+            raise FramingError(f"malformed {header.type.name.lower()} payload: {e!r:.200}") from e
+        if len({stream_id for stream_id, _ in streams}) < len(streams) or any(
+            stream_id in self._pending for stream_id, _ in streams
+        ):
+            raise FramingError("a body stream is named twice")
         if not streams:
             return [message]
         pending = _Pending(message, streams)

@@ -7,11 +7,13 @@ On a Redis Cluster redis-py splits the same pipelines by node.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.channel_client import is_streaming
 from adapters.keys import HOUR, MINUTE, SHARDS, CallField, FeedField, StatsBucket
 from adapters.store import RedisCallStore, decode_step, unavailable_while
 from orchestrator.inspection import MAX_WINDOW_SECONDS
@@ -60,6 +62,21 @@ class CallInspector:
                 for name, args, kwargs in commands:
                     getattr(pipe, name)(*args, **kwargs)
                 return list(await pipe.execute())
+
+    async def connection(self, conversation_id: str, reference: str) -> dict[str, Any]:
+        """How the call reaches the channel: ``http`` (replies posted to its serviceUrl), or
+        a streaming ``websocket`` held by ``instance`` (None: no instance holds it now, its
+        replies wait for the channel to reconnect), whose lease is ``live`` or lapsed."""
+        try:
+            service_url = json.loads(reference).get("serviceUrl") if reference else None
+        except (ValueError, AttributeError):
+            service_url = None
+        if not is_streaming(service_url):
+            return {"transport": "http", "service_url": service_url}
+        with unavailable_while("reading the call's socket"):
+            instance = await self.redis.get(self.keys.socket(conversation_id))
+            live = bool(await self.redis.exists(self.keys.instance(str(instance)))) if instance else None
+        return {"transport": "websocket", "service_url": service_url, "instance": instance, "live": live}
 
     async def state_counts(self) -> dict[str, int]:
         """Calls per state: the sizes of every shard's state indexes."""

@@ -63,6 +63,10 @@ class StreamingConnection:
                         log.warning("socket %s: %s; closing it", self.name, e)
                         await self.close(WSCloseCode.PROTOCOL_ERROR, "protocol error")
                         break
+                    except Exception:  # a bug of ours: this socket goes, no other
+                        log.exception("socket %s: reading failed; closing it", self.name)
+                        await self.close(WSCloseCode.INTERNAL_ERROR, "internal error")
+                        break
                     for item in received:
                         self._dispatch(item)
                 elif message.type is WSMsgType.TEXT:

@@ -110,6 +110,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
     shown["failure"] = redact(record.get("failure", ""))
     return {
         "record": shown,
+        "connection": await inspector.connection(conversation_id, record.get("reference", "")),
         "targets_tried": [step.target for _, step in history if step.target],
         "transcript": [{"role": line.role, "text": redact(line.text), "at": line.at} for line in transcript],
         "history": [
@@ -124,6 +125,16 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
             for at_ms, step in history
         ],
     }
+
+
+def connection_line(connection: dict[str, Any]) -> str:
+    """How a call is connected, for people."""
+    if connection["transport"] == "http":
+        return f"HTTP: replies are posted to {connection.get('service_url') or '?'}"
+    if not connection.get("instance"):
+        return "streaming socket: none now (replies wait for the channel to reconnect)"
+    lease = "live" if connection.get("live") else "lapsed: the instance is gone"
+    return f"streaming socket on instance {connection['instance']} ({lease})"
 
 
 def transition_row(entry: FeedEntry) -> dict[str, Any]:
