@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ from adapters.connections import Connections
 from adapters.http import (
     ADAPTER_KEY,
     BOT_KEY,
+    DRAINING_KEY,
     MAX_BODY_BYTES,
     METRICS_KEY,
     SCHEDULER_KEY,
@@ -36,7 +38,7 @@ from adapters.http import (
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
 from adapters.redis_client import connection_problem, create_redis
-from adapters.socket_api import add_socket_routes
+from adapters.socket_api import CONNECTIONS_KEY, add_socket_routes
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
@@ -47,7 +49,7 @@ from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger("app")
 
-SHUTDOWN_SECONDS = 25.0  # inside docker-compose's stop_grace_period of 30 s
+SHUTDOWN_SECONDS = 25.0  # all of a shutdown, inside docker-compose's stop_grace_period of 30 s
 CLEANUP_SECONDS = 2.0  # each clean-up step after that
 GC_YOUNG_THRESHOLD = 2_000  # allocations between young collections (CPython's default: 700)
 
@@ -155,6 +157,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP[STORE_KEY] = STORE
     APP[SCHEDULER_KEY] = SCHEDULER
     APP[METRICS_KEY] = METRICS
+    APP[DRAINING_KEY] = asyncio.Event()
 
     async def redis_lifetime(app: web.Application) -> AsyncIterator[None]:
         if problem := await connection_problem(STORE.redis, CONFIG):
@@ -192,17 +195,12 @@ def create_app(config: Settings | None = None) -> web.Application:
         task.cancel()
         await asyncio.wait({task}, timeout=CLEANUP_SECONDS)
 
-    async def close_sockets(app: web.Application) -> None:
-        # Shutdown, before aiohttp waits for handlers: a socket's handler ends only when the
-        # socket closes. In-flight turns finish first; the channel then reconnects elsewhere.
-        await CONNECTIONS.close_all(drain_seconds=TURN_SECONDS)
-
     APP.cleanup_ctx.append(redis_lifetime)
     if CONFIG.APP_ID:
         APP.cleanup_ctx.append(keys_lifetime)
     APP.cleanup_ctx.append(scheduler_lifetime)
     APP.cleanup_ctx.append(sockets_lifetime)
-    APP.on_shutdown.append(close_sockets)
+    APP.on_shutdown.append(drain)  # as a fallback: serve() drains before aiohttp's shutdown
     add_routes(APP)
     add_socket_routes(APP, CONNECTIONS)
     if CONFIG.OPERATOR_TOKEN is not None:
@@ -237,8 +235,38 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
     tune_gc()
-    # SIGTERM: stop accepting, give in-flight turns up to SHUTDOWN_SECONDS, then clean up.
-    web.run_app(APP, host=CONFIG.HOST, port=CONFIG.PORT, print=None, shutdown_timeout=SHUTDOWN_SECONDS)
+    asyncio.run(serve(APP, CONFIG.HOST, CONFIG.PORT))
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGTERM (or Ctrl-C), then shut down within SHUTDOWN_SECONDS: first the
+    streaming sockets (their turns finish, then they close and the channel reconnects
+    elsewhere), then aiohttp's own shutdown (stop accepting, finish requests, clean up).
+
+    In that order because aiohttp's shutdown stops reading every open connection before
+    anything else, sockets included: a turn still running could no longer read the
+    channel's answer to its replies."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS - TURN_SECONDS)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("shutting down: finishing the streaming sockets' turns, then closing them")
+        await drain(app)
+    finally:
+        await runner.cleanup()
+
+
+async def drain(app: web.Application) -> None:
+    """Start shutting down: /readyz fails and upgrades are refused (the load balancer sends
+    new work elsewhere); the streaming sockets finish their turns, then close."""
+    if not app[DRAINING_KEY].is_set():
+        app[DRAINING_KEY].set()
+        await app[CONNECTIONS_KEY].close_all(drain_seconds=TURN_SECONDS)
 
 
 if __name__ == "__main__":

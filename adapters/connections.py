@@ -77,7 +77,6 @@ class Connections:
         self._routed: dict[str, asyncio.Future[Response]] = {}  # request id -> the holder's answer
         self._tasks: set[asyncio.Task[None]] = set()
         self._release = redis.register_script(_RELEASE)
-        self.draining = False  # shutting down: no new sockets
         self.sends: Counter[str] = Counter()  # local, routed, served (for another instance)
         self.failures: Counter[str] = Counter()  # no_connection, timeout, closed, refused
         self.metrics = metrics
@@ -282,9 +281,8 @@ class Connections:
     # --- shutdown -------------------------------------------------------------------
 
     async def close_all(self, drain_seconds: float) -> None:
-        """Shutdown: take no new sockets, let the turns in flight finish, then close every
-        socket (the channel reconnects to another instance) and let go of their calls."""
-        self.draining = True
+        """Shutdown: let the turns in flight finish, then close every socket (the channel
+        reconnects to another instance) and let go of their calls."""
         sockets = list(self.sockets)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_seconds):

@@ -36,6 +36,7 @@ BOT_KEY = web.AppKey("bot", Bot)
 STORE_KEY = web.AppKey("store", RedisCallStore)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 METRICS_KEY = web.AppKey("metrics", Metrics)
+DRAINING_KEY = web.AppKey("draining", asyncio.Event)  # set when the instance starts shutting down
 
 TURN_SECONDS = 12.0  # inside the channel's 15 s
 MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
@@ -222,7 +223,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The process can serve calls: Redis answers."""
+    """The process can serve calls: Redis answers, and it is not shutting down."""
+    if request.app[DRAINING_KEY].is_set():
+        return problem(503, "shutting down")
     if await request.app[STORE_KEY].ping():
         return web.json_response({"status": "ready"})
     return problem(503, "Redis is not reachable")

@@ -10,7 +10,7 @@ from typing import Any
 
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -20,6 +20,8 @@ from orchestrator.config import Settings, redis_user
 from orchestrator.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 100  # to one Redis server, per instance (a Cluster client has as many per node)
 
 
 def create_redis(settings: Settings) -> Redis | RedisCluster:
@@ -44,7 +46,17 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
     }
     if settings.REDIS_CLUSTER:
         return RedisCluster.from_url(settings.REDIS_URL, **options)
-    return Redis.from_url(settings.REDIS_URL, health_check_interval=30, **options)
+    # A burst of turns (a failed-over instance's calls arriving at once) waits for a free
+    # connection, up to the command timeout, where redis-py's default pool fails at once
+    # with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
+        settings.REDIS_URL,
+        max_connections=MAX_CONNECTIONS,
+        timeout=settings.REDIS_TIMEOUT_SECONDS,
+        health_check_interval=30,
+        **options,
+    )
+    return Redis.from_pool(pool)
 
 
 def security_options(settings: Settings) -> dict[str, Any]:

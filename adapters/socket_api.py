@@ -27,6 +27,7 @@ from adapters.connections import Connections
 from adapters.framing import Request, Response
 from adapters.http import (
     ADAPTER_KEY,
+    DRAINING_KEY,
     METRICS_KEY,
     TURN_SECONDS,
     answer_activity,
@@ -54,7 +55,7 @@ async def upgrade(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return problem(400, "GET /api/messages is the WebSocket upgrade; send activities with POST")
     connections = request.app[CONNECTIONS_KEY]
-    if connections.draining:
+    if request.app[DRAINING_KEY].is_set():
         return problem(503, "this instance is shutting down; connect again", **{"Retry-After": "1"})
     try:
         authenticated = await request.app[

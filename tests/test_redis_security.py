@@ -16,6 +16,8 @@ import redis
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
+from adapters.connections import Connections, NotConnected
+from adapters.framing import Request, new_id
 from adapters.inspector import CallInspector
 from adapters.keys import Keyspace
 from adapters.redis_client import connection_problem, create_redis, security_options
@@ -172,6 +174,22 @@ async def test_the_bot_store_round_trip_over_tls_as_the_documented_bot_user(
         await store.release(items, 1000)
         await store.reschedule_watchdog("call-1")
         assert await store.prune_index() == 0
+        # The streaming sockets' routing: an inbox of its own, publishing to another's.
+        connections = Connections(client, Keyspace("cc"))
+        serving = asyncio.create_task(connections.run())
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT_SECONDS):
+                inbox = connections.keys.inbox(connections.instance)
+                while not await client.spublish(inbox, "{}"):  # noqa: ASYNC110 - until it subscribed
+                    await asyncio.sleep(0.05)
+            await client.set(connections.keys.socket("call-1"), "gone-instance", ex=60)
+            with pytest.raises(NotConnected):
+                await connections.send(
+                    "call-1", Request(new_id(), "POST", "/v3/conversations/call-1/activities")
+                )
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
     finally:
         await client.aclose()
 
