@@ -111,8 +111,9 @@ async def _serve(
         return _framed(request, problem(405, f"{request.verb} {MESSAGES_PATH}: activities are POSTed"))
     if request.body is None:
         return _framed(request, problem(400, "the request has no body: an activity is expected"))
-    content_type = request.content_type.split(";", 1)[0].strip().lower() or "application/json"
-    parsed = parse_activity(request.body, content_type)
+    # The body is JSON whatever its stream says: .NET describes a JSON body as text/plain,
+    # and no SDK reads the type of an activity's stream.
+    parsed = parse_activity(request.body, "application/json")
     if isinstance(parsed, web.Response):
         return _framed(request, parsed)
     deadline = asyncio.get_running_loop().time() + TURN_SECONDS

@@ -305,3 +305,32 @@ async def test_closed_and_cut_sockets_leave_nothing_behind(
     never_retrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert not never_retrieved
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "asyncio"]
+
+
+async def test_an_activity_is_read_whatever_content_type_its_stream_names(
+    bot: TestServer, js: JsChannel
+) -> None:
+    """.NET's CloudAdapter describes a JSON body as text/plain; no SDK reads the type."""
+    socket = await connected(js, bot)
+    caller = Caller(SERVICE_URL)
+    body = json.dumps(caller.start()).encode()
+    stream = new_id()
+    head = json.dumps(
+        {
+            "verb": "POST",
+            "path": "/api/messages",
+            "streams": [{"id": stream, "type": "text/plain; charset=utf-8", "length": len(body)}],
+        }
+    ).encode()
+    request = new_id()
+    await js.raw(
+        socket,
+        [
+            Header(PayloadType.REQUEST, len(head), request, True).encode(),
+            head,
+            Header(PayloadType.STREAM, len(body), stream, True).encode(),
+            body,
+        ],
+    )
+    [welcome] = await js.wait_requests(1, socket)
+    assert welcome["body"]["conversation"]["id"] == caller.conversation_id
