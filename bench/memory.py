@@ -41,6 +41,7 @@ SHARED = {
     ":due": "due schedules",
     ":feed": "feeds",
     ":stats:": "transfer counters",
+    ":instance:": "instance leases",  # one per running instance, not per call
 }
 PARKED_EVERY = 10  # every tenth call has a reply parked in its outbox
 CONCURRENT_CALLS = 20
