@@ -18,7 +18,7 @@ from rich.console import Console
 
 from app import create_app
 from orchestrator.config import load_settings
-from simulator.call import Protocol
+from simulator.call import Protocol, Transport
 from simulator.interactive import run_interactive
 from tests.conftest import BOT_ENVIRONMENT
 from tests.process import ROOT, BotProcess, free_port
@@ -81,15 +81,21 @@ async def until(read: Callable[[], str], predicate: Callable[[str], bool], withi
 
 
 async def interactive(
-    bot_url: str, script: Callable[[io.StringIO], AsyncIterator[str]], protocol: Protocol = "telephony"
+    bot_url: str,
+    script: Callable[[io.StringIO], AsyncIterator[str]],
+    protocol: Protocol = "telephony",
+    transport: Transport = "http",
 ) -> tuple[int, str]:
     out = io.StringIO()
     console = Console(file=out, width=200)
-    code = await run_interactive([bot_url], protocol, "127.0.0.1:0", console, script(out))
+    code = await run_interactive([bot_url], protocol, "127.0.0.1:0", console, script(out), transport)
     return code, out.getvalue()
 
 
-async def test_a_call_typed_in_shows_prompts_transfers_and_the_watchdog(bot_url: str) -> None:
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+async def test_a_call_typed_in_shows_prompts_transfers_and_the_watchdog(
+    bot_url: str, transport: Transport
+) -> None:
     async def script(out: io.StringIO) -> AsyncIterator[str]:
         for command in ["press 1", "agent", "fail busy", "press 0", "noanswer"]:
             yield command
@@ -98,8 +104,9 @@ async def test_a_call_typed_in_shows_prompts_transfers_and_the_watchdog(bot_url:
         yield "hangup"
         yield "quit"
 
-    code, text = await interactive(bot_url, script)
+    code, text = await interactive(bot_url, script, transport=transport)
     assert code == 0, text
+    assert ("over a streaming socket" in text) == (transport == "websocket")
 
     welcome = text[: text.index("caller> ")]
     assert WELCOME in flat(welcome) and "voice en-US-JennyNeural" in welcome

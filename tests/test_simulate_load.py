@@ -203,3 +203,16 @@ async def test_the_cli_runs_a_load_and_prints_the_summary(
     assert row(out, "calls") == "10 (5 passed, 5 failed)", out
     assert row(out, "unexpected") == "5", out
     assert "the bot sent what no step expected" in out and ECHOED in out
+
+
+async def test_load_over_streaming_sockets_to_two_bots(bots: list[BotProcess]) -> None:
+    """The load mode as the Telephony channel would bring it: every call over a socket,
+    sockets to both bots, the watchdog's prompts sent over them too."""
+    files = scenarios.shipped()
+    calls = 2 * len(files)
+    summary = await load([bot.url for bot in bots], files, calls=calls, rate=20, transport="websocket")
+    assert (summary.calls, summary.passed, summary.failed) == (calls, calls, 0), summary.failures
+    assert summary.errors == {} and summary.unexpected == 0
+    per_bot = [summary.posts_per_bot[str(URL(f"{bot.url}/api/messages"))] for bot in bots]
+    assert sum(per_bot) == summary.turns and all(per_bot), per_bot  # both bots carried calls
+    assert [await turns_answered(bot) for bot in bots] == per_bot
