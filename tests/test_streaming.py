@@ -5,13 +5,16 @@ embedded fake, a real Redis and a Redis Cluster; and what the socket does with b
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,8 +25,8 @@ from adapters.http import BOT_KEY, STORE_KEY
 from adapters.socket_api import CONNECTIONS_KEY
 from app import create_app
 from orchestrator.config import load_settings
-from simulator.channel import Caller
-from simulator.streaming import SERVICE_URL
+from simulator.channel import Caller, ChannelStandIn
+from simulator.streaming import SERVICE_URL, SocketBots
 from tests.jspeer import Event, JsChannel
 from tests.process import ROOT
 
@@ -334,3 +337,42 @@ async def test_an_activity_is_read_whatever_content_type_its_stream_names(
     )
     [welcome] = await js.wait_requests(1, socket)
     assert welcome["body"]["conversation"]["id"] == caller.conversation_id
+
+
+async def test_thousands_of_turns_leave_no_state_behind_and_memory_flat(bot: TestServer) -> None:
+    """Stream buffers, waiting sends and per-socket state are freed turn by turn: after the
+    first thousand turns on a socket, the next thousand add (almost) nothing to memory."""
+    connections: Connections = bot.app[CONNECTIONS_KEY]
+    channel = ChannelStandIn(record=False)
+    channel.url = SERVICE_URL
+    async with aiohttp.ClientSession() as session:
+        bots = SocketBots([str(bot.make_url("/"))], session, channel)
+        callers = [Caller(SERVICE_URL) for _ in range(20)]
+        for caller in callers:
+            assert await bots.post(caller.start()) == 200
+
+        async def turns(count: int) -> None:
+            for n in range(count // len(callers)):
+                statuses = await asyncio.gather(*(bots.post(c.say(f"turn {n}")) for c in callers))
+                assert statuses == [200] * len(callers)
+
+        tracemalloc.start()  # before the first thousand: objects replaced later are seen freed
+        try:
+            await turns(1000)
+            gc.collect()
+            before = tracemalloc.take_snapshot()
+            await turns(1000)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        [socket] = connections.sockets
+        assert socket._deframer.open == 0 and not socket._waiting and not socket.busy
+        assert socket.conversations == {c.conversation_id for c in callers}
+        assert not connections._routed
+        client = bots.sockets[0].connection
+        assert client is not None and client._deframer.open == 0 and not client._waiting
+        assert channel.received == 1000 + 1000 + len(callers)  # every turn's reply arrived
+        assert grown < 256 * 1024, f"{grown} bytes more after 1,000 more turns"
+        await bots.close()
