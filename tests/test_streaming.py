@@ -341,7 +341,8 @@ async def test_an_activity_is_read_whatever_content_type_its_stream_names(
 
 async def test_thousands_of_turns_leave_no_state_behind_and_memory_flat(bot: TestServer) -> None:
     """Stream buffers, waiting sends and per-socket state are freed turn by turn: after the
-    first thousand turns on a socket, the next thousand add (almost) nothing to memory."""
+    first thousand turns on a socket, the next thousand add (almost) nothing to the bot's
+    memory (a few KB, of caches that fill up: measured, not a bound on anything real)."""
     connections: Connections = bot.app[CONNECTIONS_KEY]
     channel = ChannelStandIn(record=False)
     channel.url = SERVICE_URL
@@ -366,7 +367,12 @@ async def test_thousands_of_turns_leave_no_state_behind_and_memory_flat(bot: Tes
             after = tracemalloc.take_snapshot()
         finally:
             tracemalloc.stop()
-        grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        # The simulator keeps every turn's latency, by design: the bot's side is what counts.
+        grown = sum(
+            stat.size_diff
+            for stat in after.compare_to(before, "filename")
+            if "simulator" not in stat.traceback[0].filename
+        )
         [socket] = connections.sockets
         assert socket._deframer.open == 0 and not socket._waiting and not socket.busy
         assert socket.conversations == {c.conversation_id for c in callers}
@@ -374,5 +380,5 @@ async def test_thousands_of_turns_leave_no_state_behind_and_memory_flat(bot: Tes
         client = bots.sockets[0].connection
         assert client is not None and client._deframer.open == 0 and not client._waiting
         assert channel.received == 1000 + 1000 + len(callers)  # every turn's reply arrived
-        assert grown < 256 * 1024, f"{grown} bytes more after 1,000 more turns"
+        assert grown < 64 * 1024, f"{grown} bytes more after 1,000 more turns"
         await bots.close()
