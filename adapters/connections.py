@@ -32,6 +32,7 @@ from adapters.keys import Due, Keyspace
 from adapters.store import UNAVAILABLE, unavailable_while
 from adapters.streaming import ConnectionClosed, StreamingConnection
 from orchestrator.metrics import Metrics
+from orchestrator.scheduler import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ class Connections:
     async def _keep_lease(self) -> None:
         key = self.keys.instance(self.instance)
         while True:
+            stop_if_cancelled()
             try:
                 state = json.dumps({"sockets": len(self.sockets), "calls": self.calls})
                 await self.redis.set(key, state, px=int(self.lease_seconds * 1000))
@@ -228,6 +230,7 @@ class Connections:
                 await pubsub.ssubscribe(self.keys.inbox(self.instance))
                 pause = 0.1
                 while True:
+                    stop_if_cancelled()  # redis-py's waits can lose a cancellation (gh-86296)
                     message = await _next(pubsub)
                     if message is not None and message.get("type") == "smessage":
                         self._receive(message["data"])

@@ -24,6 +24,8 @@ from adapters.framing import Deframer, FramingError, Request, Response, encode
 
 log = logging.getLogger(__name__)
 
+MAX_IN_FLIGHT = 1024  # requests from the channel handled at once on one socket; more get 503
+
 Handler = Callable[["StreamingConnection", Request], Awaitable[Response]]
 
 
@@ -91,13 +93,19 @@ class StreamingConnection:
                     "socket %s: an answer to no waiting request (%s, %d)", self.name, item.id, item.status
                 )
             return
-        task = asyncio.create_task(self._answer(item), name=f"socket {self.name} request {item.id}")
+        busy = len(self._turns) >= MAX_IN_FLIGHT
+        task = asyncio.create_task(self._answer(item, busy), name=f"socket {self.name} request {item.id}")
         self._turns.add(task)
         task.add_done_callback(self._turns.discard)
 
-    async def _answer(self, request: Request) -> None:
+    async def _answer(self, request: Request, busy: bool = False) -> None:
         try:
-            response = await self._handle(self, request)
+            if busy:
+                response = Response(
+                    request.id, 503, b'{"error":"too many requests in flight on this socket; retry"}'
+                )
+            else:
+                response = await self._handle(self, request)
         except Exception:
             log.exception("socket %s: request %s %s failed", self.name, request.verb, request.path)
             response = Response(request.id, 500, b'{"error":"the bot failed on this request"}')

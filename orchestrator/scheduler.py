@@ -86,7 +86,7 @@ class Channel(Protocol):
     def unpark(self, payload: str) -> list[Any]: ...
 
 
-def _stop_if_cancelled() -> None:
+def stop_if_cancelled() -> None:
     """End a forever loop whose task was cancelled even though the cancellation was lost.
 
     On Python 3.11 ``asyncio.wait_for``, which redis-py (socket timeouts) and fakeredis
@@ -137,7 +137,7 @@ class Scheduler:
         (a slow prune must not delay a watchdog)."""
         await asyncio.sleep(PRUNE_SECONDS * random.random())
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             try:
                 if pruned := await self.store.prune_index():
                     log.info("pruned %d index entries of expired calls", pruned)
@@ -148,7 +148,7 @@ class Scheduler:
     async def _poll_forever(self) -> None:
         pause = self.poll_seconds
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             try:
                 claimed = await self.poll()
                 pause = self.poll_seconds

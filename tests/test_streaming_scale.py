@@ -34,6 +34,7 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import SHARDS, Keyspace
 from adapters.store import decode_step
@@ -64,13 +65,19 @@ SECOND_ATTEMPT: list[Step] = [
 
 
 @pytest.fixture
-def env(key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """Bot settings on the real Redis under this test's own prefix; keys deleted after."""
+def env(
+    key_prefix: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[dict[str, str]]:
+    """Bot settings on the real Redis (or, parametrized "cluster", the test cluster) under
+    this test's own prefix; keys deleted after."""
     require_real_redis_sync()
     for name in BOT_ENVIRONMENT:  # a developer's settings must not leak into the bots
         monkeypatch.delenv(name, raising=False)
+    cluster = getattr(request, "param", "real") == "cluster"
+    url = request.getfixturevalue("redis_cluster").url if cluster else REAL_REDIS_URL
     yield {
-        "REDIS_URL": REAL_REDIS_URL,
+        "REDIS_URL": url,
+        **({"REDIS_CLUSTER": "1"} if cluster else {}),
         "REDIS_KEY_PREFIX": key_prefix,
         "SCHEDULER_POLL_SECONDS": "0.1",
         "SCHEDULER_LEASE_SECONDS": "2",
@@ -78,7 +85,7 @@ def env(key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
         "OPERATOR_TOKEN": TOKEN,
         "LOG_LEVEL": "INFO",  # the logs are the evidence when a test fails
     }
-    client = redis.Redis.from_url(REAL_REDIS_URL)
+    client = (redis.RedisCluster if cluster else redis.Redis).from_url(url)
     for key in client.scan_iter(match=f"{key_prefix}:*", count=1000):
         client.delete(key)
     client.close()
@@ -86,7 +93,11 @@ def env(key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
 
 @pytest.fixture
 async def store(env: dict[str, str]) -> AsyncIterator[Redis]:
-    client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    url = env["REDIS_URL"]
+    if env.get("REDIS_CLUSTER"):
+        client: Redis = RedisCluster.from_url(url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = Redis.from_url(url, decode_responses=True)
     yield client
     await client.aclose()
 
@@ -260,6 +271,7 @@ async def sends(session: aiohttp.ClientSession, bot: BotProcess) -> dict[str, Co
 # --- 1. three instances, 150 calls, watchdog prompts routed to the socket's holder ------
 
 
+@pytest.mark.parametrize("env", ["real", "cluster"], indirect=True)
 @pytest.mark.parametrize(
     ("calls", "per_bot"),
     [(150, 2), pytest.param(600, 4, marks=[pytest.mark.heavy, pytest.mark.timeout(600)])],
