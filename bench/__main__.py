@@ -84,6 +84,18 @@ TARGETS = (
     ),
     Target("10,000 due timers: 0 duplicates", "timers", "duplicates", operator.eq, 0, "="),
     Target("10,000 due timers: p99 lateness < 1 s", "timers", "lateness p99 s", operator.lt, 1, "<"),
+    # The same 10,000 with the calls on streaming sockets: prompts sent there, or routed to them.
+    Target(
+        "10,000 due timers over sockets: 0 duplicates", "timers", "socket duplicates", operator.eq, 0, "="
+    ),
+    Target(
+        "10,000 due timers over sockets: p99 lateness < 1 s",
+        "timers",
+        "socket lateness p99 s",
+        operator.lt,
+        1,
+        "<",
+    ),
 )
 
 

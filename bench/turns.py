@@ -1,5 +1,6 @@
 """Turns: throughput and latency of the orchestrator's ordinary turn, beside a stock
-botbuilder echo bot (``bench.echo_bot``) in the same run, and scale-out to two instances.
+botbuilder echo bot (``bench.echo_bot``) in the same run, over the streaming socket beside
+HTTP, and scale-out to two instances.
 
 A closed loop: ``c`` simulated calls, each posting one message activity at a time (the
 next only once the previous post is answered) to the bots' ``/api/messages``, for a
@@ -14,7 +15,19 @@ and of Redis (shared: other clients count too), errors (non-2xx, failed posts), 
 replies the stand-in received (one per turn: checked). Every key under the run's own
 prefix is deleted at the end.
 
-    .venv/bin/python -m bench.turns [--seconds 5] [--concurrency 1 8 64] [--json PATH]
+The streaming path: at each concurrency above 1 (``--socket-concurrency``), right after
+the orchestrator's HTTP point, the same orchestrator process is measured with the same
+closed loop over the Telephony channel's streaming protocol (``simulator.streaming.
+SocketBots``: the activities as requests on WebSockets to ``GET /api/messages``, the
+replies coming back on them to the same stand-in), first with every call on ONE socket,
+then on MANY (one per caller, or ``--many-sockets N``); each call keeps to its socket.
+The ratios socket ÷ HTTP (turns/s, p50, p99) are printed. The echo bot stays HTTP-only:
+the SDK's own streaming cannot serve a real peer (docs/streaming.md). Latency is timed
+the same way on both: from before the activity is encoded to its answer read.
+
+    .venv/bin/python -m bench.turns [--seconds 5] [--concurrency 1 8 64]
+                                    [--socket-concurrency 8 64] [--many-sockets N] [--json PATH]
+                                    [--smoke]
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +59,7 @@ from bench.inspection import delete_prefix, glob_escape
 from orchestrator.call import timestamp
 from simulator.channel import Caller, ChannelStandIn
 from simulator.load import percentile
+from simulator.streaming import SERVICE_URL, SocketBots
 from tests.process import free_port
 
 ROOT = Path(__file__).parents[1]
@@ -54,8 +68,10 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_CONCURRENCY = (1, 8, 64)
 DEFAULT_SECONDS, DEFAULT_WARMUP = 5.0, 1.0
 SMOKE_SECONDS, SMOKE_WARMUP, SMOKE_CONCURRENCY = 0.5, 0.2, (1, 4)  # the test suite's size
+MANY_SOCKETS = 0  # the MANY point's sockets: 0 is one per caller
 TEXT = "what are your opening hours"  # no route matches: the fallback prompt, one reply
 ORCHESTRATOR, ECHO = "orchestrator", "echo"
+HTTP, SOCKET = "http", "socket"  # how the driver's activities reach the bot
 SETTLE_SECONDS = 10.0  # how long replies may trail the last answered post
 # Settings a caller's environment might hold that would change what is measured.
 UNSET = (
@@ -163,11 +179,14 @@ class Tally:
 
 @dataclass
 class Point:
-    """One bot (one or more instances) at one concurrency: the figures of the measured phase."""
+    """One bot (one or more instances) at one concurrency, over one transport: the figures
+    of the measured phase."""
 
     bot: str
     instances: int
     concurrency: int
+    transport: str  # HTTP (POSTs) or SOCKET (streaming requests on WebSockets)
+    sockets: int  # WebSockets the calls were spread over (0: HTTP)
     turns: int  # measured posts answered 2xx
     seconds: float  # first post sent to last answer read
     turns_per_s: float
@@ -193,8 +212,16 @@ class Point:
         )
 
 
+Send = Callable[[dict[str, Any]], Awaitable[int]]  # one activity to a bot: its status
+
+
+class NotReached(Exception):
+    """A socket send the bot never answered (``SocketBots.post`` answered 0)."""
+
+
 class Driver:
-    """The channel side of every point: one pooled session, one counting stand-in."""
+    """The channel side of every point: one pooled session, one counting stand-in; the
+    activities go as POSTs, or as requests on streaming sockets that the replies come back on."""
 
     def __init__(self, session: aiohttp.ClientSession, channel: ChannelStandIn, redis: Redis) -> None:
         self.session = session
@@ -203,17 +230,38 @@ class Driver:
         self.run_id = uuid.uuid4().hex[:8]
         self.points = itertools.count(1)
 
-    async def post(self, url: str, activity: dict[str, Any], tally: Tally, timed: bool) -> None:
-        body = json.dumps(activity).encode()
-        began = time.perf_counter()
-        try:
+    def over_http(self, servers: Sequence[Server]) -> Send:
+        """POSTs to the instances' ``/api/messages``, round-robin, no stickiness."""
+        urls = itertools.cycle([f"{s.url}/api/messages" for s in servers])
+
+        async def send(activity: dict[str, Any]) -> int:
+            body = json.dumps(activity).encode()
             async with self.session.post(
-                url, data=body, headers={"Content-Type": "application/json"}
+                next(urls), data=body, headers={"Content-Type": "application/json"}
             ) as response:
                 await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as e:
-            tally.errors[type(e).__name__] += 1
+                return response.status
+
+        return send
+
+    @staticmethod
+    def over_sockets(sockets: SocketBots) -> Send:
+        """Streaming requests on the sockets, each call keeping to one."""
+
+        async def send(activity: dict[str, Any]) -> int:
+            status = await sockets.post(activity)
+            if status == 0:  # the socket went, or the bot never answered
+                raise NotReached(sockets.last_error.split(":", 1)[0] or "not reached")
+            return status
+
+        return send
+
+    async def post(self, send: Send, activity: dict[str, Any], tally: Tally, timed: bool) -> None:
+        began = time.perf_counter()
+        try:
+            status = await send(activity)
+        except (aiohttp.ClientError, TimeoutError, NotReached) as e:
+            tally.errors[str(e) if isinstance(e, NotReached) else type(e).__name__] += 1
             await asyncio.sleep(0.01)  # a bot that is down must not turn the loop into a spin
             return
         if timed:
@@ -223,12 +271,10 @@ class Driver:
         else:
             tally.errors[f"HTTP {status}"] += 1
 
-    async def loop(
-        self, caller: Caller, urls: Iterator[str], until: float, tally: Tally, timed: bool
-    ) -> float:
+    async def loop(self, caller: Caller, send: Send, until: float, tally: Tally, timed: bool) -> float:
         """One call, one message at a time, until ``until``; returns when its last answer came."""
         while time.perf_counter() < until:
-            await self.post(next(urls), caller.say(TEXT), tally, timed)
+            await self.post(send, caller.say(TEXT), tally, timed)
         return time.perf_counter()
 
     async def settle(self, expected: int) -> int:
@@ -242,19 +288,48 @@ class Driver:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def point(
-        self, bot: str, servers: Sequence[Server], concurrency: int, seconds: float, warmup: float
+        self,
+        bot: str,
+        servers: Sequence[Server],
+        concurrency: int,
+        seconds: float,
+        warmup: float,
+        sockets: int = 0,
     ) -> Point:
-        """Start the calls (orchestrator), warm up, let replies settle, then measure."""
-        urls = itertools.cycle([f"{s.url}/api/messages" for s in servers])  # round-robin, no stickiness
+        """Start the calls (orchestrator), warm up, let replies settle, then measure: over
+        HTTP, or (``sockets`` > 0) over that many streaming sockets to each instance, opened
+        for this point (by its first activities) and closed after it."""
+        if not sockets:
+            return await self._measure(bot, servers, concurrency, seconds, warmup, 0, self.over_http(servers))
+        via = SocketBots([s.url for s in servers], self.session, self.channel, sockets=sockets)
+        try:
+            send = self.over_sockets(via)
+            return await self._measure(bot, servers, concurrency, seconds, warmup, len(via.sockets), send)
+        finally:
+            await via.close()
+
+    async def _measure(
+        self,
+        bot: str,
+        servers: Sequence[Server],
+        concurrency: int,
+        seconds: float,
+        warmup: float,
+        sockets: int,
+        send: Send,
+    ) -> Point:
+        transport = SOCKET if sockets else HTTP
         # Fresh calls every point: a reused activity id is a redelivery, answered with no reply.
-        tag = f"{self.run_id}-{next(self.points)}-{bot}-{len(servers)}x{concurrency}"
-        callers = [Caller(self.channel.url, f"{tag}-{i}") for i in range(concurrency)]
+        tag = f"{self.run_id}-{next(self.points)}-{bot}-{transport}-{len(servers)}x{concurrency}"
+        # Streaming activities name no http(s) serviceUrl: the bot replies on the socket.
+        service_url = SERVICE_URL if transport == SOCKET else self.channel.url
+        callers = [Caller(service_url, f"{tag}-{i}") for i in range(concurrency)]
         base = self.channel.received
         setup = Tally()
         if bot == ORCHESTRATOR:
-            await asyncio.gather(*(self.post(next(urls), c.start(), setup, False) for c in callers))
+            await asyncio.gather(*(self.post(send, c.start(), setup, False) for c in callers))
         until = time.perf_counter() + warmup
-        await asyncio.gather(*(self.loop(c, urls, until, setup, False) for c in callers))
+        await asyncio.gather(*(self.loop(c, send, until, setup, False) for c in callers))
         before = await self.settle(base + setup.ok)
 
         cpu = sum(s.cpu_seconds() for s in servers)
@@ -264,7 +339,7 @@ class Driver:
         measured = Tally()
         began = time.perf_counter()
         until = began + seconds
-        ended = max(await asyncio.gather(*(self.loop(c, urls, until, measured, True) for c in callers)))
+        ended = max(await asyncio.gather(*(self.loop(c, send, until, measured, True) for c in callers)))
         after = await self.settle(before + measured.ok)
         cpu = sum(s.cpu_seconds() for s in servers) - cpu
         machine = machine_busy_seconds() - machine
@@ -281,6 +356,8 @@ class Driver:
             bot=bot,
             instances=len(servers),
             concurrency=concurrency,
+            transport=transport,
+            sockets=sockets,
             turns=turns,
             seconds=round(elapsed, 3),
             turns_per_s=round(turns / elapsed, 1),
@@ -332,6 +409,17 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row(f"cores {bot} c={c}", p["bot_cores"], "cores")
         row(f"ratio orchestrator/echo c={c}", pair["ratio"], "x")
         row(f"redis cpu ms/turn orchestrator c={c}", pair[ORCHESTRATOR]["redis_cpu_ms_per_turn"], "ms")
+    for c, streaming in report["streaming"].items():
+        for kind in ("one", "many"):
+            p, label = streaming[kind], socket_label(streaming[kind])
+            row(f"turns/s orchestrator {label} c={c}", p["turns_per_s"], "turns/s")
+            row(f"p50 ms orchestrator {label} c={c}", p["latency_ms"]["p50"], "ms")
+            row(f"p99 ms orchestrator {label} c={c}", p["latency_ms"]["p99"], "ms")
+            row(f"cpu ms/turn orchestrator {label} c={c}", p["cpu_ms_per_turn"], "ms")
+            ratios = streaming["ratios"][kind]
+            row(f"ratio {label}/http c={c}", ratios["turns_per_s"], "x")
+            row(f"p50 ratio {label}/http c={c}", ratios["p50"], "x")
+            row(f"p99 ratio {label}/http c={c}", ratios["p99"], "x")
     scale = report["scale_out"]
     for n, key in ((1, "one"), (2, "two")):
         row(
@@ -343,10 +431,41 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def socket_label(point: dict[str, Any]) -> str:
+    return f"socket x{point['sockets']}"
+
+
+def over_http(socket_point: Point, http_point: Point) -> dict[str, float | None]:
+    """A socket point's figures ÷ the HTTP point's (turns/s: above 1 is faster; p50, p99:
+    below 1 is quicker)."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    return {
+        "turns_per_s": ratio(socket_point.turns_per_s, http_point.turns_per_s),
+        "p50": ratio(socket_point.latency_ms["p50"], http_point.latency_ms["p50"]),
+        "p99": ratio(socket_point.latency_ms["p99"], http_point.latency_ms["p99"]),
+    }
+
+
+def socket_points(concurrency: Sequence[int], asked: Sequence[int] | None) -> list[int]:
+    """Where the streaming path is measured: the concurrencies asked for (every one above
+    1 when not asked; at 1, one socket is many)."""
+    return [c for c in concurrency if (c > 1 if asked is None else c in asked)]
+
+
 async def run(
-    redis_url: str, seconds: float, warmup: float, concurrency: Sequence[int], say: Callable[[str], None]
+    redis_url: str,
+    seconds: float,
+    warmup: float,
+    concurrency: Sequence[int],
+    say: Callable[[str], None],
+    socket_concurrency: Sequence[int] | None = None,
+    many_sockets: int = MANY_SOCKETS,
 ) -> dict[str, Any]:
     prefix = f"bench-turns-{uuid.uuid4().hex[:10]}"
+    over_sockets = socket_points(concurrency, socket_concurrency)
     redis = Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
     info = await redis.info("server")
     report: dict[str, Any] = {
@@ -355,6 +474,8 @@ async def run(
             "warmup": warmup,
             "concurrency": list(concurrency),
             "scale_out_concurrency": max(concurrency),
+            "socket_concurrency": over_sockets,
+            "many_sockets": many_sockets or "one per caller",
             "text": TEXT,
             "prefix": prefix,
         },
@@ -367,6 +488,7 @@ async def run(
             "load_average_1m": [round(os.getloadavg()[0], 2)],
         },
         "points": {},
+        "streaming": {},  # at each of socket_concurrency; HTTP is points[c]["orchestrator"]
     }
     channel = await ChannelStandIn(record=False).start()
     # No pool limit: aiohttp's default of 100 would queue 2 x 64 posts in the client.
@@ -395,6 +517,19 @@ async def run(
                             **{bot: {**asdict(p), "ok": p.ok} for bot, p in pair.items()},
                             "ratio": round(ratio, 3),
                         }
+                        if c not in over_sockets:
+                            continue
+                        # The same process, right after its HTTP point: one socket, then many.
+                        streaming: dict[str, Any] = {"ratios": {}}
+                        for kind, sockets in (("one", 1), ("many", min(many_sockets or c, c))):
+                            point = await driver.point(ORCHESTRATOR, [first], c, seconds, warmup, sockets)
+                            streaming[kind] = {**asdict(point), "ok": point.ok}
+                            streaming["ratios"][kind] = over_http(point, pair[ORCHESTRATOR])
+                            say(
+                                f"c={c} {ORCHESTRATOR} over {sockets} socket(s): "
+                                f"{point.turns_per_s:,.0f} turns/s"
+                            )
+                        report["streaming"][str(c)] = streaming
                     c = max(concurrency)
                     one = await driver.point(ORCHESTRATOR, [first], c, seconds, warmup)
                     second = await orchestrator("orchestrator-2", redis_url, prefix, log_dir).start(session)
@@ -418,6 +553,7 @@ async def run(
         await redis.aclose()
     report["environment"]["load_average_1m"].append(round(os.getloadavg()[0], 2))
     every = [p for pair in report["points"].values() for p in (pair[ECHO], pair[ORCHESTRATOR])]
+    every += [s[kind] for s in report["streaming"].values() for kind in ("one", "many")]
     every += [report["scale_out"]["one"], report["scale_out"]["two"]]
     report["ok"] = all(p["ok"] for p in every) and report["keys_left"] == 0
     report["rows"] = rows(report)
@@ -491,6 +627,8 @@ def show(report: dict[str, Any], console: Console) -> None:
             "", ORCHESTRATOR, *_cells(pair[ORCHESTRATOR]), f"{pair['ratio']:.2f}x", end_section=True
         )
     console.print(table)
+    if report["streaming"]:
+        console.print(streaming_table(report))
     scale = report["scale_out"]
     out = Table("instances", *COLUMNS, title=f"scale-out: orchestrator at c={scale['concurrency']}")
     out.add_row("1", *_cells(scale["one"]))
@@ -505,6 +643,35 @@ def show(report: dict[str, Any], console: Console) -> None:
     console.print(f"{verdict}; deleted {report['deleted_keys']:,} keys under {params['prefix']}:")
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def streaming_table(report: dict[str, Any]) -> Table:
+    """The orchestrator over HTTP and over sockets, side by side at each concurrency."""
+    table = Table(
+        "c",
+        "transport",
+        *COLUMNS,
+        "÷ http:\nturns/s",
+        "÷ http:\np50",
+        "÷ http:\np99",
+        title="the orchestrator over the streaming socket and over HTTP (same process, same run)",
+    )
+    for c, streaming in report["streaming"].items():
+        table.add_row(c, HTTP, *_cells(report["points"][c][ORCHESTRATOR]), "", "", "")
+        for kind in ("one", "many"):
+            point, ratios = streaming[kind], streaming["ratios"][kind]
+            table.add_row(
+                "",
+                socket_label(point),
+                *_cells(point),
+                *(_ratio(ratios[k]) for k in ("turns_per_s", "p50", "p99")),
+                end_section=kind == "many",
+            )
+    return table
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.turns", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measured seconds per point")
@@ -514,13 +681,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCY), help="calls in flight"
     )
+    parser.add_argument(
+        "--socket-concurrency",
+        type=int,
+        nargs="*",
+        default=None,
+        help="where the streaming path is measured too, each one of --concurrency "
+        "(default: every --concurrency above 1; none: HTTP only)",
+    )
+    parser.add_argument(
+        "--many-sockets",
+        type=int,
+        default=MANY_SOCKETS,
+        help="sockets of the MANY point, at most one per caller (0, the default: one per caller)",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="the Redis the orchestrator uses")
     parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"where the figures go ({DEFAULT_JSON})"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"the tests' size: {SMOKE_SECONDS:g} s per point after {SMOKE_WARMUP:g} s, concurrency "
+        f"{' '.join(map(str, SMOKE_CONCURRENCY))} (options given still win)",
+    )
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(seconds=SMOKE_SECONDS, warmup=SMOKE_WARMUP, concurrency=list(SMOKE_CONCURRENCY))
     options = parser.parse_args(argv)
     if options.seconds <= 0 or options.warmup < 0 or min(options.concurrency) < 1:
         parser.error("--seconds must be positive, --warmup not negative, --concurrency at least 1")
+    if options.socket_concurrency and not set(options.socket_concurrency) <= set(options.concurrency):
+        parser.error("each --socket-concurrency must be one of --concurrency (the HTTP point beside it)")
+    if options.socket_concurrency and min(options.socket_concurrency) < 2:
+        parser.error("--socket-concurrency must be at least 2 (at 1, one socket is many)")
+    if options.many_sockets < 0 or options.many_sockets == 1:
+        parser.error("--many-sockets must be 0 (one per caller) or at least 2")
     return options
 
 
@@ -531,7 +726,15 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # piped or logged: the tables' natural width, not 80 columns
         console = Console(width=160)
     report = asyncio.run(
-        run(options.redis_url, options.seconds, options.warmup, options.concurrency, console.print)
+        run(
+            options.redis_url,
+            options.seconds,
+            options.warmup,
+            options.concurrency,
+            console.print,
+            options.socket_concurrency,
+            options.many_sockets,
+        )
     )
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
