@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,6 +22,15 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def flow_file(tmp_path: Path, **transfer: Any) -> str:
+    """The default call flow with these ``transfer`` settings, as a file for CALLFLOW_FILE."""
+    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
+    data["transfer"].update(transfer)
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
 class BotProcess:

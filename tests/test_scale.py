@@ -16,14 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-import yaml
 from redis.cluster import RedisCluster
 
 from adapters.keys import SHARDS, Keyspace
 from adapters.store import decode_step
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
-from tests.process import ROOT, BotProcess
+from tests.process import BotProcess, flow_file
 
 pytestmark = pytest.mark.real_redis
 
@@ -44,14 +43,6 @@ def env(key_prefix: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     for key in client.scan_iter(match=f"{key_prefix}:*", count=1000):
         client.delete(key)
     client.close()
-
-
-def flow_file(tmp_path: Path, **transfer: Any) -> str:
-    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
-    data["transfer"].update(transfer)
-    path = tmp_path / "flow.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 @pytest.fixture

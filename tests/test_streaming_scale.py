@@ -31,7 +31,6 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 import redis
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -42,7 +41,7 @@ from simulator.channel import Caller
 from simulator.streaming import SERVICE_URL
 from tests.conftest import BOT_ENVIRONMENT, REAL_REDIS_URL, require_real_redis_sync
 from tests.jspeer import Event, JsChannel
-from tests.process import ROOT, BotProcess
+from tests.process import BotProcess, flow_file
 
 pytestmark = pytest.mark.real_redis
 
@@ -100,14 +99,6 @@ async def store(env: dict[str, str]) -> AsyncIterator[Redis]:
         client = Redis.from_url(url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-def flow_file(tmp_path: Path, **transfer: Any) -> str:
-    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
-    data["transfer"].update(transfer)
-    path = tmp_path / "flow.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 async def start_bots(env: dict[str, str], tmp_path: Path, names: list[str]) -> list[BotProcess]:
