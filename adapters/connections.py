@@ -20,7 +20,8 @@ import logging
 import os
 import secrets
 import socket
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from typing import Any
 
 from redis.asyncio import Redis
@@ -74,7 +75,8 @@ class Connections:
         self.lease_seconds = lease_seconds
         self.send_seconds = send_seconds
         self.sockets: set[StreamingConnection] = set()
-        self._by_call: dict[str, StreamingConnection] = {}
+        # call -> the socket carrying it, and when its last activity came (monotonic), oldest first
+        self._by_call: OrderedDict[str, tuple[StreamingConnection, float]] = OrderedDict()
         self._routed: dict[str, asyncio.Future[Response]] = {}  # request id -> the holder's answer
         self._tasks: set[asyncio.Task[None]] = set()
         self._release = redis.register_script(_RELEASE)
@@ -100,7 +102,7 @@ class Connections:
         """The socket closed: its calls are no longer held here (unless on another socket)."""
         if self.metrics is not None:
             self.metrics.connection_calls.observe(len(connection.conversations))
-        gone = [c for c in connection.conversations if self._by_call.get(c) is connection]
+        gone = [c for c in connection.conversations if self._holder(c) is connection]
 
         for conversation_id in gone:
             del self._by_call[conversation_id]
@@ -109,27 +111,53 @@ class Connections:
         finally:
             self.sockets.discard(connection)
 
+    def _holder(self, conversation_id: str) -> StreamingConnection | None:
+        held = self._by_call.get(conversation_id)
+        return held[0] if held else None
+
     async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
         """The call's activities arrive on ``connection``: its sends go there from now on.
 
         The first time on a socket, the call's ``:socket`` key names this instance, and
         replies parked while nobody held the call are made due at once."""
-        self._by_call[conversation_id] = connection
+        self._by_call[conversation_id] = (connection, time.monotonic())
+        self._by_call.move_to_end(conversation_id)
         if conversation_id in connection.conversations:
             return
-        connection.conversations.add(conversation_id)
         keys = self.keys.call(conversation_id)
         with unavailable_while("recording the call's socket"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(self.keys.socket(conversation_id), self.instance, ex=self.hold_seconds)
                 pipe.hkeys(keys.outbox)
                 _, parked = await pipe.execute()
+            connection.conversations.add(conversation_id)  # written: not again on this socket
             if parked:
                 due = {Due.delivery(conversation_id, key): 0 for key in parked}
                 await self.redis.zadd(self.keys.due_for(conversation_id), due, xx=True)
                 log.info(
                     "call %s: %d parked deliveries due now, on a socket again", conversation_id, len(parked)
                 )
+
+    def forget(self, conversation_id: str, connection: StreamingConnection) -> None:
+        """The call ended: nothing more goes to it, so its socket lets go of it (a socket
+        that carries calls for days keeps only the live ones)."""
+        connection.conversations.discard(conversation_id)
+        if self._holder(conversation_id) is connection:
+            del self._by_call[conversation_id]
+            self.keep(
+                asyncio.create_task(self._let_go([conversation_id]), name=f"let go of {conversation_id}")
+            )
+
+    def _sweep(self) -> None:
+        """Let go of calls nothing has come for in ``hold_seconds`` (their ``:socket`` keys
+        have expired by now): a call the channel never ended must not stay forever."""
+        idle_since = time.monotonic() - self.hold_seconds
+        while self._by_call:
+            conversation_id, (connection, last) = next(iter(self._by_call.items()))
+            if last > idle_since:
+                return
+            del self._by_call[conversation_id]
+            connection.conversations.discard(conversation_id)
 
     async def _let_go(self, conversation_ids: list[str]) -> None:
         """Clear the calls' ``:socket`` keys where they still name this instance."""
@@ -152,7 +180,7 @@ class Connections:
     async def send(self, conversation_id: str, request: Request) -> Response:
         """Send ``request`` to the channel over the socket holding the call, here or on
         another instance; the channel's answer. ``NotConnected`` when none holds it."""
-        connection = self._by_call.get(conversation_id)
+        connection = self._holder(conversation_id)
         if connection is not None and not connection.closing:
             self.sends["local"] += 1
             return await self._over(connection, request)
@@ -215,6 +243,7 @@ class Connections:
         key = self.keys.instance(self.instance)
         while True:
             stop_if_cancelled()
+            self._sweep()
             try:
                 state = json.dumps({"sockets": len(self.sockets), "calls": self.calls})
                 await self.redis.set(key, state, px=int(self.lease_seconds * 1000))
@@ -267,7 +296,7 @@ class Connections:
     async def _serve(self, ident: str, sender: str, call: str, request: Request) -> None:
         """Send for another instance over this one's socket, and tell it how it went."""
         answer: dict[str, Any] = {"op": "answer", "id": ident}
-        connection = self._by_call.get(call)
+        connection = self._holder(call)
         try:
             if connection is None or connection.closing:
                 raise NotConnected(f"call {call}: no socket on {self.instance} holds it now")

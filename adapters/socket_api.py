@@ -19,6 +19,7 @@ import logging
 
 from aiohttp import web
 from botbuilder.core import __version__ as botbuilder_version
+from botbuilder.schema import ActivityTypes
 from botframework.connector.auth import AuthenticateRequestResult
 
 from adapters import framing
@@ -126,6 +127,8 @@ async def _serve(
             answer = problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
         else:
             answer = await answer_activity(app, authenticated, parsed, deadline)
+            if parsed.type == ActivityTypes.end_of_conversation and answer.status < 300:
+                app[CONNECTIONS_KEY].forget(parsed.conversation.id, connection)
     if answer.status == 503:
         metrics.unavailable.inc()
     return _framed(request, answer)

@@ -384,3 +384,26 @@ async def test_thousands_of_turns_leave_no_state_behind_and_memory_flat(bot: Tes
         growth = after.compare_to(before, "lineno")[:5]
         assert grown < 64 * 1024, f"{grown} bytes more after 1,000 more turns: {growth}"
         await bots.close()
+
+
+async def test_a_socket_that_carries_many_calls_keeps_only_the_live_ones(bot: TestServer) -> None:
+    """botbuilder-python's per-socket set of conversations only grew; here a call that
+    ends lets go of its socket, and its ``:socket`` key with it."""
+    connections: Connections = bot.app[CONNECTIONS_KEY]
+    channel = ChannelStandIn()
+    channel.url = SERVICE_URL
+    async with aiohttp.ClientSession() as session:
+        bots = SocketBots([str(bot.make_url("/"))], session, channel)
+        callers = [Caller(SERVICE_URL) for _ in range(100)]
+        assert await asyncio.gather(*(bots.post(c.start()) for c in callers)) == [200] * 100
+        live = callers[:3]
+        for caller in callers[3:]:
+            assert await bots.post(caller.hang_up()) == 200
+        [socket] = connections.sockets
+        assert socket.conversations == {c.conversation_id for c in live} and connections.calls == 3
+        redis = bot.app[STORE_KEY].redis
+        keys = bot.app[STORE_KEY].keys
+        await eventually(lambda: not [t for t in connections._tasks if t.get_name().startswith("let go")])
+        held = [await redis.get(keys.socket(c.conversation_id)) for c in callers]
+        assert held == [connections.instance] * 3 + [None] * 97
+        await bots.close()
