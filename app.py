@@ -103,7 +103,8 @@ def create_app(config: Settings | None = None) -> web.Application:
     if not CONFIG.APP_ID:
         log.warning(
             "MicrosoftAppId is not set: Bot Framework authentication is OFF and anyone who "
-            "can reach this port can post activities. Set MicrosoftAppId/MicrosoftAppPassword "
+            "can reach this port can post activities or open the streaming WebSocket without a "
+            "token. Set MicrosoftAppId/MicrosoftAppPassword "
             "before exposing the bot."
         )
 
