@@ -101,7 +101,7 @@ class Connections:
     async def detach(self, connection: StreamingConnection) -> None:
         """The socket closed: its calls are no longer held here (unless on another socket)."""
         if self.metrics is not None:
-            self.metrics.connection_calls.observe(len(connection.conversations))
+            self.metrics.connection_calls.observe(connection.carried)
         gone = [c for c in connection.conversations if self._holder(c) is connection]
 
         for conversation_id in gone:
@@ -131,6 +131,7 @@ class Connections:
                 pipe.hkeys(keys.outbox)
                 _, parked = await pipe.execute()
             connection.conversations.add(conversation_id)  # written: not again on this socket
+            connection.carried += 1
             if parked:
                 due = {Due.delivery(conversation_id, key): 0 for key in parked}
                 await self.redis.zadd(self.keys.due_for(conversation_id), due, xx=True)

@@ -192,6 +192,12 @@ async def _turn(request: web.Request, parsed: Activity) -> web.StreamResponse:
     return await answer_activity(request.app, authenticated, parsed, deadline)
 
 
+def not_applied(parsed: Activity, error: Exception) -> web.Response:
+    """A 503 for an activity Redis could not take: the channel redelivers it."""
+    log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, error)
+    return problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
+
+
 async def answer_activity(
     app: web.Application, authenticated: AuthenticateRequestResult, parsed: Activity, deadline: float
 ) -> web.Response:
@@ -207,8 +213,7 @@ async def answer_activity(
         )
         return problem(503, "the turn took too long; retry", **{"Retry-After": "1"})
     except (StoreUnavailable, CommitConflict) as e:
-        log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
-        return problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
+        return not_applied(parsed, e)
     if invoke_response:
         body = invoke_response.body
         # expectReplies hands back a plain dict, which botbuilder's own helper cannot serialise.

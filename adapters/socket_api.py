@@ -32,6 +32,7 @@ from adapters.http import (
     METRICS_KEY,
     TURN_SECONDS,
     answer_activity,
+    not_applied,
     parse_activity,
     problem,
     unauthorized,
@@ -87,9 +88,10 @@ async def _carry(connections: Connections, connection: StreamingConnection, peer
     finally:
         await connections.detach(connection)
         log.info(
-            "socket %s closed (code %s), %d calls carried",
+            "socket %s closed (code %s): %d calls carried, %d still live",
             connection.name,
             connection.ws.close_code,
+            connection.carried,
             len(connection.conversations),
         )
 
@@ -123,8 +125,7 @@ async def _serve(
         try:
             await app[CONNECTIONS_KEY].hold(parsed.conversation.id, connection)
         except StoreUnavailable as e:
-            log.warning("activity %s not applied, the channel will redeliver: %s", parsed.id, e)
-            answer = problem(503, "call state is temporarily unavailable; retry", **{"Retry-After": "1"})
+            answer = not_applied(parsed, e)
         else:
             answer = await answer_activity(app, authenticated, parsed, deadline)
             if parsed.type == ActivityTypes.end_of_conversation and answer.status < 300:

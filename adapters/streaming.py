@@ -46,7 +46,8 @@ class StreamingConnection:
         self._waiting: dict[str, asyncio.Future[Response]] = {}  # request id -> its answer
         self._turns: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()  # a header and its payload go out back to back
-        self.conversations: set[str] = set()  # the calls this socket has carried
+        self.conversations: set[str] = set()  # the live calls this socket holds
+        self.carried = 0  # calls it held, ended or not, since it opened
         self.closing = False
 
     @property
