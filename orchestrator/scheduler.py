@@ -199,6 +199,15 @@ class Scheduler:
                         await self._watchdog(item)
                     elif item.kind == DELIVERY:
                         await self._redeliver(item)
+                except (ConnectionError, TimeoutError) as e:
+                    # Nobody to send to now (no socket holds the call, or the channel did
+                    # not answer): expected in a failover, so one line, no traceback.
+                    log.warning(
+                        "due %s for call %s not sent (%s); it comes due again",
+                        item.kind,
+                        item.conversation_id,
+                        e,
+                    )
                 except Exception:
                     # The lease lapses and the item is claimed again: at least once.
                     log.exception(
