@@ -150,7 +150,8 @@ def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
         f"  in this state since {inspection.when(record.get('since'))}"
         f"  updated {inspection.when(record.get('updated'))}"
     )
-    console.print(f"connected by {inspection.connection_line(call['connection'])}", markup=False)
+    connected = inspection.connection_line(call["connection"], record.get("state", ""))
+    console.print(f"connected by {connected}", markup=False)
     if call["targets_tried"]:
         console.print(f"targets tried: {', '.join(call['targets_tried'])}")
     if record.get("failure"):

@@ -127,11 +127,13 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
     }
 
 
-def connection_line(connection: dict[str, Any]) -> str:
-    """How a call is connected, for people."""
+def connection_line(connection: dict[str, Any], state: str) -> str:
+    """How a call in ``state`` is connected, for people."""
     if connection["transport"] == "http":
         return f"HTTP: replies are posted to {connection.get('service_url') or '?'}"
     if not connection.get("instance"):
+        if state == State.ENDED:
+            return "streaming socket: none (the call has ended)"
         return "streaming socket: none now (replies wait for the channel to reconnect)"
     lease = "live" if connection.get("live") else "lapsed: the instance is gone"
     return f"streaming socket on instance {connection['instance']} ({lease})"

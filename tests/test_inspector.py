@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from typing import Any
 
@@ -252,3 +253,35 @@ async def test_a_window_covers_at_least_the_time_asked(store: RedisCallStore) ->
     counts = await CallInspector(store).transfer_counts(120, now_s=now)
     assert set(counts.by_target) == {"+15550000001"}
     assert counts.from_ms == minute * 60_000 and counts.to_ms == now * 1000
+
+
+async def test_how_a_call_is_connected_is_read_from_its_reference_and_socket_key(
+    store: RedisCallStore,
+) -> None:
+    inspector = CallInspector(store)
+    over_http = json.dumps({"serviceUrl": "https://smba.example/telephony/"})
+    over_socket = json.dumps({"serviceUrl": "urn:botframework:websocket:telephony"})
+    http = await inspector.connection("call-http", over_http)
+    assert http == {"transport": "http", "service_url": "https://smba.example/telephony/"}
+    assert (
+        inspection.connection_line(http, "bot")
+        == "HTTP: replies are posted to https://smba.example/telephony/"
+    )
+
+    waiting = await inspector.connection("call-ws", over_socket)
+    assert waiting["transport"] == "websocket" and waiting["instance"] is None
+    assert "none now" in inspection.connection_line(waiting, "failed")
+    assert "has ended" in inspection.connection_line(waiting, "ended")
+
+    await store.redis.set(store.keys.socket("call-ws"), "host-1-abc", ex=60)
+    lapsed = await inspector.connection("call-ws", over_socket)
+    assert (lapsed["instance"], lapsed["live"]) == ("host-1-abc", False)
+    assert (
+        inspection.connection_line(lapsed, "bot")
+        == "streaming socket on instance host-1-abc (lapsed: the instance is gone)"
+    )
+    await store.redis.set(store.keys.instance("host-1-abc"), "{}", ex=60)
+    live = await inspector.connection("call-ws", over_socket)
+    assert live["live"] is True
+    assert inspection.connection_line(live, "bot") == "streaming socket on instance host-1-abc (live)"
+    await store.redis.delete(store.keys.instance("host-1-abc"))
