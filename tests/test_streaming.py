@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.connections import Connections
 from adapters.framing import Header, PayloadType, new_id
-from adapters.http import BOT_KEY, STORE_KEY
+from adapters.http import BOT_KEY, METRICS_KEY, STORE_KEY
 from adapters.socket_api import CONNECTIONS_KEY
 from app import create_app
 from orchestrator.config import load_settings
@@ -194,6 +194,9 @@ async def test_many_calls_share_a_socket_and_a_slow_turn_holds_up_no_other(
     assert len(await said(js, slow.conversation_id, 1)) == 1
     connections: Connections = bot.app[CONNECTIONS_KEY]
     assert connections.calls == 41 and len(connections.sockets) == 1
+    exposed = bot.app[METRICS_KEY].exposition({}).decode()
+    assert "cc_streaming_connections 1.0" in exposed and "cc_streaming_calls 41.0" in exposed
+    assert 'cc_streaming_sends_total{route="local"} 41.0' in exposed  # each call's welcome
 
 
 async def test_a_provisional_202_is_awaited_past(bot: TestServer, js: JsChannel) -> None:
