@@ -114,8 +114,12 @@ class Metrics:
         call = turn.call
         for outcome in turn.outcomes:
             self.transfers.labels(call.target, outcome.value).inc()
-            if outcome != Outcome.STARTED and turn.loaded_state == State.TRANSFERRING and call.since_ms:
-                rang = max(0.0, time.time() - call.since_ms / 1000)
+            if (
+                outcome != Outcome.STARTED
+                and turn.loaded_state == State.TRANSFERRING
+                and turn.loaded_since_ms
+            ):
+                rang = max(0.0, time.time() - turn.loaded_since_ms / 1000)
                 self.outcome_seconds.labels(outcome.value).observe(rang)
 
     def exposition(self, calls: dict[str, int] | None) -> bytes:

@@ -97,6 +97,7 @@ class Turn:
 
     call: Call  # the call after the turn; ``version`` is the loaded one until the commit sets it
     loaded_state: str = State.BOT.value  # the state the turn started from
+    loaded_since_ms: int = 0  # when the call entered it (Redis time; the commit moves call.since_ms)
     effects: list[Effect] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)  # appended to the transcript
     steps: list[Step] = field(default_factory=list)  # appended to the history
@@ -172,7 +173,7 @@ class TurnRunner:
         """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp,
         ``caller`` the caller's id (``from.id``), whose number is redacted from their words."""
         call = copy_call(call)
-        self._turn = turn = Turn(call=call, loaded_state=call.state)
+        self._turn = turn = Turn(call=call, loaded_state=call.state, loaded_since_ms=call.since_ms)
         self._now = now
         self._caller = caller
         if reference and reference != call.reference:

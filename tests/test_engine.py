@@ -12,6 +12,7 @@ from adapters.store import RedisCallStore
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
+from orchestrator.metrics import Metrics
 from orchestrator.turn import Handoff, Say, Turn
 
 
@@ -129,3 +130,20 @@ async def test_the_cache_is_bounded_and_forgets_ended_calls(store: RedisCallStor
     off = Engine(store, load_callflow(), cache_size=0)
     await off.handle("call-9", CallStarted(), activity_id="s9")
     assert len(off.cache) == 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_transfer_outcome_is_timed_from_the_transfer_not_from_the_commit(
+    store: RedisCallStore, cached: bool
+) -> None:
+    """cc_transfer_outcome_seconds measured the ring from the time the outcome's own commit
+    set (about 0 s): a ring of 0.3 s was recorded as a few ms. Whether the call comes from
+    the instance's copy or from Redis, the ring is timed from entering transferring."""
+    metrics = Metrics()
+    engine = Engine(store, generous_flow(), metrics=metrics, cache_size=4096 if cached else 0)
+    await engine.handle("call-1", CallStarted(), activity_id="a1")
+    await engine.handle("call-1", CallerInput("agent"), activity_id="a2")
+    await asyncio.sleep(0.3)  # the phone rings
+    await engine.handle("call-1", HandoffStatus("failed", "busy"), activity_id="a3")
+    rang = metrics.registry.get_sample_value("cc_transfer_outcome_seconds_sum", {"outcome": "failed"})
+    assert rang is not None and rang >= 0.25
