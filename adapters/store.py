@@ -122,6 +122,9 @@ class RedisCallStore:
         self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
+        # Where each index's next prune reads from: entries of live calls older than the
+        # cut-off stay, so each pass goes on past the last, and wraps round at the end.
+        self._prune_offsets: dict[str, int] = {}
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded:
         """The call and its transcript, and whether ``activity_id`` was already applied."""
@@ -258,18 +261,28 @@ class RedisCallStore:
         indexes = [
             (state, self.keys.state_index(shard, state)) for shard in range(SHARDS) for state in KNOWN_STATES
         ]
+        offsets = self._prune_offsets
         with unavailable_while("reconciling the state indexes"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for state, index in indexes:
-                    pipe.zrangebyscore(index, "-inf", older_than[state], start=0, num=batch, withscores=True)
+                    start = offsets.get(index, 0)
+                    pipe.zrangebyscore(
+                        index, "-inf", older_than[state], start=start, num=batch, withscores=True
+                    )
                 found = await pipe.execute()
-            calls = []
+            calls, read = [], []
             for (_, index), entries in zip(indexes, found, strict=True):
+                if len(entries) < batch:
+                    offsets.pop(index, None)  # reached the end: from the head next time
                 if entries:
                     keys = [index, *(self.keys.call(str(member)).call for member, _ in entries)]
                     args = [v for member, score in entries for v in (member, int(score))]
                     calls.append((keys, args))
+                    read.append((index, len(entries)))
             removed = await self._run_each(self._prune, calls) if calls else []
+        for (index, count), gone in zip(read, removed, strict=True):
+            if count == batch:  # more may follow: skip what stayed (live calls)
+                offsets[index] = offsets.get(index, 0) + count - (gone if isinstance(gone, int) else 0)
         return sum(n for n in removed if isinstance(n, int))
 
     async def forget(self, item: DueItem) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS
-from adapters.store import RedisCallStore
+from adapters.store import RedisCallStore, Retention
 from orchestrator import inspection
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
@@ -285,3 +285,21 @@ async def test_how_a_call_is_connected_is_read_from_its_reference_and_socket_key
     assert live["live"] is True
     assert inspection.connection_line(live, "bot") == "streaming socket on instance host-1-abc (live)"
     await store.redis.delete(store.keys.instance("host-1-abc"))
+
+
+async def test_live_entries_older_than_the_cut_off_do_not_starve_the_pruning(store: RedisCallStore) -> None:
+    """A call that stays in one state longer than the cut-off (no lifetime bound) keeps an
+    old index entry that is still live. Pruning read each index from its head every pass,
+    so enough of them hid the entries of expired calls behind them for ever."""
+    store.retention = Retention(live_seconds=1, ended_seconds=1, max_live_seconds=0)
+    ids = [cid for cid in (f"starve-{n}" for n in range(2000)) if store.keys.locate(cid)[0] == 0][:12]
+    live, expired = ids[:8], ids[8:]
+    index = store.keys.state_index(0, "bot")
+    for n, cid in enumerate(live):
+        await store.redis.zadd(index, {cid: 1000 + n})
+        await store.redis.hset(store.keys.call(cid).call, "state", "bot")
+    for n, cid in enumerate(expired):
+        await store.redis.zadd(index, {cid: 2000 + n})
+    removed = [await store.prune_index(batch=5) for _ in range(4)]
+    assert sum(removed) == len(expired), removed
+    assert sorted(await store.redis.zrange(index, 0, -1)) == sorted(live)
