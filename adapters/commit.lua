@@ -9,7 +9,8 @@
 -- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
 --       5 transcript_max, 6 history_max, 7 seen_max,
 --       8 watchdog_ms (> 0 arms the deadline), 9 watchdog member of due,
---       10 outbox payload ('' = none), 11 outbox member of due, 12 outbox grace ms,
+--       10 outbox payload ('' = none; stored as '<now ms>:<payload>'), 11 outbox member of due,
+--       12 outbox grace ms,
 --       13 n_fields, field, value, ... , n_lines, line, ... ,
 --       n_steps, trigger, source, dest, reason, history entry without its time, ...,
 --       n_counters, '<outcome>:<target>', ..., feed max length,
@@ -109,7 +110,7 @@ else
 end
 
 if ARGV[10] ~= '' then
-  redis.call('HSET', outbox, key, ARGV[10])
+  redis.call('HSET', outbox, key, now .. ':' .. ARGV[10])  -- parked at (ms):payload
   redis.call('ZADD', due, now + tonumber(ARGV[12]), ARGV[11])
 end
 

@@ -191,11 +191,12 @@ class RedisCallStore:
         with unavailable_while("reading the outbox"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.outbox, delivery_key)
-                pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE, CallField.UPDATED])
-                payload, (reference, state, updated) = await pipe.execute()
-        if not payload:
+                pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE])
+                entry, (reference, state) = await pipe.execute()
+        if not entry:
             return None
-        return Parked(reference or "", payload, state or "", int(updated or 0))
+        parked_ms, _, payload = entry.partition(":")  # commit.lua writes "<ms>:<payload>"
+        return Parked(reference or "", payload, state or "", int(parked_ms))
 
     async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]:
         """The work due in any shard, now leased to this caller.

@@ -53,7 +53,7 @@ class Parked:
     reference: str
     payload: str
     state: str
-    updated_ms: int
+    parked_ms: int  # Redis time of the commit that parked them
 
 
 class ScheduleStore(Protocol):
@@ -235,7 +235,7 @@ class Scheduler:
         if parked is None:  # acknowledged meanwhile, or expired with the call
             await self.store.forget(item)
             return
-        stale = item.now_ms - parked.updated_ms > MAX_PARKED_MS
+        stale = item.now_ms - parked.parked_ms > MAX_PARKED_MS
         if parked.state == State.ENDED or stale or not parked.reference:
             # Nobody to speak to any more: drop the replies rather than retry forever.
             log.warning(

@@ -125,7 +125,7 @@ async def test_replies_parked_without_a_socket_are_due_once_the_call_is_on_one_a
             while connections(first).sockets:  # noqa: ASYNC110 - the bot's own task detaches it
                 await asyncio.sleep(0.02)
         store = first.app[STORE_KEY]
-        await store.redis.hset(store.keys.call(cid).outbox, "parked-1", "[]")
+        await store.redis.hset(store.keys.call(cid).outbox, "parked-1", "0:[]")  # parked at 0 ms: nothing
         due = store.keys.due_for(cid)
         member = Due.delivery(cid, "parked-1")
         await store.redis.zadd(due, {member: 10**13})  # due far in the future

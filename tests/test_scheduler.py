@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from adapters.bot import CallBot, proactive_replies
 from adapters.keys import Due, Keyspace
 from adapters.store import RedisCallStore, Retention
+from orchestrator import scheduler as scheduler_module
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus
@@ -306,3 +307,24 @@ async def test_a_cancelled_scheduler_stops_even_if_a_redis_call_lost_the_cancell
     running.cancel()
     done, _ = await asyncio.wait([running], timeout=10)
     assert running in done and running.cancelled()
+
+
+async def test_parked_replies_go_stale_by_when_they_were_parked_even_on_a_busy_call(
+    quick_store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staleness was judged by the call's last update, so on a call that kept talking a reply
+    the channel kept refusing was sent again for ever (the Telephony channel drops a bot
+    that errors). It is judged by when the reply was parked."""
+    monkeypatch.setattr(scheduler_module, "MAX_PARKED_MS", 400)
+    engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    await transfer(engine, "c1")
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
+    for n in range(6):  # the caller keeps talking while the parked prompt is never acknowledged
+        await asyncio.sleep(0.1)
+        await engine.handle("c1", CallerInput(f"hello {n}"), activity_id=f"m{n}", render=channel.render)
+    channel.sent.clear()
+    for _ in range(3):
+        await scheduler.poll()
+    assert channel.sent == [] and scheduler.redelivered == 0  # dropped, not sent once more
+    assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
