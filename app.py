@@ -79,8 +79,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     METRICS = Metrics()
     # The streaming sockets of this instance, and the way to other instances' sockets.
     CONNECTIONS = Connections(
-        STORE.redis,
-        STORE.keys,
+        STORE,
         hold_seconds=max(CONFIG.CALL_IDLE_TTL_SECONDS, CONFIG.CALL_MAX_LIFETIME_SECONDS),
         metrics=METRICS,
     )

@@ -24,13 +24,12 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.asyncio.cluster import ClusterPubSub
 
 from adapters.framing import Request, Response, new_id
-from adapters.keys import Due, Keyspace
-from adapters.store import UNAVAILABLE, unavailable_while
+from adapters.keys import Due
+from adapters.store import UNAVAILABLE, RedisCallStore, load_script, unavailable_while
 from adapters.streaming import ConnectionClosed, StreamingConnection
 from orchestrator.metrics import Metrics
 from orchestrator.scheduler import stop_if_cancelled
@@ -38,11 +37,10 @@ from orchestrator.scheduler import stop_if_cancelled
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15.0  # an instance that stops renewing is gone this long after
-SEND_SECONDS = 5.0  # the channel's answer to one send, however it is routed
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+SEND_SECONDS = 5.0  # the channel's answer to one send over a socket
+ROUTE_MARGIN_SECONDS = 1.0  # a routed send waits this much longer: the holder's own bound runs out first
+REFRESH_SECONDS = 60.0  # a live call's :socket key is written again this often (it may have moved)
+RELEASE_SCRIPT = load_script("release_socket.lua")
 
 
 class NotConnected(ConnectionError):
@@ -59,8 +57,7 @@ class Connections:
 
     def __init__(
         self,
-        redis: Redis | RedisCluster,
-        keys: Keyspace,
+        store: RedisCallStore,
         *,
         instance: str | None = None,
         hold_seconds: int = 86_400,
@@ -68,20 +65,26 @@ class Connections:
         send_seconds: float = SEND_SECONDS,
         metrics: Metrics | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.store = store
+        self.redis = store.redis
+        self.keys = store.keys
         self.instance = instance or instance_name()
         self.hold_seconds = hold_seconds  # a call's :socket key lives at most as long as the call
         self.lease_seconds = lease_seconds
         self.send_seconds = send_seconds
         self.sockets: set[StreamingConnection] = set()
-        # call -> the socket carrying it, and when its last activity came (monotonic), oldest first
-        self._by_call: OrderedDict[str, tuple[StreamingConnection, float]] = OrderedDict()
+        # call -> the socket carrying it, when its last activity came and when its :socket
+        # key was last written (monotonic), least recently active first
+        self._by_call: OrderedDict[str, tuple[StreamingConnection, float, float]] = OrderedDict()
         self._routed: dict[str, asyncio.Future[Response]] = {}  # request id -> the holder's answer
         self._tasks: set[asyncio.Task[None]] = set()
-        self._release = redis.register_script(_RELEASE)
-        self.sends: Counter[str] = Counter()  # local, routed, served (for another instance)
-        self.failures: Counter[str] = Counter()  # no_connection, timeout, closed, refused
+        self._served: OrderedDict[str, None] = OrderedDict()  # routed request ids sent (a retried publish)
+        self._lease: asyncio.Task[None] | None = None
+        self._resubscribe = asyncio.Event()  # the inbox lost its subscription: make it again
+        self._release = self.redis.register_script(RELEASE_SCRIPT)
+        # Every label from the start, so a first failure after a restart is an increase.
+        self.sends: Counter[str] = Counter(local=0, routed=0, served=0)  # served: for another instance
+        self.failures: Counter[str] = Counter(no_connection=0, timeout=0, closed=0)
         self.metrics = metrics
 
     # --- this instance's sockets -------------------------------------------------
@@ -115,22 +118,40 @@ class Connections:
         held = self._by_call.get(conversation_id)
         return held[0] if held else None
 
-    async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
-        """The call's activities arrive on ``connection``: its sends go there from now on.
-
-        The first time on a socket, the call's ``:socket`` key names this instance, and
-        replies parked while nobody held the call are made due at once."""
-        self._by_call[conversation_id] = (connection, time.monotonic())
+    def route_here(self, conversation_id: str, connection: StreamingConnection) -> None:
+        """The call's activity arrived on ``connection``: its sends from this instance go
+        there (in memory only; ``hold`` records it in Redis once the turn is taken)."""
+        held = self._by_call.get(conversation_id)
+        written = held[2] if held and held[0] is connection else float("-inf")
+        self._by_call[conversation_id] = (connection, time.monotonic(), written)
         self._by_call.move_to_end(conversation_id)
-        if conversation_id in connection.conversations:
+
+    async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
+        """Record in Redis that this instance holds the call, after a turn of it was taken
+        on ``connection``: the first time on this socket (replies parked while nobody held
+        it are made due at once), then again every ``REFRESH_SECONDS`` while it talks."""
+        held = self._by_call.get(conversation_id)
+        if held is None or held[0] is not connection:
+            return  # gone meanwhile (ended), or moved to another socket
+        now = time.monotonic()
+        if conversation_id in connection.conversations and now - held[2] < REFRESH_SECONDS:
             return
+        first = conversation_id not in connection.conversations
+        connection.conversations.add(conversation_id)  # before the await: one write per socket
         keys = self.keys.call(conversation_id)
-        with unavailable_while("recording the call's socket"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.socket(conversation_id), self.instance, ex=self.hold_seconds)
-                pipe.hkeys(keys.outbox)
-                _, parked = await pipe.execute()
-            connection.conversations.add(conversation_id)  # written: not again on this socket
+        try:
+            with unavailable_while("recording the call's socket"):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self.keys.socket(conversation_id), self.instance, ex=self.hold_seconds)
+                    pipe.hkeys(keys.outbox)
+                    _, parked = await pipe.execute()
+        except BaseException:
+            if first:
+                connection.conversations.discard(conversation_id)  # written on its next activity
+            raise
+        if self._holder(conversation_id) is connection:
+            self._by_call[conversation_id] = (connection, held[1], now)
+        if first:
             connection.carried += 1
             if parked:
                 due = {Due.delivery(conversation_id, key): 0 for key in parked}
@@ -154,7 +175,7 @@ class Connections:
         have expired by now): a call the channel never ended must not stay forever."""
         idle_since = time.monotonic() - self.hold_seconds
         while self._by_call:
-            conversation_id, (connection, last) = next(iter(self._by_call.items()))
+            conversation_id, (connection, last, _) = next(iter(self._by_call.items()))
             if last > idle_since:
                 return
             del self._by_call[conversation_id]
@@ -165,12 +186,9 @@ class Connections:
         if not conversation_ids:
             return
         try:
-            async with asyncio.timeout(self.send_seconds):
-                await asyncio.gather(
-                    *(
-                        self._release(keys=[self.keys.socket(c)], args=[self.instance])
-                        for c in conversation_ids
-                    )
+            async with asyncio.timeout(self.send_seconds):  # one round trip (per node), not one per call
+                await self.store.run_each(
+                    self._release, [([self.keys.socket(c)], [self.instance]) for c in conversation_ids]
                 )
         except (*UNAVAILABLE, TimeoutError) as e:
             # Harmless: a send to them finds nobody listening on this instance's inbox.
@@ -216,7 +234,7 @@ class Connections:
             "body": (request.body or b"").decode(),
         }
         try:
-            async with asyncio.timeout(self.send_seconds):
+            async with asyncio.timeout(self.send_seconds + ROUTE_MARGIN_SECONDS):
                 with unavailable_while("routing a send"):
                     listening = await self.redis.spublish(self.keys.inbox(holder), json.dumps(message))
                 if not listening:  # the holder is gone (killed, or shut down)
@@ -233,21 +251,30 @@ class Connections:
 
     async def run(self) -> None:
         """Keep this instance's lease and serve its inbox until cancelled."""
-        lease = asyncio.create_task(self._keep_lease(), name="instance lease")
+        self._lease = asyncio.create_task(self._keep_lease(), name="instance lease")
         try:
             await self._serve_inbox()
         finally:
-            lease.cancel()
-            await asyncio.gather(lease, return_exceptions=True)
+            await self._stop_lease()
+
+    async def _stop_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.cancel()
+            await asyncio.wait({self._lease})
 
     async def _keep_lease(self) -> None:
-        key = self.keys.instance(self.instance)
+        """Renew the lease; and check the inbox still has its listener (a Cluster can drop a
+        sharded subscription when a slot moves), asking for a new one when it has not."""
+        key, inbox = self.keys.instance(self.instance), self.keys.inbox(self.instance)
         while True:
             stop_if_cancelled()
             self._sweep()
             try:
                 state = json.dumps({"sockets": len(self.sockets), "calls": self.calls})
                 await self.redis.set(key, state, px=int(self.lease_seconds * 1000))
+                if not await self.redis.spublish(inbox, '{"op":"ping"}'):
+                    log.warning("inbox %s has no listener; subscribing again", inbox)
+                    self._resubscribe.set()
             except UNAVAILABLE as e:
                 log.warning("instance lease not renewed: %r", e)
             await asyncio.sleep(self.lease_seconds / 3)
@@ -258,14 +285,22 @@ class Connections:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.ssubscribe(self.keys.inbox(self.instance))
+                self._resubscribe.clear()
                 pause = 0.1
-                while True:
+                while not self._resubscribe.is_set():
                     stop_if_cancelled()  # redis-py's waits can lose a cancellation (gh-86296)
                     message = await _next(pubsub)
                     if message is not None and message.get("type") == "smessage":
                         self._receive(message["data"])
-            except UNAVAILABLE as e:
-                log.warning("inbox lost, subscribing again in %.1f s: %r", pause, e)
+            except Exception as e:  # Redis trouble, or a bug: the inbox must come back either way
+                trouble = isinstance(e, UNAVAILABLE)
+                log.log(
+                    logging.WARNING if trouble else logging.ERROR,
+                    "inbox lost, subscribing again in %.1f s: %r",
+                    pause,
+                    e,
+                    exc_info=not trouble,
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
             finally:
@@ -275,6 +310,8 @@ class Connections:
     def _receive(self, raw: str) -> None:
         try:
             message: dict[str, Any] = json.loads(raw)
+            if message["op"] == "ping":  # the lease's check that this inbox listens
+                return
             ident = str(message["id"])
             if message["op"] == "answer":
                 answer = self._routed.get(ident)
@@ -285,6 +322,11 @@ class Connections:
                         body = str(message.get("body") or "").encode() or None
                         answer.set_result(Response(ident, int(message["status"]), body))
                 return
+            if ident in self._served:  # a publish redis-py retried: sent once already
+                return
+            self._served[ident] = None
+            if len(self._served) > 4096:
+                self._served.popitem(last=False)
             sender, call = str(message["from"]), str(message["call"])
             request = Request(
                 new_id(), str(message["verb"]), str(message["path"]), str(message["body"]).encode()
@@ -314,16 +356,17 @@ class Connections:
     # --- shutdown -------------------------------------------------------------------
 
     async def close_all(self, drain_seconds: float) -> None:
-        """Shutdown: let the turns in flight finish, then close every socket (the channel
-        reconnects to another instance) and let go of their calls."""
+        """Shutdown: the sockets take no new requests (503) and their turns in flight
+        finish, then every socket closes (the channel reconnects to another instance) and
+        lets go of its calls; the lease goes last. Nothing in flight is cancelled."""
         sockets = list(self.sockets)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(drain_seconds):
-                await asyncio.gather(*(s.drain() for s in sockets))
+        drains = {asyncio.ensure_future(s.drain()) for s in sockets}
+        if drains:
+            await asyncio.wait(drains, timeout=drain_seconds)
         await asyncio.gather(*(s.close(1012, "restarting") for s in sockets))  # 1012: service restart
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.send_seconds):  # the sockets' clean-up, routed sends
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # the sockets' clean-up, routed sends
+            await asyncio.wait(set(self._tasks), timeout=self.send_seconds)
+        await self._stop_lease()
         with contextlib.suppress(*UNAVAILABLE, TimeoutError):
             async with asyncio.timeout(self.send_seconds):
                 await self.redis.delete(self.keys.instance(self.instance))

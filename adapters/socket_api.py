@@ -24,6 +24,7 @@ from botframework.connector.auth import AuthenticateRequestResult
 
 from adapters import framing
 from adapters.auth import Unauthorized
+from adapters.channel_client import is_streaming
 from adapters.connections import Connections
 from adapters.framing import Request, Response
 from adapters.http import (
@@ -32,7 +33,6 @@ from adapters.http import (
     METRICS_KEY,
     TURN_SECONDS,
     answer_activity,
-    not_applied,
     parse_activity,
     problem,
     unauthorized,
@@ -69,12 +69,16 @@ async def upgrade(request: web.Request) -> web.StreamResponse:
         log.info("streaming connection refused before the upgrade: %s", e.reason)
         return unauthorized(e.reason)
     await ws.prepare(request)
+    if request.app[DRAINING_KEY].is_set():  # began shutting down while this one was upgraded
+        await ws.close(code=1012, message=b"restarting")
+        return ws
     name = f"{connections.instance}/{next(_numbers)}"
     connection = StreamingConnection(ws, functools.partial(_serve, request.app, authenticated), name=name)
     serving = asyncio.create_task(_carry(connections, connection, request.remote), name=f"socket {name}")
     connections.keep(serving)
-    # aiohttp cancels this handler when the peer goes away; the socket's own task still
-    # lets its turns finish and lets go of its calls.
+    # aiohttp may cancel this handler (at shutdown, or when the peer goes with
+    # handler_cancellation on); the socket's own task still finishes its turns and lets go
+    # of its calls.
     await asyncio.shield(serving)
     return ws
 
@@ -120,19 +124,33 @@ async def _serve(
     if isinstance(parsed, web.Response):
         return _framed(request, parsed)
     deadline = asyncio.get_running_loop().time() + TURN_SECONDS
-    metrics = app[METRICS_KEY]
+    metrics, connections = app[METRICS_KEY], app[CONNECTIONS_KEY]
+    call = parsed.conversation.id
+    over_socket = is_streaming(parsed.service_url)  # an http(s) one is answered over HTTP
     with metrics.turn_seconds.time():
-        try:
-            await app[CONNECTIONS_KEY].hold(parsed.conversation.id, connection)
-        except StoreUnavailable as e:
-            answer = not_applied(parsed, e)
-        else:
-            answer = await answer_activity(app, authenticated, parsed, deadline)
-            if parsed.type == ActivityTypes.end_of_conversation and answer.status < 300:
-                app[CONNECTIONS_KEY].forget(parsed.conversation.id, connection)
+        if over_socket:
+            connections.route_here(call, connection)
+        answer = await answer_activity(app, authenticated, parsed, deadline)
+        if over_socket and answer.status < 300:
+            if parsed.type == ActivityTypes.end_of_conversation:
+                connections.forget(call, connection)
+            else:
+                await _hold(connections, call, connection, deadline)
     if answer.status == 503:
         metrics.unavailable.inc()
     return _framed(request, answer)
+
+
+async def _hold(
+    connections: Connections, call: str, connection: StreamingConnection, deadline: float
+) -> None:
+    """Record the call's socket in Redis once its turn is taken (not for an activity the
+    bot refused); a failure leaves it to the call's next activity, the turn stands."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await connections.hold(call, connection)
+    except (StoreUnavailable, TimeoutError) as e:
+        log.warning("call %s: its socket not recorded (next activity tries again): %s", call, e)
 
 
 def _framed(request: Request, answer: web.Response) -> Response:

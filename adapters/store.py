@@ -57,15 +57,15 @@ def unavailable_while(action: str) -> Iterator[None]:
 _OUTCOMES = {1: Commit.APPLIED, 2: Commit.APPLIED, 0: Commit.DUPLICATE, -1: Commit.CONFLICT}
 
 
-def _script(name: str) -> str:
+def load_script(name: str) -> str:
     return resources.files("adapters").joinpath(name).read_text(encoding="utf-8")
 
 
-COMMIT_SCRIPT = _script("commit.lua")
-CLAIM_SCRIPT = _script("claim.lua")
-RESCHEDULE_SCRIPT = _script("reschedule.lua")
-RELEASE_SCRIPT = _script("release.lua")
-PRUNE_SCRIPT = _script("prune.lua")
+COMMIT_SCRIPT = load_script("commit.lua")
+CLAIM_SCRIPT = load_script("claim.lua")
+RESCHEDULE_SCRIPT = load_script("reschedule.lua")
+RELEASE_SCRIPT = load_script("release.lua")
+PRUNE_SCRIPT = load_script("prune.lua")
 
 
 @dataclass(slots=True, frozen=True)
@@ -205,7 +205,7 @@ class RedisCallStore:
         script call per shard); ``limit`` is per shard.
         """
         with unavailable_while("claiming due work"):
-            replies = await self._run_each(
+            replies = await self.run_each(
                 self._claim, [([self.keys.due(shard)], [limit, lease_ms]) for shard in range(SHARDS)]
             )
         items: list[DueItem] = []
@@ -230,12 +230,12 @@ class RedisCallStore:
     async def release(self, items: list[DueItem], lease_ms: int) -> None:
         """Make claimed items due now again, those still under the lease we took."""
         with unavailable_while("releasing claimed work"):
-            await self._run_each(
+            await self.run_each(
                 self._release,
                 [([self.keys.due(item.shard)], [item.member, item.now_ms + lease_ms]) for item in items],
             )
 
-    async def _run_each(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def run_each(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run a script once per (keys, args), in one pipelined round trip on a single Redis
         (on a cluster, whose pipelines cannot run scripts, concurrently). A failed call's
         reply is its exception, so one bad shard does not sink the others."""
@@ -280,7 +280,7 @@ class RedisCallStore:
                     args = [v for member, score in entries for v in (member, int(score))]
                     calls.append((keys, args))
                     read.append((index, len(entries)))
-            removed = await self._run_each(self._prune, calls) if calls else []
+            removed = await self.run_each(self._prune, calls) if calls else []
         for (index, count), gone in zip(read, removed, strict=True):
             if count == batch:  # more may follow: skip what stayed (live calls)
                 offsets[index] = offsets.get(index, 0) + count - (gone if isinstance(gone, int) else 0)

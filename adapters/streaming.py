@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
-from adapters.framing import Deframer, FramingError, Request, Response, encode
+from adapters.framing import CONTENT_TYPE, Deframer, FramingError, Request, Response, encode
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 1024  # requests from the channel handled at once on one socket; more get 503
+WRITE_SECONDS = 10.0  # a peer that reads nothing for this long is cut off (its buffers are full)
 
 Handler = Callable[["StreamingConnection", Request], Awaitable[Response]]
 
@@ -49,6 +51,7 @@ class StreamingConnection:
         self.conversations: set[str] = set()  # the live calls this socket holds
         self.carried = 0  # calls it held, ended or not, since it opened
         self.closing = False
+        self.draining = False  # shutting down: new requests get 503, those in flight finish
 
     @property
     def busy(self) -> int:
@@ -81,8 +84,9 @@ class StreamingConnection:
         finally:
             self.closing = True
             self._fail_waiting()
-            if self._turns:  # bounded by the turn's own timeout
-                await asyncio.gather(*self._turns, return_exceptions=True)
+            # Turns end by their own bounds (the turn's, a send's, a write's); waited for,
+            # never cancelled, even if this task is.
+            await self.drain()
 
     def _dispatch(self, item: Request | Response) -> None:
         if isinstance(item, Response):
@@ -94,17 +98,17 @@ class StreamingConnection:
                     "socket %s: an answer to no waiting request (%s, %d)", self.name, item.id, item.status
                 )
             return
-        busy = len(self._turns) >= MAX_IN_FLIGHT
-        task = asyncio.create_task(self._answer(item, busy), name=f"socket {self.name} request {item.id}")
+        refused = "shutting down; send it again on another socket" if self.draining else ""
+        if len(self._turns) >= MAX_IN_FLIGHT:
+            refused = "too many requests in flight on this socket; retry"
+        task = asyncio.create_task(self._answer(item, refused), name=f"socket {self.name} request {item.id}")
         self._turns.add(task)
         task.add_done_callback(self._turns.discard)
 
-    async def _answer(self, request: Request, busy: bool = False) -> None:
+    async def _answer(self, request: Request, refused: str = "") -> None:
         try:
-            if busy:
-                response = Response(
-                    request.id, 503, b'{"error":"too many requests in flight on this socket; retry"}'
-                )
+            if refused:
+                response = Response(request.id, 503, json.dumps({"error": refused}).encode(), CONTENT_TYPE)
             else:
                 response = await self._handle(self, request)
         except Exception:
@@ -136,8 +140,8 @@ class StreamingConnection:
                         return answer
                     accepted = answer
                     waiter = self._waiting[request.id] = loop.create_future()
-        except TimeoutError:
-            if accepted is not None:
+        except (TimeoutError, ConnectionClosed):
+            if accepted is not None:  # taken: no final answer came, or the socket went first
                 return accepted
             raise
         finally:
@@ -156,10 +160,22 @@ class StreamingConnection:
             if self.ws.closed:
                 raise ConnectionClosed(f"socket {self.name} is closed")
             try:
-                for frame in frames:
-                    await self.ws.send_bytes(frame)
+                async with asyncio.timeout(WRITE_SECONDS):
+                    for frame in frames:
+                        await self.ws.send_bytes(frame)
             except ConnectionError as e:  # aiohttp: "Cannot write to closing transport"
                 raise ConnectionClosed(f"socket {self.name}: {e}") from e
+            except TimeoutError as e:
+                # The peer reads nothing: a close would wait on the same full buffer, and
+                # aiohttp's heartbeat only closes the transport, which never wakes a write.
+                self._abort()
+                raise ConnectionClosed(f"socket {self.name}: the peer stopped reading") from e
+
+    def _abort(self) -> None:
+        """Drop the TCP connection at once (aiohttp has no public way to abort a socket)."""
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
 
     def _fail_waiting(self) -> None:
         for waiter in self._waiting.values():
@@ -172,9 +188,11 @@ class StreamingConnection:
         self._waiting.clear()
 
     async def drain(self) -> None:
-        """Wait for the requests being handled to be answered."""
+        """Take no new requests (503) and wait, without cancelling them, for those being
+        handled to be answered."""
+        self.draining = True
         while self._turns:
-            await asyncio.gather(*self._turns, return_exceptions=True)
+            await asyncio.wait(set(self._turns))
 
     async def close(self, code: int = WSCloseCode.GOING_AWAY, message: str = "") -> None:
         self.closing = True

@@ -194,7 +194,7 @@ class Filler:
                     pending.append((i, turn, f"{calls[i].id[:8]}-{wave}"))
             # What RedisCallStore.commit does for one turn, for a batch in one round trip.
             now_s = int(time.time())
-            replies = await store._run_each(
+            replies = await store.run_each(
                 store._commit,
                 [
                     (store._commit_keys(turn, now_s), store._commit_args(turn, key, uuid.uuid4().hex, now_s))

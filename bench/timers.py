@@ -181,7 +181,7 @@ async def fill(
         for wave, event in enumerate(events):
             turns = [runner.run(call, event, now=timestamp(), reference=reference(call.id)) for call in calls]
             now_s = int(time.time())
-            replies = await store._run_each(
+            replies = await store.run_each(
                 store._commit,
                 [
                     (

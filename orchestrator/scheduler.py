@@ -29,7 +29,9 @@ WATCHDOG = "watchdog"
 DELIVERY = "delivery"
 
 
-SEND_SECONDS = 5.0  # a proactive send that takes longer is given up (and retried later)
+# A proactive send that takes longer is given up (and retried later): longer than the
+# transport's own bounds (a socket's 5 s, routed to another instance 6 s), so they end first.
+SEND_SECONDS = 8.0
 MAX_PARKED_MS = 10 * 60 * 1000  # parked replies older than this are dropped, not sent
 PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with the records
 

@@ -175,7 +175,7 @@ async def test_the_bot_store_round_trip_over_tls_as_the_documented_bot_user(
         await store.reschedule_watchdog("call-1")
         assert await store.prune_index() == 0
         # The streaming sockets' routing: an inbox of its own, publishing to another's.
-        connections = Connections(client, Keyspace("cc"))
+        connections = Connections(store)
         serving = asyncio.create_task(connections.run())
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_SECONDS):

@@ -21,9 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.connections import Connections
 from adapters.framing import Header, PayloadType, new_id
-from adapters.http import BOT_KEY, METRICS_KEY, STORE_KEY
+from adapters.http import BOT_KEY, DRAINING_KEY, METRICS_KEY, STORE_KEY
 from adapters.socket_api import CONNECTIONS_KEY
-from app import create_app
+from app import create_app, drain
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
 from simulator.streaming import SERVICE_URL, SocketBots
@@ -410,3 +410,39 @@ async def test_a_socket_that_carries_many_calls_keeps_only_the_live_ones(bot: Te
         held = [await redis.get(keys.socket(c.conversation_id)) for c in callers]
         assert held == [connections.instance] * 3 + [None] * 97
         await bots.close()
+
+
+async def test_shutting_down_finishes_the_turns_in_flight_and_refuses_new_ones(
+    bot: TestServer, js: JsChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While draining, a socket answers new requests 503 (the channel sends them again on
+    another socket) and lets the turns in flight finish, never cancelling them; then it
+    closes with 1012 and new upgrades are refused."""
+    socket = await connected(js, bot)
+    held, other = Caller(SERVICE_URL), Caller(SERVICE_URL)
+    await js.send(socket, other.start())
+    engine = bot.app[BOT_KEY].engine
+    release = asyncio.Event()
+    handle = engine.handle
+
+    async def slow(conversation_id: str, *args: Any, **kwargs: Any) -> Any:
+        if conversation_id == held.conversation_id:
+            await release.wait()
+        return await handle(conversation_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "handle", slow)
+    in_flight = asyncio.create_task(js.send(socket, held.start()))
+    await eventually(lambda: bool(next(iter(bot.app[CONNECTIONS_KEY].sockets)).busy))
+    draining = asyncio.create_task(drain(bot.app))
+    await eventually(lambda: bot.app[DRAINING_KEY].is_set())
+    refused = await js.send(socket, other.say("still there?"))
+    assert refused["status"] == 503 and "shutting down" in refused["body"]["error"]
+    upgrade = await js.connect("late", ws_url(bot), {"channelid": "telephony"})
+    assert upgrade["event"] == "refused" and upgrade["status"] == 503
+    release.set()
+    assert (await in_flight)["status"] == 200  # finished, not cancelled
+    assert len(await said(js, held.conversation_id, 1)) == 1  # and its reply went out first
+    await draining
+    assert (await js.wait_disconnected(socket))["code"] == 1012
+    record = await state_of(bot, other.conversation_id)
+    assert record["version"] == "1"  # the refused activity changed nothing
