@@ -198,8 +198,10 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP.cleanup_ctx.append(redis_lifetime)
     if CONFIG.APP_ID:
         APP.cleanup_ctx.append(keys_lifetime)
-    APP.cleanup_ctx.append(scheduler_lifetime)
+    # Torn down in reverse: the scheduler stops before the inbox, so its routed sends in
+    # flight can still be answered.
     APP.cleanup_ctx.append(sockets_lifetime)
+    APP.cleanup_ctx.append(scheduler_lifetime)
     APP.on_shutdown.append(drain)  # as a fallback: serve() drains before aiohttp's shutdown
     add_routes(APP)
     add_socket_routes(APP, CONNECTIONS)
