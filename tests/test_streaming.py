@@ -167,21 +167,27 @@ async def test_merged_and_split_frames_are_read(bot: TestServer, js: JsChannel, 
     assert echo["text"] == 'What I heard was "hello there"'
 
 
-async def test_many_calls_share_a_socket_and_a_slow_turn_holds_up_no_other(
-    bot: TestServer, js: JsChannel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    socket = await connected(js, bot)
-    slow = Caller(SERVICE_URL)
+def hold_turns_of(bot: TestServer, caller: Caller, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Hold every turn of ``caller``'s call until the returned event is set."""
     engine = bot.app[BOT_KEY].engine
     release = asyncio.Event()
     handle = engine.handle
 
     async def held(conversation_id: str, *args: Any, **kwargs: Any) -> Any:
-        if conversation_id == slow.conversation_id:
+        if conversation_id == caller.conversation_id:
             await release.wait()
         return await handle(conversation_id, *args, **kwargs)
 
     monkeypatch.setattr(engine, "handle", held)
+    return release
+
+
+async def test_many_calls_share_a_socket_and_a_slow_turn_holds_up_no_other(
+    bot: TestServer, js: JsChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    socket = await connected(js, bot)
+    slow = Caller(SERVICE_URL)
+    release = hold_turns_of(bot, slow, monkeypatch)
     stuck = asyncio.create_task(js.send(socket, slow.start()))
     callers = [Caller(SERVICE_URL) for _ in range(40)]
     answers = await asyncio.gather(*(js.send(socket, c.start()) for c in callers))
@@ -421,16 +427,7 @@ async def test_shutting_down_finishes_the_turns_in_flight_and_refuses_new_ones(
     socket = await connected(js, bot)
     held, other = Caller(SERVICE_URL), Caller(SERVICE_URL)
     await js.send(socket, other.start())
-    engine = bot.app[BOT_KEY].engine
-    release = asyncio.Event()
-    handle = engine.handle
-
-    async def slow(conversation_id: str, *args: Any, **kwargs: Any) -> Any:
-        if conversation_id == held.conversation_id:
-            await release.wait()
-        return await handle(conversation_id, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "handle", slow)
+    release = hold_turns_of(bot, held, monkeypatch)
     in_flight = asyncio.create_task(js.send(socket, held.start()))
     await eventually(lambda: bool(next(iter(bot.app[CONNECTIONS_KEY].sockets)).busy))
     draining = asyncio.create_task(drain(bot.app))
