@@ -64,15 +64,23 @@ class Bots:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as e:
-            self.tally.errors[type(e).__name__] += 1
-            self.last_error = f"{type(e).__name__}: {e}"
-            return 0
+            return self.unreached(e)
+        return self.answered(status, body, started)
+
+    def answered(self, status: int, body: bytes, started: float) -> int:
+        """Count a bot's answer (any status) to an activity sent at ``started``; the status."""
         self.tally.turns += 1
         self.tally.latencies.append(time.perf_counter() - started)
         if status >= 300:
             self.tally.errors[f"HTTP {status}"] += 1
             self.last_error = body[:300].decode(errors="replace")
         return status
+
+    def unreached(self, error: Exception) -> int:
+        """Count an activity no bot answered; 0, the status that says so."""
+        self.tally.errors[type(error).__name__] += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        return 0
 
 
 def messages_url(url: str) -> str:

@@ -107,18 +107,11 @@ class SocketBots(Bots):
             except (ConnectionClosed, aiohttp.ClientError, OSError, TimeoutError) as e:
                 error = e
                 if attempt == 2 or isinstance(e, TimeoutError):
-                    self.tally.errors[type(e).__name__] += 1
-                    self.last_error = f"{type(e).__name__}: {e}"
-                    return 0
+                    return self.unreached(e)
                 self.reconnects += 1
         else:  # pragma: no cover - the loop always breaks or returns
             raise AssertionError(error)
-        self.tally.turns += 1
-        self.tally.latencies.append(time.perf_counter() - started)
-        if response.status >= 300:
-            self.tally.errors[f"status {response.status}"] += 1
-            self.last_error = (response.body or b"")[:300].decode(errors="replace")
-        return response.status
+        return self.answered(response.status, response.body or b"", started)
 
     async def answer(self, connection: StreamingConnection, request: Request) -> Response:
         """The channel's answer to what a bot sends on a socket: a reply to a call."""
