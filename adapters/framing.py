@@ -10,8 +10,9 @@ The socket is read as a byte stream: a WebSocket message may hold several payloa
 part of one (botbuilder-python 4.17.1 assumes one message per header and per chunk, and
 loses bytes otherwise). Every size is bounded, so a peer that lies about a length or
 never ends a stream costs a bounded amount of memory and gets a ``FramingError``.
-Headers of up to 999,999 bytes are read (.NET sends a request's JSON in one piece);
-those written here carry 4096 at most, which every SDK reads.
+A header may announce any length the format allows (.NET sends a request's JSON in
+one piece over 4096 bytes), though no payload may pass the body limit; headers written
+here carry 4096 at most, which every SDK reads.
 """
 
 from __future__ import annotations
