@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def run_bench(module: str, args: list[str], output: Path, timeout: float = 110) -> tuple[str, Any]:
+    """``python -m <module> ARGS --json OUTPUT``, which must succeed: its output and report."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args, "--json", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout, json.loads(output.read_text())
 
 
 def flow_file(tmp_path: Path, **transfer: Any) -> str:

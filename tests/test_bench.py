@@ -3,7 +3,6 @@ JSON and the counts are right. No timing is asserted (the machine is shared)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import redis
 
 from bench.inspection import BASELINE, INDEXED, TARGETS
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
-from tests.process import ROOT
+from tests.process import ROOT, run_bench
 
 pytestmark = pytest.mark.real_redis
 
@@ -24,17 +23,9 @@ def test_bench_reports_every_figure_and_leaves_no_key(key_prefix: str, tmp_path:
     require_real_redis_sync()
     output = tmp_path / "inspection.json"
     args = ["--calls", str(CALLS), "--runs", "1", "--redis-url", REAL_REDIS_URL, "--prefix", key_prefix]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.inspection", *args, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "calls/s" in done.stdout and "baseline" in done.stdout
+    out, report = run_bench("bench.inspection", args, output, timeout=100)
+    assert "calls/s" in out and "baseline" in out
 
-    report = json.loads(output.read_text())
     assert [(f["from"], f["to"]) for f in report["fill"]] == [(0, CALLS // 10), (CALLS // 10, CALLS)]
     assert all(f["calls_per_s"] > 0 and f["commits"] > f["calls"] for f in report["fill"])
     small, big = report["checkpoints"]
@@ -110,17 +101,9 @@ def test_the_one_bench_command_runs_every_bench_it_is_given_and_judges_nothing_a
     require_real_redis_sync()
     output = tmp_path / "bench.json"
     args = ["--smoke", "--runs", "2", "--only", "machine", "memory", "--redis-url", REAL_REDIS_URL]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", *args, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "the issue's targets" in done.stdout
+    out, report = run_bench("bench", args, output, timeout=100)
+    assert "the issue's targets" in out
 
-    report = json.loads(output.read_text())
     assert set(report["suites"]) == {"machine", "memory"} and report["runs"] == 2
     for suite in report["suites"].values():
         assert len(suite["reports"]) == 2 and all(suite["checks"].values())

@@ -6,8 +6,6 @@ every figure, no key is left. No timing is asserted (the machine is shared)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import redis
 
 from bench.timers import SMOKE_CALLS, SUFFIX, TRANSPORTS, bench
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
-from tests.process import ROOT
+from tests.process import run_bench
 
 pytestmark = pytest.mark.real_redis
 
@@ -99,16 +97,9 @@ def test_command_line_drains_every_watchdog_once(key_prefix: str, tmp_path: Path
     output = tmp_path / "timers.json"
     calls = 60
     args = ["--calls", str(calls), "--instances", "2", "--redis-url", REAL_REDIS_URL, "--prefix", key_prefix]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.timers", *args, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "all checks pass" in done.stdout and "watchdogs due at once" in done.stdout
-    assert_every_watchdog_fired_once(json.loads(output.read_text()), calls, instances=2)
+    out, report = run_bench("bench.timers", args, output, timeout=110)
+    assert "all checks pass" in out and "watchdogs due at once" in out
+    assert_every_watchdog_fired_once(report, calls, instances=2)
     assert_no_key_left(key_prefix)
 
 
@@ -118,15 +109,7 @@ def test_command_line_runs_one_variant_when_asked(key_prefix: str, tmp_path: Pat
     output = tmp_path / "timers.json"
     calls = 40
     args = ["--calls", str(calls), "--transport", "socket", "--sockets", "1", "--prefix", key_prefix]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.timers", *args, "--redis-url", REAL_REDIS_URL, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(output.read_text())
+    _, report = run_bench("bench.timers", [*args, "--redis-url", REAL_REDIS_URL], output, timeout=110)
     assert report["parameters"]["sockets_per_instance"] == 1
     assert_every_watchdog_fired_once(report, calls, instances=2, transports=("socket",))
     assert_no_key_left(key_prefix)

@@ -15,7 +15,7 @@ import pytest
 
 from bench.turns import ECHO, HTTP, ORCHESTRATOR, SMOKE_CONCURRENCY, SOCKET, bench
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
-from tests.process import ROOT
+from tests.process import ROOT, run_bench
 
 pytestmark = pytest.mark.real_redis
 
@@ -91,16 +91,8 @@ def test_cli_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
     output = tmp_path / "turns.json"
     args = ["--seconds", "0.2", "--warmup", "0", "--concurrency", "2", "--redis-url", REAL_REDIS_URL]
     args += ["--many-sockets", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.turns", *args, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "turns/s" in done.stdout and "scale-out" in done.stdout and "streaming socket" in done.stdout
-    report = json.loads(output.read_text())
+    out, report = run_bench("bench.turns", args, output, timeout=100)
+    assert "turns/s" in out and "scale-out" in out and "streaming socket" in out
     assert list(report["points"]) == ["2"] and report["scale_out"]["concurrency"] == 2
     assert list(report["streaming"]) == ["2"]
     assert [report["streaming"]["2"][kind]["sockets"] for kind in ("one", "many")] == [1, 2]
@@ -112,15 +104,7 @@ def test_cli_measures_http_only_when_asked(tmp_path: Path) -> None:
     require_real_redis_sync()
     output = tmp_path / "turns.json"
     args = ["--seconds", "0.1", "--warmup", "0", "--concurrency", "2", "--socket-concurrency"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.turns", *args, "--redis-url", REAL_REDIS_URL, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(output.read_text())
+    _, report = run_bench("bench.turns", [*args, "--redis-url", REAL_REDIS_URL], output, timeout=100)
     assert report["streaming"] == {} and report["parameters"]["socket_concurrency"] == []
     assert report["ok"] and report["keys_left"] == 0
 
