@@ -23,15 +23,9 @@ class CallKeys(NamedTuple):
 
     call: str  # HASH: the call record (fields below)
     transcript: str  # LIST: compact JSON transcript lines, oldest first, capped
-    history: str  # LIST ``...:steps``: a JSON array per transition or ignored event, capped
+    history: str  # LIST: a JSON array per transition or ignored event, capped
     seen: str  # HASH: activity id -> "<version>:<commit token>", for de-duplication, bounded
     outbox: str  # HASH: delivery key -> JSON activities committed but not yet acknowledged
-
-
-# Key names that differ from the field: the history was a stream under ``:history`` before
-# it became a list; a new name means no instance of either version meets a key of the other
-# type (WRONGTYPE) during a rolling deploy. Old ``:history`` streams expire with their call.
-_KEY_NAMES = {"history": "steps"}
 
 
 # commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
@@ -151,7 +145,7 @@ class Keyspace:
     def call(self, conversation_id: str) -> CallKeys:
         shard, call_hash = self.locate(conversation_id)
         base = f"{self.prefix}:{{{shard}}}:{call_hash}"
-        return CallKeys(*(f"{base}:{_KEY_NAMES.get(name, name)}" for name in CallKeys._fields))
+        return CallKeys(*(f"{base}:{name}" for name in CallKeys._fields))
 
     def due(self, shard: int) -> str:
         """ZSET of a shard's due work: member (see ``Due``) -> when (ms, Redis time)."""

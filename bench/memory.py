@@ -35,7 +35,7 @@ from bench.roundtrips import ORDINARY, TRANSFER_TEXT, start_instance, stop_sched
 from simulator.channel import Caller, ChannelStandIn
 
 TARGET_BYTES = 8 * 1024
-KINDS = CallKeys._fields  # call (the record hash), transcript, history (key :steps), seen, outbox
+KINDS = CallKeys._fields  # call (the record hash), transcript, history, seen, outbox
 SHARED = {
     ":state:": "state indexes",
     ":due": "due schedules",

@@ -208,7 +208,7 @@ async def test_history_entries_are_compact_json_arrays(store: RedisCallStore, re
     turn.call.target = "+14251231234"
     await store.commit(turn, "a1")
     key = store.keys.call("c1").history
-    assert key.endswith(":steps") and await redis_client.type(key) == "list"
+    assert key.endswith(":history") and await redis_client.type(key) == "list"
     raw = [str(entry) for entry in await redis_client.lrange(key, 0, -1)]
     first, second = raw
     at = json.loads(first)[0]
