@@ -2,10 +2,11 @@
 
 For each event: the machine's part of the turn (the trigger dispatch: conditions,
 callbacks, the recorded step, as ``TurnRunner._fire`` runs it) through ``Dispatch``
-and through transitions' own ``trigger`` on the same shared machine; the whole
-``TurnRunner.run``; and the baseline, a runner built per turn that fires through
-transitions (``TurnRunner(flow, compiled=False)``: build_machine plus transitions'
-trigger, as turns ran before ``Dispatch``). Also the bare ``accept`` trigger both ways.
+(``states/dispatch.py``) and through transitions' own ``trigger`` on the same shared
+machine; the whole ``TurnRunner.run``, both ways; and the baseline, a runner built per
+turn that fires through transitions (``TurnRunner(flow, compiled=False)``: build_machine
+plus transitions' trigger, as turns ran before ``Dispatch``). Also the bare ``accept``
+trigger both ways.
 Medians of several repeats of many iterations, ``time.perf_counter_ns``. The machine
 part times only the triggers (the call is attached untimed) and so includes one clock
 read (~0.1 µs). No Redis: ``redis_url`` is unused.
@@ -96,6 +97,9 @@ def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[st
         part = machine_part(runner, call, triggers, iterations, repeats)
         part_transitions = machine_part(through_transitions, call, triggers, iterations, repeats)
         whole = timed(functools.partial(runner.run, call, event, now=NOW), iterations, repeats)
+        whole_transitions = timed(
+            functools.partial(through_transitions.run, call, event, now=NOW), iterations, repeats
+        )
 
         def per_turn(call: Call = call, event: Event = event) -> Turn:
             return TurnRunner(flow, compiled=False).run(call, event, now=NOW)
@@ -108,6 +112,7 @@ def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[st
             "machine_us_per_turn": round(part, 2),
             "machine_transitions_us_per_turn": round(part_transitions, 2),
             "us_per_turn": round(whole, 2),
+            "transitions_us_per_turn": round(whole_transitions, 2),
             "baseline_us_per_turn": round(baseline, 2),
             "baseline_over_run": round(baseline / whole, 1),
             "state_after": turn.call.state,
@@ -118,6 +123,7 @@ def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[st
             row(f"{name}: machine part, Dispatch", round(part, 2), "µs/turn"),
             row(f"{name}: machine part, transitions trigger", round(part_transitions, 2), "µs/turn"),
             row(f"{name}: TurnRunner.run", round(whole, 2), "µs/turn"),
+            row(f"{name}: TurnRunner.run, transitions trigger", round(whole_transitions, 2), "µs/turn"),
             row(f"{name}: baseline, Machine built per turn", round(baseline, 2), "µs/turn"),
             row(f"{name}: baseline ÷ TurnRunner.run", round(baseline / whole, 1), "x"),
         ]

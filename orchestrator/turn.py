@@ -29,7 +29,7 @@ from orchestrator.events import (
 from orchestrator.handoff import HandoffStates
 from orchestrator.redact import MARGIN
 from states import State, Trigger, build_machine
-from states.call import Dispatch
+from states.dispatch import Dispatch
 
 LINE_MAX_CHARS = 1000
 # With configured patterns (any regex: some take quadratic time), a message is cut to this

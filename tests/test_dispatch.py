@@ -28,7 +28,7 @@ from orchestrator.events import (
 from orchestrator.ssml import clean_text, speak, xml_text
 from orchestrator.turn import Turn, TurnRunner, copy_call
 from states import State, Trigger
-from states.call import Dispatch
+from states.dispatch import Dispatch
 
 NOW = "2026-11-23T10:00:00.000Z"
 
