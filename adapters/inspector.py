@@ -1,4 +1,5 @@
-"""What operators read: calls by state, counts, transfer counters and the feed of steps.
+"""What operators read: calls by state, counts, transfer counters and the feed of steps
+(``adapters.inspection`` shapes them for people; this module knows only Redis).
 
 Everything is read from the per-shard indexes, counters and feeds the commit script
 keeps (never a keyspace scan), a pipelined round trip at a time (two for a listing).
@@ -16,10 +17,11 @@ from typing import Any
 from adapters.channel_client import is_streaming
 from adapters.keys import HOUR, MINUTE, SHARDS, CallField, FeedField, StatsBucket
 from adapters.store import RedisCallStore, decode_step, unavailable_while
-from orchestrator.inspection import MAX_WINDOW_SECONDS
 from states import State
 
 Command = tuple[str, tuple[Any, ...], dict[str, Any]]  # a pipeline method, its args and kwargs
+# The longest window a transfer count can cover: the hourly counters (keys.HOUR) live eight days.
+MAX_WINDOW_SECONDS = 7 * 86_400
 
 
 @dataclass(slots=True, frozen=True)

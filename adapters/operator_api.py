@@ -4,7 +4,7 @@ None of it exists unless ``OPERATOR_TOKEN`` is set (every route is then a 404), 
 every route but the dashboard page (which holds no data) wants
 ``Authorization: Bearer <OPERATOR_TOKEN>``, compared in constant time. A channel token
 does not open it. What callers said is redacted before it is shown
-(``orchestrator.inspection``).
+(``adapters.inspection``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters import inspection
 from adapters.http import METRICS_KEY, STORE_KEY, problem
 from adapters.inspector import CallInspector
-from orchestrator import inspection
 from orchestrator.errors import StoreUnavailable
 from states import State
 from states.diagram import FORMATS, DiagramError, GraphvizMissing, render

@@ -2,7 +2,7 @@
 
 Fills a real Redis with N calls through the product's write path (real ``Turn``s from
 ``TurnRunner`` on the default call flow, committed by ``commit.lua`` in pipelined
-batches), then times the operator reads (``orchestrator.inspection``) and, as the
+batches), then times the operator reads (``adapters.inspection``) and, as the
 same-run baseline, what an operator would do without the state indexes: SCAN the
 keyspace and read every call's state. It measures once at ``--small`` calls and again
 at ``--calls``, so the listing's cost can be seen not to follow the total. Round trips
@@ -37,13 +37,13 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from adapters import inspection
 from adapters.bot import conversation_reference
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS, Keyspace
 from adapters.store import RedisCallStore, Retention
 from bench.report import row
 from bench.wire import CountingConnection, Wire
-from orchestrator import inspection
 from orchestrator.call import Call, timestamp
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus

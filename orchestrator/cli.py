@@ -1,7 +1,7 @@
 """Operator CLI: ``python -m orchestrator`` (or ``cc-orchestrator``).
 
 Reads the same Redis the bots use, through the same key layout, and shows what
-``orchestrator.inspection`` makes of it: rich tables for people, ``--json`` for scripts.
+``adapters.inspection`` makes of it: rich tables for people, ``--json`` for scripts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import inspection
+from adapters import inspection
 from orchestrator.turn import Outcome
 from simulator.cli import simulate
 from states import State

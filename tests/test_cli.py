@@ -18,13 +18,13 @@ import pytest
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
+from adapters.inspection import redact
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore
 from orchestrator.callflow import load_callflow
 from orchestrator.cli import cli
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
-from orchestrator.inspection import redact
 from states.diagram import mermaid
 from tests.conftest import REAL_REDIS_URL, delete_prefix, require_real_redis_sync
 

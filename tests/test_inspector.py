@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from adapters import inspection
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS
 from adapters.store import RedisCallStore, Retention
-from orchestrator import inspection
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus, WatchdogExpired

@@ -1,5 +1,7 @@
 """What operators see of calls, as plain JSON-ready data: one shape for the CLI, the HTTP
-operator API and the dashboard. Caller words are redacted here, before anyone sees them.
+operator API and the dashboard, made from what ``adapters.inspector`` reads.
+
+Caller words are redacted here, before anyone sees them.
 """
 
 from __future__ import annotations
@@ -7,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from adapters.inspector import MAX_WINDOW_SECONDS, CallInspector, FeedEntry
 from orchestrator.call import timestamp
 from orchestrator.redact import masked
 from orchestrator.turn import Outcome
 from states import LIVE_STATES, State
 from states.diagram import arrows
-
-if TYPE_CHECKING:
-    from adapters.inspector import CallInspector, FeedEntry
 
 # Runs of 8 or more digits (spaces and dashes allowed between them): card, account and
 # phone numbers a caller may have said. The last four stay readable.
@@ -24,7 +24,6 @@ _LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
 _WINDOW = re.compile(r"^\s*(\d{1,9})\s*([smhd]?)\s*$", re.ASCII)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 CONCLUDED = (Outcome.ACCEPTED, Outcome.FAILED, Outcome.TIMEOUT)
-MAX_WINDOW_SECONDS = 7 * 86_400  # transfer counters are kept by the hour for eight days
 
 
 def redact(text: str) -> str:
