@@ -91,7 +91,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         metrics=METRICS,
         cache_size=CONFIG.CALL_CACHE_SIZE,
     )
-    BOT = CallBot(ENGINE, ADAPTER, CONFIG.APP_ID)
+    BOT = CallBot(ENGINE, STORE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
         ENGINE,
         STORE,
@@ -126,9 +126,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         lambda: ENGINE.cache.stale,
     )
     METRICS.tally("cc_watchdogs_fired", "Transfers failed by the no-answer watchdog", lambda: SCHEDULER.fired)
-    METRICS.tally(
-        "cc_replies_redelivered", "Parked replies sent again by the scheduler", lambda: SCHEDULER.redelivered
-    )
+    METRICS.tally("cc_replies_resent", "Outbox entries sent again by the scheduler", lambda: SCHEDULER.resent)
 
     METRICS.level("cc_streaming_connections", "Open streaming connections", lambda: len(CONNECTIONS.sockets))
     METRICS.level(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
+from contextvars import ContextVar
 from datetime import datetime
+from typing import Any
 
 from botbuilder.core import Bot, InvokeResponse, TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter
@@ -21,13 +24,14 @@ from botbuilder.schema import (
 )
 
 from adapters.activity_json import activity_from_json, model_from_json, to_json
-from adapters.store import CALLER_ACCOUNT, restore_caller
+from adapters.handoff import HandoffEventNames, create_handoff_initiation
+from adapters.store import RedisCallStore
 from orchestrator.call import CALLER, Call
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
-from orchestrator.events import event_from_activity
-from orchestrator.handoff import HandoffEventNames, create_handoff_initiation
+from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, status_from_value
 from orchestrator.turn import Handoff, Say, Turn
+from states import State
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,20 @@ NO_INVOKES = Activity(
 class CallBot(Bot):  # type: ignore[misc]
     """Thin: every decision is the engine's; this class only translates, both ways.
 
-    It is also the scheduler's way to the channel: ``render``, ``send`` and ``unpark``
+    It is also the scheduler's way to the channel: ``render``, ``send`` and ``from_outbox``
     speak to a call proactively, through its stored conversation reference.
+
+    What "said" means: a reply is said once the channel has taken it. Replies that must
+    arrive are in the outbox from their commit; any other reply whose send fails goes in
+    it then. The scheduler re-sends what the outbox holds until it is acknowledged, and a
+    redelivered activity whose replies are still there gets them again at once.
     """
 
-    def __init__(self, engine: Engine, adapter: CloudAdapter, app_id: str = "") -> None:
+    def __init__(
+        self, engine: Engine, store: RedisCallStore, adapter: CloudAdapter, app_id: str = ""
+    ) -> None:
         self.engine = engine
+        self.store = store  # the engine's, for the outbox
         self.adapter = adapter
         self.app_id = app_id
         self.full_transcript = engine.runner.flow.privacy.full_transcript
@@ -68,44 +80,69 @@ class CallBot(Bot):  # type: ignore[misc]
             activity_id=activity.id or "",
             reference=conversation_reference(activity),
             caller=caller_id(activity),
-            render=lambda turn: replies(turn, turn_context),
+            render=lambda turn: rendered(turn, turn_context),
         )
-        if turn is None or not turn.replies:
+        if turn is None:  # a redelivery of an activity already taken
+            await self._resend(turn_context)
+            return
+        taken()
+        if not turn.replies:
             return
         outgoing = turn.replies
         if self.full_transcript:
             outgoing = [with_full_transcript(reply, turn.call, activity) for reply in outgoing]
+        key = turn.outbox_key or activity.id or ""
         try:
-            await turn_context.send_activities(outgoing)
-        except Exception:
-            log.exception(
-                "call %s v%d: %d replies not delivered%s",
-                turn.call.id,
-                turn.call.version,
-                len(turn.replies),
-                "; parked, they will be re-sent" if turn.delivery_key else "",
-            )
+            async with asyncio.timeout(REPLY_SECONDS):
+                await turn_context.send_activities(outgoing)
+        except Exception as e:
+            await self._keep(turn, key, e)
             return
-        await self._acknowledge(turn)
+        if turn.outbox_key:
+            await self._acknowledge(turn.call.id, turn.outbox_key)
 
-    async def _acknowledge(self, turn: Turn) -> None:
-        if not turn.delivery_key:
+    async def _keep(self, turn: Turn, key: str, error: Exception) -> None:
+        """Replies that were not said: into the outbox (if not there from the commit), for
+        the scheduler to re-send. The channel is not asked to retry: its redelivery would
+        find the turn taken, and only the outbox can say the replies again."""
+        call = turn.call
+        log.warning("call %s v%d: %d replies not sent (%r)", call.id, call.version, len(turn.replies), error)
+        if turn.outbox_key:
             return
         try:
-            await self.engine.store.acknowledge(turn.call.id, turn.delivery_key)
+            await self.store.keep(call.id, key, outbox_payload(turn.replies, call.reference))
         except StoreUnavailable as e:
-            # The replies went out; only a re-send (a duplicate prompt) can follow.
-            log.warning("call %s: delivered replies not acknowledged: %s", turn.call.id, e)
+            log.warning("call %s v%d: unsent replies not kept, they are lost: %s", call.id, call.version, e)
+
+    async def _resend(self, turn_context: TurnContext) -> None:
+        """A redelivered activity: its replies, if the outbox still holds them, go again now."""
+        activity = turn_context.activity
+        if not activity.id:
+            return
+        entry = await self.store.outbox_entry(activity.conversation.id, activity.id)
+        if entry is None or entry.state == State.ENDED:
+            return
+        resent = [with_caller(reply, entry.reference) for reply in from_outbox(entry.payload)]
+        async with asyncio.timeout(REPLY_SECONDS):
+            await turn_context.send_activities(resent)
+        await self._acknowledge(activity.conversation.id, activity.id)
+
+    async def _acknowledge(self, conversation_id: str, key: str) -> None:
+        try:
+            await self.store.acknowledge(conversation_id, key)
+        except StoreUnavailable as e:
+            # The replies went out; only a re-send (a repeated prompt) can follow.
+            log.warning("call %s: replies sent but not acknowledged: %s", conversation_id, e)
 
     # --- the scheduler's way to the channel ----------------------------------------
 
-    def render(self, turn: Turn) -> list[Activity]:
+    def render(self, turn: Turn) -> Replies:
         """Replies for a turn with no incoming activity (a timer)."""
-        return proactive_replies(turn)
+        return rendered(turn, None)
 
     async def send(self, reference: str, replies: list[Activity]) -> None:
         """Speak to a call proactively (the adapter's continue-conversation). Replies from
-        the outbox get the caller's account back from ``reference`` (see ``unpark``)."""
+        the outbox get the caller's account back from ``reference``."""
         ref = model_from_json(ConversationReference, json.loads(reference))
         replies = [with_caller(reply, reference) for reply in replies]
 
@@ -115,10 +152,62 @@ class CallBot(Bot):  # type: ignore[misc]
         await self.adapter.continue_conversation(ref, speak, self.app_id or None)
 
     @staticmethod
-    def unpark(payload: str) -> list[Activity]:
-        """The activities of an outbox entry. The outbox does not hold the caller's number:
-        their account is ``CALLER_ACCOUNT`` until ``send`` restores it from the reference."""
-        return [activity_from_json(data) for data in json.loads(payload)]
+    def from_outbox(payload: str) -> list[Activity]:
+        return from_outbox(payload)
+
+
+# The deadline of the channel's request being answered (``adapters.http.answer_activity``):
+# it bounds taking the turn, not saying its replies, which are bounded on their own.
+TURN_BOUND: ContextVar[asyncio.Timeout | None] = ContextVar("turn_bound", default=None)
+REPLY_SECONDS = 10.0  # sending a turn's replies that takes longer is given up: they are kept
+
+
+def taken() -> None:
+    """The turn is committed: cancelling it now would only cut its replies short."""
+    bound = TURN_BOUND.get()
+    if bound is not None:
+        bound.reschedule(None)
+
+
+def event_from_activity(activity: Activity) -> Event | None:
+    """The event an activity means for the call, or None when it means nothing to it."""
+    kind = activity.type
+    if kind == ActivityTypes.message:
+        return CallerInput(activity.text or "")
+    if kind == ActivityTypes.end_of_conversation:
+        return CallEnded()
+    if kind == ActivityTypes.conversation_update:
+        bot_id = activity.recipient.id if activity.recipient else None
+        joined = [m for m in activity.members_added or [] if m is not None and m.id != bot_id]
+        return CallStarted() if joined else None
+    if kind == ActivityTypes.event and activity.name == HandoffEventNames.HANDOFF_STATUS:
+        return status_from_value(activity.value)
+    return None
+
+
+# --- the outbox: replies as kept, without the caller's number ---------------------------
+
+# What a kept reply holds instead of the caller's account id and name: a ``handoff.initiate``
+# names the caller in its ``from``, ``relatesTo.user`` and every transcript line's
+# ``from``/``recipient``. The number stays only in the call's stored conversation reference
+# (its ``user``), and ``with_caller`` puts it back from there when the reply is re-sent.
+CALLER_ACCOUNT = "[caller]"
+
+
+def outbox_payload(replies: list[Activity], reference: str) -> str:
+    """The outbox entry of ``replies``: their JSON, every account of the caller (the
+    ``user`` of ``reference``) with ``CALLER_ACCOUNT`` for its id and name."""
+    data = [to_json(reply) for reply in replies]
+    caller = _reference_user(reference).get("id")
+    if caller:
+        _replace_account(data, caller, CALLER_ACCOUNT, CALLER_ACCOUNT)
+    return json.dumps(data)
+
+
+def from_outbox(payload: str) -> list[Activity]:
+    """The activities of an outbox entry; the caller's account is ``CALLER_ACCOUNT`` until
+    ``with_caller`` restores it."""
+    return [activity_from_json(data) for data in json.loads(payload)]
 
 
 def with_caller(reply: Activity, reference: str) -> Activity:
@@ -127,25 +216,59 @@ def with_caller(reply: Activity, reference: str) -> Activity:
     accounts = (reply.from_property, reply.recipient)
     if not (reply.attachments or reply.relates_to or any(a and a.id == CALLER_ACCOUNT for a in accounts)):
         return reply
-    return activity_from_json(restore_caller(to_json(reply), reference))
+    data = to_json(reply)
+    user = _reference_user(reference)
+    _replace_account(data, CALLER_ACCOUNT, str(user.get("id") or ""), user.get("name") or None)
+    return activity_from_json(data)
 
 
-def proactive_replies(turn: Turn) -> list[Activity]:
-    """A turn's replies when no caller activity is being answered (a timer's turn)."""
-    return replies(turn, None)
+def _reference_user(reference: str) -> dict[str, Any]:
+    try:
+        user = json.loads(reference).get("user") if reference else None
+    except (ValueError, AttributeError):
+        return {}
+    return user if isinstance(user, dict) else {}
+
+
+def _replace_account(value: Any, old_id: str, new_id: str, new_name: Any) -> None:
+    """Every account (a dict whose ``id`` is ``old_id``) anywhere in ``value`` gets ``new_id``,
+    and its name, where it has one, ``new_name`` (removed for None); changed in place."""
+    if isinstance(value, dict):
+        if value.get("id") == old_id:
+            value["id"] = new_id
+            if "name" in value:
+                if new_name is None:
+                    del value["name"]
+                else:
+                    value["name"] = new_name
+        for item in value.values():
+            _replace_account(item, old_id, new_id, new_name)
+    elif isinstance(value, list):
+        for item in value:
+            _replace_account(item, old_id, new_id, new_name)
+
+
+def rendered(turn: Turn, turn_context: TurnContext | None) -> Replies:
+    """The turn's replies, and their outbox entry if they must arrive."""
+    return as_replies(turn, replies(turn, turn_context))
+
+
+def as_replies(turn: Turn, activities: list[Activity]) -> Replies:
+    """``activities`` answering ``turn``, with their outbox entry if they must arrive."""
+    return Replies(activities, outbox_payload(activities, turn.call.reference) if turn.must_arrive else "")
 
 
 def replies(turn: Turn, turn_context: TurnContext | None) -> list[Activity]:
     """The turn's effects as activities, each marked with an idempotency key.
 
-    Parked replies are sent at least once; ``channelData.replyKey`` (the call version the
-    turn commits, and the reply's place in it) lets a receiver drop a repeat.
+    Replies in the outbox are sent at least once; ``channelData.replyKey`` (the call
+    version the turn commits, and the reply's place in it) lets a receiver drop a repeat.
     """
-    rendered = [_reply(turn, effect, turn_context) for effect in turn.effects]
+    activities = [_reply(turn, effect, turn_context) for effect in turn.effects]
     version = turn.call.version + 1  # what the commit's compare-and-set makes it
-    for index, activity in enumerate(rendered):
+    for index, activity in enumerate(activities):
         activity.channel_data = {REPLY_KEY: f"{version}.{index}"}
-    return rendered
+    return activities
 
 
 def _reply(turn: Turn, effect: Say | Handoff, turn_context: TurnContext | None) -> Activity:

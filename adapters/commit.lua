@@ -1,34 +1,40 @@
 -- Commit one turn of one call, atomically: compare-and-set on the version,
 -- de-duplicate on the activity id, write the record, transcript and history, keep the
--- call's watchdog in its shard's due schedule, and park replies that must be
--- delivered in the outbox until the sender acknowledges them.
+-- call's watchdog in its shard's due schedule, and keep replies that must arrive in the
+-- outbox until the sender acknowledges them.
 --
--- KEYS: call, transcript, history (a list), seen, outbox, due,
---       the shard's index of the loaded state, the shard's index of the new state,
---       the shard's feed, its minute and hour transfer-counter buckets  (one hash slot)
--- ARGV: 1 expected_version, 2 dedupe_key (the activity id), 3 token, 4 ttl_seconds,
---       5 transcript_max, 6 history_max, 7 seen_max,
---       8 watchdog_ms (> 0 arms the deadline), 9 watchdog member of due,
---       10 outbox payload ('' = none; stored as '<now ms>:<payload>'), 11 outbox member of due,
---       12 outbox grace ms,
---       13 n_fields, field, value, ... , n_lines, line, ... ,
---       n_steps, trigger, source, dest, reason, history entry without its time, ...,
---       n_counters, '<outcome>:<target>', ..., feed max length,
---       minute bucket, minute hash ttl, hour bucket, hour hash ttl,
---       the feed's retention in seconds, a live call's maximum lifetime in seconds (0: none),
---       last: the state the turn was computed from (compared with the version)
+-- KEYS (adapters/store.py COMMIT_KEYS, one hash slot):
+local call, transcript, history, seen, outbox, due, was_index, is_index, feed, minute, hour = unpack(KEYS)
+-- ARGV[1]: one JSON object; these are all its names (tests/test_store.py checks that
+-- adapters/store.py's commit_args builds exactly these):
+--   version, loaded_state  what the turn was computed from (compared, then version + 1)
+--   activity               the de-duplication key (the activity id, or '~' .. token)
+--   token                  tells this commit's own retried command from another commit
+--   ttl                    the keys' TTL in seconds: idle time, or an ended call's retention
+--   lifetime               a live call's maximum lifetime in seconds (0: none)
+--   transcript_max, history_max, seen_max
+--   fields                 record fields to write, {name: value}
+--   watchdog_ms            > 0 arms the no-answer deadline this long after now
+--   watchdog               the call's watchdog member of due
+--   outbox                 replies to keep until acknowledged ('' = none), stored as
+--                          '<now ms>:<outbox>' under the activity key
+--   outbox_due, outbox_grace_ms  their member of due, and when they come due
+--   lines                  transcript lines to append
+--   steps                  {trigger, from, to, reason, history entry without its time}, ...
+--   counters               '<outcome>:<target>', ...
+--   buckets                {{minute bucket, its hash's TTL}, {hour bucket, TTL}}
+--   feed_max, feed_seconds the feed's approximate length and retention
 -- Returns {1, version, deadline, since}  applied
 --         {2, version, deadline, since}  already applied by this same token (a retried command)
 --         {0, 0, 0, 0}                   duplicate: the activity was applied by another commit
 --         {-1, version, 0, 0, record, transcript}
 --                 conflict: the call is at another version; it is handed back as it stands
 --                 (HGETALL and LRANGE), so the rerun needs no separate load
-local call, transcript, history, seen, outbox, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local was_index, is_index, feed = KEYS[7], KEYS[8], KEYS[9]
-local key = ARGV[2]
+local args = cjson.decode(ARGV[1])
+local key = args.activity
 -- seen holds '<version>:<token>': the token recognises this commit's own retried command,
 -- the version dates the entry so the oldest can be dropped.
-local mark = (tonumber(ARGV[1]) + 1) .. ':' .. ARGV[3]
+local mark = (args.version + 1) .. ':' .. args.token
 
 local prior = redis.call('HGET', seen, key)
 if prior then
@@ -44,45 +50,34 @@ end
 local record = redis.call('HMGET', call, 'version', 'state', 'since', 'created')
 local version = tonumber(record[1] or '0')
 local old_state = record[2]
-if version ~= tonumber(ARGV[1]) or (old_state or 'bot') ~= ARGV[#ARGV] then
+if version ~= args.version or (old_state or 'bot') ~= args.loaded_state then
   return {-1, version, 0, 0, redis.call('HGETALL', call), redis.call('LRANGE', transcript, 0, -1)}
 end
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 version = version + 1
-local state = old_state
+local conversation = args.fields.id
+local target = args.fields.target or ''
+local state = args.fields.state or old_state
 local since = 0
-local conversation, target = '', ''
 local fields = {'version', version, 'updated', now}
 if version == 1 then
   fields[#fields + 1] = 'created'
   fields[#fields + 1] = now
 end
-
-local i = 14
-for _ = 1, tonumber(ARGV[13]) do
-  local name, value = ARGV[i], ARGV[i + 1]
+for name, value in pairs(args.fields) do
   fields[#fields + 1] = name
   fields[#fields + 1] = value
-  if name == 'id' then
-    conversation = value
-  elseif name == 'target' then
-    target = value
-  elseif name == 'state' then
-    state = value
-    if value ~= old_state then
-      fields[#fields + 1] = 'since'
-      fields[#fields + 1] = now
-      since = now
-    end
-  end
-  i = i + 2
 end
-
+if state ~= old_state then
+  fields[#fields + 1] = 'since'
+  fields[#fields + 1] = now
+  since = now
+end
 local deadline = 0
-if tonumber(ARGV[8]) > 0 then
-  deadline = now + tonumber(ARGV[8])
+if args.watchdog_ms > 0 then
+  deadline = now + args.watchdog_ms
   fields[#fields + 1] = 'deadline'
   fields[#fields + 1] = deadline
 end
@@ -95,7 +90,7 @@ if state ~= old_state then
   end
   redis.call('ZADD', is_index, now, conversation)
   if state == 'ended' then  -- ended calls expire after the retention: so do their entries
-    redis.call('ZREMRANGEBYSCORE', is_index, '-inf', now - tonumber(ARGV[4]) * 1000)
+    redis.call('ZREMRANGEBYSCORE', is_index, '-inf', now - args.ttl * 1000)
   end
 end
 
@@ -104,76 +99,58 @@ if state == 'transferring' then
   if deadline == 0 then
     deadline = tonumber(redis.call('HGET', call, 'deadline') or '0')
   end
-  redis.call('ZADD', due, deadline, ARGV[9])
+  redis.call('ZADD', due, deadline, args.watchdog)
 else
-  redis.call('ZREM', due, ARGV[9])
+  redis.call('ZREM', due, args.watchdog)
 end
 
-if ARGV[10] ~= '' then
-  redis.call('HSET', outbox, key, now .. ':' .. ARGV[10])  -- parked at (ms):payload
-  redis.call('ZADD', due, now + tonumber(ARGV[12]), ARGV[11])
+if args.outbox ~= '' then
+  redis.call('HSET', outbox, key, now .. ':' .. args.outbox)
+  redis.call('ZADD', due, now + args.outbox_grace_ms, args.outbox_due)
 end
 
-local n_lines = tonumber(ARGV[i])
-i = i + 1
-if n_lines > 0 then
-  redis.call('RPUSH', transcript, unpack(ARGV, i, i + n_lines - 1))
-  redis.call('LTRIM', transcript, -tonumber(ARGV[5]), -1)
-  i = i + n_lines
+if #args.lines > 0 then
+  redis.call('RPUSH', transcript, unpack(args.lines))
+  redis.call('LTRIM', transcript, -args.transcript_max, -1)
 end
-
-local n_steps = tonumber(ARGV[i])
-i = i + 1
-local steps_at = i
-i = i + 5 * n_steps
-local n_counters = tonumber(ARGV[i])
-local counters_at = i + 1
-i = counters_at + n_counters
-local feed_max, buckets_at = ARGV[i], i + 1
 
 -- The call's own history (the entry's time spliced in first), and the shard's feed of
 -- every call's steps (for watchers).
-i = steps_at
-local entries = {}
-for _ = 1, n_steps do
-  entries[#entries + 1] = '[' .. now .. ',' .. string.sub(ARGV[i + 4], 2)
-  redis.call('XADD', feed, 'MAXLEN', '~', feed_max, '*', 'call', conversation,
-    'trigger', ARGV[i], 'from', ARGV[i + 1], 'to', ARGV[i + 2], 'reason', ARGV[i + 3],
-    'target', target)
-  i = i + 5
-end
-if n_steps > 0 then
+if #args.steps > 0 then
+  local entries = {}
+  for n, step in ipairs(args.steps) do
+    entries[n] = '[' .. now .. ',' .. string.sub(step[5], 2)
+    redis.call('XADD', feed, 'MAXLEN', '~', args.feed_max, '*', 'call', conversation,
+      'trigger', step[1], 'from', step[2], 'to', step[3], 'reason', step[4], 'target', target)
+  end
   redis.call('RPUSH', history, unpack(entries))
-  redis.call('LTRIM', history, -tonumber(ARGV[6]), -1)
+  redis.call('LTRIM', history, -args.history_max, -1)
   -- The feed is shared by the shard's calls, so it has no call's TTL: its entries go once
   -- older than any call is kept, and the whole stream when the shard has been quiet as long.
-  local feed_keep = tonumber(ARGV[#ARGV - 2])
-  redis.call('XTRIM', feed, 'MINID', now - feed_keep * 1000)
-  redis.call('EXPIRE', feed, feed_keep)
+  redis.call('XTRIM', feed, 'MINID', now - args.feed_seconds * 1000)
+  redis.call('EXPIRE', feed, args.feed_seconds)
 end
 
 -- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
-if n_counters > 0 then
-  for k = 0, 1 do
-    local bucket, ttl = ARGV[buckets_at + 2 * k], ARGV[buckets_at + 2 * k + 1]
-    for c = counters_at, counters_at + n_counters - 1 do
-      redis.call('HINCRBY', KEYS[10 + k], bucket .. ':' .. ARGV[c], 1)
+if #args.counters > 0 then
+  for k, stats in ipairs({minute, hour}) do
+    local bucket, ttl = args.buckets[k][1], args.buckets[k][2]
+    for _, counter in ipairs(args.counters) do
+      redis.call('HINCRBY', stats, bucket .. ':' .. counter, 1)
     end
-    redis.call('EXPIRE', KEYS[10 + k], ttl)
+    redis.call('EXPIRE', stats, ttl)
   end
 end
 
 redis.call('HSET', seen, key, mark)
 -- The channel redelivers within seconds, so only recent activities need remembering: past
--- seen_max + a quarter entries, those older than the last seen_max versions go (in one
--- sweep, now and then, not every turn). Undated entries (written before versions were
--- stored) stay until the call expires.
-local seen_max = tonumber(ARGV[7])
+-- seen_max and a quarter, those older than the last seen_max versions go, in one sweep now
+-- and then rather than every turn.
+local seen_max = args.seen_max
 if redis.call('HLEN', seen) > seen_max + math.floor(seen_max / 4) then
   local all, old = redis.call('HGETALL', seen), {}
   for j = 1, #all, 2 do
-    local at = tonumber(string.match(all[j + 1], '^(%d+):'))
-    if at and at <= version - seen_max then
+    if tonumber(string.match(all[j + 1], '^(%d+):')) <= version - seen_max then
       old[#old + 1] = all[j]
     end
   end
@@ -183,14 +160,10 @@ if redis.call('HLEN', seen) > seen_max + math.floor(seen_max / 4) then
 end
 -- A live call's TTL is its idle time, but never past its maximum lifetime: a call that
 -- never ends, however busy, still expires. An ended call is kept for the retention.
-local ttl = tonumber(ARGV[4])
-local lifetime = tonumber(ARGV[#ARGV - 1])
-if state ~= 'ended' and lifetime > 0 then
-  local created = now
-  if record[4] then
-    created = tonumber(record[4])
-  end
-  local left = math.ceil((created + lifetime * 1000 - now) / 1000)
+local ttl = args.ttl
+if state ~= 'ended' and args.lifetime > 0 then
+  local created = tonumber(record[4] or now)
+  local left = math.ceil((created + args.lifetime * 1000 - now) / 1000)
   if left < ttl then
     ttl = math.max(left, 1)
   end

@@ -23,6 +23,7 @@ from msrest.serialization import Model
 
 from adapters.activity_json import activity_from_json
 from adapters.auth import Unauthorized
+from adapters.bot import TURN_BOUND
 from adapters.channel_client import is_streaming
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
@@ -205,8 +206,13 @@ async def answer_activity(
     answer for the channel, whichever way the activity came (a POST, or the socket)."""
     adapter, bot = app[ADAPTER_KEY], app[BOT_KEY]
     try:
-        async with asyncio.timeout_at(deadline):
-            invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
+        async with asyncio.timeout_at(deadline) as bound:
+            # The bot lifts the bound once the turn is committed (``adapters.bot.taken``).
+            token = TURN_BOUND.set(bound)
+            try:
+                invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
+            finally:
+                TURN_BOUND.reset(token)
     except TimeoutError:
         log.warning(
             "activity %s not answered within %s s; the channel will redeliver", parsed.id, TURN_SECONDS

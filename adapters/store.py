@@ -25,13 +25,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
-from adapters.activity_json import to_json
-from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, Due, Keyspace
+from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, CallKeys, Due, Keyspace
 from orchestrator.call import BOT, CALLER, Call, Line, Step
 from orchestrator.config import Settings
-from orchestrator.engine import Commit, Committed, Loaded
+from orchestrator.engine import Commit, Loaded, Receipt
 from orchestrator.errors import StoreUnavailable
-from orchestrator.scheduler import DueItem, Parked
+from orchestrator.scheduler import DueItem, OutboxEntry
 from orchestrator.turn import Turn
 from states import State
 
@@ -62,9 +61,40 @@ def load_script(name: str) -> str:
 
 
 COMMIT_SCRIPT = load_script("commit.lua")
+# commit.lua's KEYS, in order (its first line of code names them the same).
+COMMIT_KEYS = (*CallKeys._fields, "due", "was_index", "is_index", "feed", "minute", "hour")
+
+
+class CommitArgs(TypedDict):
+    """commit.lua's ARGV[1], by name (its header says what each is)."""
+
+    version: int
+    loaded_state: str
+    activity: str
+    token: str
+    ttl: int
+    lifetime: int
+    transcript_max: int
+    history_max: int
+    seen_max: int
+    fields: dict[str, str]
+    watchdog_ms: int
+    watchdog: str
+    outbox: str
+    outbox_due: str
+    outbox_grace_ms: int
+    lines: list[str]
+    steps: list[list[str]]
+    counters: list[str]
+    buckets: list[list[int]]
+    feed_max: int
+    feed_seconds: int
+
+
 CLAIM_SCRIPT = load_script("claim.lua")
 RESCHEDULE_SCRIPT = load_script("reschedule.lua")
 RELEASE_SCRIPT = load_script("release.lua")
+KEEP_SCRIPT = load_script("keep.lua")
 PRUNE_SCRIPT = load_script("prune.lua")
 
 
@@ -121,6 +151,7 @@ class RedisCallStore:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+        self._keep = redis.register_script(KEEP_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
         # Where each index's next prune reads from: entries of live calls older than the
         # cut-off stay, so each pass goes on past the last, and wraps round at the end.
@@ -143,10 +174,10 @@ class RedisCallStore:
             return Loaded(None)
         return Loaded(_call_from(conversation_id, record, lines))
 
-    async def commit(self, turn: Turn, activity_id: str = "") -> Committed:
-        """Write the turn if the call is still at the version it was loaded at; if it is not,
-        the call as it stands comes back with the conflict."""
-        call = turn.call
+    async def commit(self, turn: Turn, activity_id: str = "", outbox: str = "") -> Receipt:
+        """Write the turn if the call is still at the version it was loaded at, with
+        ``outbox`` (the bot side's replies, opaque here) kept until acknowledged; if the
+        call moved on, the receipt hands it back as it stands."""
         now_s = int(time.time())  # the counters' bucket: this instance's clock is close enough
         keys = self._commit_keys(turn, now_s)
         # Tells this commit from another of the same activity: 48 random bits, within one call.
@@ -154,49 +185,58 @@ class RedisCallStore:
         # Without an activity id the token itself is the key, so a command redis-py
         # retries after a lost reply is still recognised as this commit.
         key = activity_id or f"~{token}"
-        args = self._commit_args(turn, key, token, now_s)
+        args = self._commit_args(turn, key, token, now_s, outbox)
         with unavailable_while("committing a turn"):
             status, version, deadline, since, *current = await self._commit(keys=keys, args=args)
         outcome = _OUTCOMES[status]
         if outcome is Commit.APPLIED:
-            call.version = int(version)
-            call.deadline_ms = int(deadline)
-            call.since_ms = int(since)
-            turn.delivery_key = key if turn.durable else ""
-        elif outcome is Commit.CONFLICT and current and current[0]:
+            return Receipt(outcome, int(version), int(deadline), int(since), key if outbox else "")
+        if outcome is Commit.CONFLICT and current and current[0]:
             flat, lines = current
             record = dict(zip(flat[::2], flat[1::2], strict=True))
-            return Committed(outcome, _call_from(call.id, record, lines))
-        return Committed(outcome)
+            return Receipt(outcome, current=_call_from(turn.call.id, record, lines))
+        return Receipt(outcome)
 
-    async def acknowledge(self, conversation_id: str, delivery_key: str) -> None:
-        """The replies parked under ``delivery_key`` reached the channel: forget them."""
-        await self.acknowledge_many([(conversation_id, delivery_key)])
+    async def keep(self, conversation_id: str, key: str, outbox: str) -> None:
+        """Put replies that were not sent in the call's outbox under ``key`` (the activity's:
+        a redelivery finds them; "" makes one), due for a re-send now. Nothing is kept for a
+        call that has expired."""
+        key = key or f"~{secrets.token_urlsafe(6)}"
+        keys = self.keys.call(conversation_id)
+        with unavailable_while("keeping unsent replies"):
+            await self._keep(
+                keys=[keys.call, keys.outbox, self.keys.due_for(conversation_id)],
+                args=[key, outbox, Due.delivery(conversation_id, key)],
+            )
 
-    async def acknowledge_many(self, deliveries: list[tuple[str, str]]) -> None:
-        """Acknowledge (conversation id, delivery key) pairs in one pipelined round trip.
+    async def acknowledge(self, conversation_id: str, key: str) -> None:
+        """The replies kept under ``key`` reached the channel: forget them."""
+        await self.acknowledge_many([(conversation_id, key)])
 
-        Not a transaction: each pair's two deletions are idempotent, and a redelivery that
+    async def acknowledge_many(self, sent: list[tuple[str, str]]) -> None:
+        """Acknowledge (conversation id, outbox key) pairs in one pipelined round trip.
+
+        Not a transaction: each pair's two deletions are idempotent, and a re-send that
         finds the outbox entry gone just forgets its schedule entry."""
-        with unavailable_while("acknowledging deliveries"):
+        with unavailable_while("acknowledging sent replies"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for conversation_id, delivery_key in deliveries:
-                    pipe.hdel(self.keys.call(conversation_id).outbox, delivery_key)
-                    pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, delivery_key))
+                for conversation_id, key in sent:
+                    pipe.hdel(self.keys.call(conversation_id).outbox, key)
+                    pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, key))
                 await pipe.execute()
 
-    async def parked(self, conversation_id: str, delivery_key: str) -> Parked | None:
-        """Replies still waiting for delivery under ``delivery_key``, if any."""
+    async def outbox_entry(self, conversation_id: str, key: str) -> OutboxEntry | None:
+        """The replies the call's outbox keeps under ``key``, if any."""
         keys = self.keys.call(conversation_id)
         with unavailable_while("reading the outbox"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hget(keys.outbox, delivery_key)
+                pipe.hget(keys.outbox, key)
                 pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE])
                 entry, (reference, state) = await pipe.execute()
         if not entry:
             return None
-        parked_ms, _, payload = entry.partition(":")  # commit.lua writes "<ms>:<payload>"
-        return Parked(reference or "", payload, state or "", int(parked_ms))
+        kept_ms, _, payload = entry.partition(":")  # written as "<Redis ms>:<payload>"
+        return OutboxEntry(reference or "", payload, state or "", int(kept_ms))
 
     async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]:
         """The work due in any shard, now leased to this caller.
@@ -297,6 +337,7 @@ class RedisCallStore:
             await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
 
     def _commit_keys(self, turn: Turn, now_s: int) -> list[str]:
+        """``COMMIT_KEYS``, for this turn."""
         shard = self.keys.locate(turn.call.id)[0]
         return [
             *self.keys.call(turn.call.id),
@@ -307,50 +348,54 @@ class RedisCallStore:
             *(self.keys.stats(shard, b, b.hash_of(b.bucket(now_s))) for b in (MINUTE, HOUR)),
         ]
 
-    def _commit_args(self, turn: Turn, dedupe_key: str, token: str, now_s: int) -> list[Any]:
+    def _commit_args(self, turn: Turn, key: str, token: str, now_s: int, outbox: str = "") -> list[str]:
+        """commit.lua's one argument: every name it reads (its header says what each is)."""
         call, keep = turn.call, self.retention
-        outbox = parked_replies(turn.replies, call.reference) if turn.durable else ""
-        ended = call.state == State.ENDED
-        fields: dict[str, Any] = {
+        fields: dict[str, str] = {
             CallField.ID: call.id,
             CallField.STATE: call.state,
-            CallField.ATTEMPTS: call.attempts,
+            CallField.ATTEMPTS: str(call.attempts),
             CallField.TARGET: call.target,
-            CallField.DEADLINE: call.deadline_ms,
+            CallField.DEADLINE: str(call.deadline_ms),
             CallField.FAILURE: call.failure,
         }
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
-        args: list[Any] = [
-            call.version,
-            dedupe_key,
-            token,
-            keep.ended_seconds if ended else keep.live_seconds,
-            keep.transcript_max,
-            keep.history_max,
-            keep.seen_max,
-            int(turn.watchdog_seconds * 1000),
-            Due.watchdog(call.id),
-            outbox,
-            Due.delivery(call.id, dedupe_key),
-            keep.delivery_grace_ms,
-            len(fields),
-        ]
-        for name, value in fields.items():
-            args += [name, value]
-        args.append(len(turn.lines))
-        args += [encode_line(line) for line in turn.lines]
-        args.append(len(turn.steps))
-        for step in turn.steps:
-            target = call.target if step.dest == State.TRANSFERRING != step.source else ""
-            entry = encode_step(step, dedupe_key, call.version + 1, target)
-            args += [step.trigger, step.source, step.dest, step.reason, entry]
-        counters = [f"{outcome}:{call.target}" for outcome in turn.outcomes]
-        args += [len(counters), *counters, keep.feed_max]
-        for bucket in (MINUTE, HOUR):
-            args += [bucket.bucket(now_s), bucket.keep_seconds]
-        args += [keep.feed_seconds, keep.max_live_seconds, turn.loaded_state]
-        return args
+        version = call.version + 1
+        into_transfer = [step.dest == State.TRANSFERRING != step.source for step in turn.steps]
+        args: CommitArgs = {
+            "version": call.version,
+            "loaded_state": turn.loaded_state,
+            "activity": key,
+            "token": token,
+            "ttl": keep.ended_seconds if call.state == State.ENDED else keep.live_seconds,
+            "lifetime": keep.max_live_seconds,
+            "transcript_max": keep.transcript_max,
+            "history_max": keep.history_max,
+            "seen_max": keep.seen_max,
+            "fields": fields,
+            "watchdog_ms": int(turn.watchdog_seconds * 1000),
+            "watchdog": Due.watchdog(call.id),
+            "outbox": outbox,
+            "outbox_due": Due.delivery(call.id, key),
+            "outbox_grace_ms": keep.delivery_grace_ms,
+            "lines": [encode_line(line) for line in turn.lines],
+            "steps": [
+                [
+                    step.trigger,
+                    step.source,
+                    step.dest,
+                    step.reason,
+                    encode_step(step, key, version, call.target if into else ""),
+                ]
+                for step, into in zip(turn.steps, into_transfer, strict=True)
+            ],
+            "counters": [f"{outcome}:{call.target}" for outcome in turn.outcomes],
+            "buckets": [[b.bucket(now_s), b.keep_seconds] for b in (MINUTE, HOUR)],
+            "feed_max": keep.feed_max,
+            "feed_seconds": keep.feed_seconds,
+        }
+        return [json.dumps(args, ensure_ascii=False, separators=_COMPACT)]
 
     async def record(self, conversation_id: str) -> dict[str, str]:
         """The call's record hash as stored (empty if the call is unknown)."""
@@ -372,59 +417,6 @@ class RedisCallStore:
                 return bool(await self.redis.ping())
         except (*UNAVAILABLE, TimeoutError):
             return False
-
-
-# --- the outbox: parked replies, without the caller's number ----------------------------
-
-# What a parked reply holds instead of the caller's account id and name: a ``handoff.initiate``
-# names the caller in its ``from``, ``relatesTo.user`` and every transcript line's
-# ``from``/``recipient``. The number stays only in the call's stored conversation reference
-# (its ``user``), and ``restore_caller`` puts it back from there when the reply is re-sent.
-CALLER_ACCOUNT = "[caller]"
-
-
-def parked_replies(replies: list[Any], reference: str) -> str:
-    """The outbox entry of ``replies``: their JSON, every account of the caller (the
-    ``user`` of ``reference``) with ``CALLER_ACCOUNT`` for its id and name."""
-    data = [to_json(reply) for reply in replies]
-    caller = _reference_user(reference).get("id")
-    if caller:
-        _replace_account(data, caller, CALLER_ACCOUNT, CALLER_ACCOUNT)
-    return json.dumps(data)
-
-
-def restore_caller(activity: dict[str, Any], reference: str) -> dict[str, Any]:
-    """``activity`` (an outbox entry's JSON) with the caller's id and name back, from the
-    ``user`` of the call's stored conversation ``reference``; changed in place."""
-    user = _reference_user(reference)
-    _replace_account(activity, CALLER_ACCOUNT, str(user.get("id") or ""), user.get("name") or None)
-    return activity
-
-
-def _reference_user(reference: str) -> dict[str, Any]:
-    try:
-        user = json.loads(reference).get("user") if reference else None
-    except (ValueError, AttributeError):
-        return {}
-    return user if isinstance(user, dict) else {}
-
-
-def _replace_account(value: Any, old_id: str, new_id: str, new_name: Any) -> None:
-    """Every account (a dict whose ``id`` is ``old_id``) anywhere in ``value`` gets ``new_id``,
-    and its name, where it has one, ``new_name`` (removed for None); changed in place."""
-    if isinstance(value, dict):
-        if value.get("id") == old_id:
-            value["id"] = new_id
-            if "name" in value:
-                if new_name is None:
-                    del value["name"]
-                else:
-                    value["name"] = new_name
-        for item in value.values():
-            _replace_account(item, old_id, new_id, new_name)
-    elif isinstance(value, list):
-        for item in value:
-            _replace_account(item, old_id, new_id, new_name)
 
 
 # Transcript lines are JSON arrays [role, at, text]: the role by its initial, the time in

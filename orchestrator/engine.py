@@ -37,11 +37,26 @@ class Commit(Enum):
 
 
 @dataclass(slots=True, frozen=True)
-class Committed:
-    """How a commit ended; on a conflict, the call as it now stands (None: no such call)."""
+class Receipt:
+    """How a commit ended. Applied: what Redis made of the call (its version, the watchdog's
+    deadline, when it entered its state, in Redis time) and the outbox key its replies wait
+    under ("" if none); a conflict: the call as it now stands (None: no such call)."""
 
     outcome: Commit
+    version: int = 0
+    deadline_ms: int = 0
+    since_ms: int = 0
+    outbox_key: str = ""
     current: Call | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Replies:
+    """A turn's effects as the bot side sends them, and as the outbox keeps them (opaque
+    here: "" when the replies need not be kept)."""
+
+    activities: list[Any]
+    outbox: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,12 +72,12 @@ class CallStore(Protocol):
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded: ...
 
-    async def commit(self, turn: Turn, activity_id: str = "") -> Committed: ...
+    async def commit(self, turn: Turn, activity_id: str = "", outbox: str = "") -> Receipt: ...
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
 
-Render = Callable[[Turn], list[Any]]
+Render = Callable[[Turn], Replies]
 
 
 class CallCache:
@@ -136,8 +151,8 @@ class Engine:
         ``only_if_changed`` (a timer), if it changes nothing or the call is unknown.
 
         ``caller`` is the caller's id (``from.id``): their number is redacted from what
-        they say. ``render`` turns the turn's effects into the activities to send; replies that
-        must be delivered are committed with the turn (see ``Turn.durable``).
+        they say. ``render`` turns the turn's effects into the activities to send, and, for
+        replies that must arrive (``Turn.must_arrive``), the outbox entry committed with it.
         """
         # Where the call comes from: a timer always loads (it may do nothing, and must not
         # decide that on a stale copy); a turn starts from the cached copy, or, for a call
@@ -158,11 +173,17 @@ class Engine:
             turn = self.runner.run(call, event, now=timestamp(), reference=reference, caller=caller)
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
+            outbox = ""
             if render is not None and turn.effects:
-                turn.replies = render(turn)
-            committed = await self.store.commit(turn, activity_id)
-            outcome = committed.outcome
+                rendered = render(turn)
+                turn.replies, outbox = rendered.activities, rendered.outbox
+            receipt = await self.store.commit(turn, activity_id, outbox)
+            outcome = receipt.outcome
             if outcome is Commit.APPLIED:
+                turn.call.version = receipt.version
+                turn.call.deadline_ms = receipt.deadline_ms
+                turn.call.since_ms = receipt.since_ms
+                turn.outbox_key = receipt.outbox_key
                 self.cache.put(turn.call)
                 if self.metrics is not None:
                     self.metrics.applied(turn)
@@ -180,7 +201,7 @@ class Engine:
             if outcome is Commit.DUPLICATE:
                 self.duplicates += 1
                 return None  # applied meanwhile by another delivery of the same activity
-            call = committed.current or Call(id=conversation_id)
+            call = receipt.current or Call(id=conversation_id)
             if guessed:  # the cached (or new) copy was out of date: no race, no back-off
                 guessed = False
                 self.cache.stale += 1

@@ -1,16 +1,23 @@
-"""What happened on a call, translated from Bot Framework activities into domain events."""
+"""What can happen to a call, as plain data: the bot adapter reads activities into these
+(``adapters.bot.event_from_activity``), and the scheduler raises the watchdog's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from botbuilder.schema import Activity, ActivityTypes
-
-from orchestrator.handoff import HandoffEventNames, HandoffStates
 from orchestrator.redact import MARGIN
 
 STATUS_MESSAGE_MAX = 500  # what is kept of the agent side's status message (redacted first)
 INVALID_REASON_MAX = 200  # ... and of why a status was ignored
+
+
+class HandoffStates:
+    """The values of ``handoff.status``'s ``value.state``."""
+
+    ACCEPTED = "accepted"
+    FAILED = "failed"
+    COMPLETED = "completed"
+    ALL = (ACCEPTED, FAILED, COMPLETED)
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,22 +60,6 @@ class WatchdogExpired:
 
 
 Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | WatchdogExpired
-
-
-def event_from_activity(activity: Activity) -> Event | None:
-    """The event an activity means for the call, or None when it means nothing to it."""
-    kind = activity.type
-    if kind == ActivityTypes.message:
-        return CallerInput(activity.text or "")
-    if kind == ActivityTypes.end_of_conversation:
-        return CallEnded()
-    if kind == ActivityTypes.conversation_update:
-        bot_id = activity.recipient.id if activity.recipient else None
-        joined = [m for m in activity.members_added or [] if m is not None and m.id != bot_id]
-        return CallStarted() if joined else None
-    if kind == ActivityTypes.event and activity.name == HandoffEventNames.HANDOFF_STATUS:
-        return status_from_value(activity.value)
-    return None
 
 
 def status_from_value(value: object) -> HandoffStatus | InvalidStatus:

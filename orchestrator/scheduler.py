@@ -1,9 +1,9 @@
 """Due work kept in Redis, done by whichever instance claims it first.
 
 Two kinds: the no-answer **watchdog** of a transferring call (the Telephony channel
-redials an unanswered agent forever and never says so), and the **re-delivery** of
-replies that were committed but never acknowledged as sent (the instance died, or the
-channel was unreachable). Work is claimed with a lease in Redis time; a claimer that
+redials an unanswered agent forever and never says so), and the **re-send** of replies
+a call's outbox keeps because they were never acknowledged as sent (the instance died,
+or the channel was unreachable). Work is claimed with a lease in Redis time; a claimer that
 dies lets the lease lapse and another instance takes the work. Firing is a normal
 turn, fenced by the call's version and deadline, so it takes effect exactly once.
 """
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
 from orchestrator.events import WatchdogExpired
 from orchestrator.turn import Turn
@@ -32,7 +32,7 @@ DELIVERY = "delivery"
 # A proactive send that takes longer is given up (and retried later): longer than the
 # transport's own bounds (a socket's 5 s, routed to another instance 6 s), so they end first.
 SEND_SECONDS = 8.0
-MAX_PARKED_MS = 10 * 60 * 1000  # parked replies older than this are dropped, not sent
+MAX_KEPT_MS = 10 * 60 * 1000  # outbox entries older than this are dropped, not sent
 PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with the records
 
 
@@ -42,20 +42,20 @@ class DueItem:
 
     kind: str  # WATCHDOG or DELIVERY
     conversation_id: str
-    key: str  # for DELIVERY: the outbox entry
+    key: str  # for DELIVERY: the outbox key
     shard: int
     member: str  # as stored in the schedule
     now_ms: int  # Redis time of the claim, on the node holding the shard
 
 
 @dataclass(slots=True, frozen=True)
-class Parked:
-    """Replies waiting in a call's outbox, and what the call looks like now."""
+class OutboxEntry:
+    """Replies a call's outbox keeps, and what the call looks like now."""
 
     reference: str
-    payload: str
+    payload: str  # opaque here: the bot side wrote it and reads it back
     state: str
-    parked_ms: int  # Redis time of the commit that parked them
+    kept_ms: int  # Redis time they were put in the outbox
 
 
 class ScheduleStore(Protocol):
@@ -71,7 +71,7 @@ class ScheduleStore(Protocol):
 
     async def prune_index(self) -> int: ...
 
-    async def parked(self, conversation_id: str, key: str) -> Parked | None: ...
+    async def outbox_entry(self, conversation_id: str, key: str) -> OutboxEntry | None: ...
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
@@ -81,11 +81,11 @@ class ScheduleStore(Protocol):
 class Channel(Protocol):
     """How the scheduler speaks to a call (``adapters.bot.CallBot``)."""
 
-    def render(self, turn: Turn) -> list[Any]: ...
+    def render(self, turn: Turn) -> Replies: ...
 
     async def send(self, reference: str, replies: list[Any]) -> None: ...
 
-    def unpark(self, payload: str) -> list[Any]: ...
+    def from_outbox(self, payload: str) -> list[Any]: ...
 
 
 def stop_if_cancelled() -> None:
@@ -121,9 +121,9 @@ class Scheduler:
         self.per_shard = per_shard
         self._gate = asyncio.Semaphore(concurrency)
         self._held: dict[DueItem, float] = {}  # claimed, not done -> when claimed (monotonic)
-        self._sent: list[tuple[str, str]] = []  # (call, delivery key) sent this round, to acknowledge
+        self._sent: list[tuple[str, str]] = []  # (call, outbox key) sent this round, to acknowledge
         self.fired = 0  # watchdogs that failed a transfer, since start
-        self.redelivered = 0  # parked replies sent again, since start
+        self.resent = 0  # outbox entries sent again, since start
 
     async def run(self) -> None:
         """Poll until cancelled; trouble only pauses it, with a growing back-off."""
@@ -179,8 +179,8 @@ class Scheduler:
         try:
             await self.store.acknowledge_many(sent)
         except StoreUnavailable as e:
-            # Delivered but still parked: they are sent again, and the channel's replyKey
-            # lets it drop the repeat.
+            # Sent but still in the outbox: they are sent again, and the replyKey lets a
+            # receiver drop the repeat.
             log.warning("%d delivered replies not acknowledged: %s", len(sent), e)
 
     async def release(self) -> None:
@@ -200,7 +200,7 @@ class Scheduler:
                     if item.kind == WATCHDOG:
                         await self._watchdog(item)
                     elif item.kind == DELIVERY:
-                        await self._redeliver(item)
+                        await self._resend(item)
                 except (ConnectionError, TimeoutError) as e:
                     # Nobody to send to now (no socket holds the call, or the channel did
                     # not answer): expected in a failover, so one line, no traceback.
@@ -230,33 +230,33 @@ class Scheduler:
             return
         self.fired += 1
         if turn.replies:
-            await self._send(item.conversation_id, turn.call.reference, turn.replies, turn.delivery_key)
+            await self._send(item.conversation_id, turn.call.reference, turn.replies, turn.outbox_key)
 
-    async def _redeliver(self, item: DueItem) -> None:
-        parked = await self.store.parked(item.conversation_id, item.key)
-        if parked is None:  # acknowledged meanwhile, or expired with the call
+    async def _resend(self, item: DueItem) -> None:
+        entry = await self.store.outbox_entry(item.conversation_id, item.key)
+        if entry is None:  # acknowledged meanwhile, or expired with the call
             await self.store.forget(item)
             return
-        stale = item.now_ms - parked.parked_ms > MAX_PARKED_MS
-        if parked.state == State.ENDED or stale or not parked.reference:
+        stale = item.now_ms - entry.kept_ms > MAX_KEPT_MS
+        if entry.state == State.ENDED or stale or not entry.reference:
             # Nobody to speak to any more: drop the replies rather than retry forever.
             log.warning(
-                "call %s: dropping parked replies %s (%s)",
+                "call %s: dropping the outbox entry %s (%s)",
                 item.conversation_id,
                 item.key,
-                "call ended" if parked.state == State.ENDED else "too old or no reference",
+                "call ended" if entry.state == State.ENDED else "too old or no reference",
             )
             await self.store.acknowledge(item.conversation_id, item.key)
             return
         await self._send(
-            item.conversation_id, parked.reference, self.channel.unpark(parked.payload), item.key
+            item.conversation_id, entry.reference, self.channel.from_outbox(entry.payload), item.key
         )
-        self.redelivered += 1
-        log.info("call %s: re-sent parked replies %s", item.conversation_id, item.key)
+        self.resent += 1
+        log.info("call %s: re-sent the outbox entry %s", item.conversation_id, item.key)
 
     async def _send(self, conversation_id: str, reference: str, replies: list[Any], key: str) -> None:
-        """Speak to the call; the parked replies under ``key`` (if any) are acknowledged at
-        the end of the round."""
+        """Speak to the call; the outbox entry under ``key`` (if any) is acknowledged at the
+        end of the round."""
         async with asyncio.timeout(SEND_SECONDS):
             await self.channel.send(reference, replies)
         if key:

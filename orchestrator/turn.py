@@ -22,11 +22,11 @@ from orchestrator.events import (
     CallerInput,
     CallStarted,
     Event,
+    HandoffStates,
     HandoffStatus,
     InvalidStatus,
     WatchdogExpired,
 )
-from orchestrator.handoff import HandoffStates
 from orchestrator.redact import MARGIN
 from states import State, Trigger, build_machine
 from states.dispatch import Dispatch
@@ -95,7 +95,7 @@ Effect = Say | Handoff
 class Turn:
     """What one event did to one call."""
 
-    call: Call  # the call after the turn; ``version`` is the loaded one until the commit sets it
+    call: Call  # the call after the turn; ``version`` is the loaded one until the engine commits it
     loaded_state: str = State.BOT.value  # the state the turn started from
     loaded_since_ms: int = 0  # when the call entered it (Redis time; the commit moves call.since_ms)
     effects: list[Effect] = field(default_factory=list)
@@ -103,18 +103,19 @@ class Turn:
     steps: list[Step] = field(default_factory=list)  # appended to the history
     watchdog_seconds: float = 0.0  # > 0: arm the no-answer deadline at commit
     reference_changed: bool = False
-    replies: list[Any] = field(default_factory=list)  # the effects as activities, to send
-    delivery_key: str = ""  # set by the commit when the replies were parked in the outbox
+    replies: list[Any] = field(default_factory=list)  # the effects as the bot side sends them
+    outbox_key: str = ""  # where the replies wait in the outbox until acknowledged ("" if not kept)
 
     @property
     def changed_state(self) -> bool:
         return any(step.source != step.dest for step in self.steps)
 
     @property
-    def durable(self) -> bool:
-        """Replies that must reach the caller (a transfer, its outcome's prompt) are parked
-        in the outbox with the commit and re-sent if they are not acknowledged."""
-        return bool(self.replies) and self.changed_state
+    def must_arrive(self) -> bool:
+        """A turn that moves the call (a transfer, its outcome's prompt) keeps its replies in
+        the outbox with the commit: they are re-sent until acknowledged. Others' replies go
+        in the outbox only if their send fails (``adapters.bot``)."""
+        return bool(self.effects) and self.changed_state
 
     @property
     def outcomes(self) -> list[Outcome]:

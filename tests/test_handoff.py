@@ -20,12 +20,8 @@ from botbuilder.schema import (
     Transcript,
 )
 
-from orchestrator.handoff import (
-    HandoffEventNames,
-    HandoffStates,
-    create_handoff_initiation,
-    create_handoff_status,
-)
+from adapters.handoff import HandoffEventNames, create_handoff_initiation, create_handoff_status
+from orchestrator.events import HandoffStates
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HUB_CONTEXT = {"TargetPhoneNumber": "+14251231234"}

@@ -424,3 +424,76 @@ async def test_an_activity_without_an_id_still_starts_an_unknown_call(
     assert await post(bot, activity) == 201
     assert channel.for_conversation(caller.conversation_id)[-1]["text"].startswith("Hello and thank you")
     assert await state_of(bot, caller.conversation_id) == "bot"
+
+
+# --- what "said" means: a reply the channel took, or one the outbox keeps until it is ---
+
+
+async def outbox_of(bot: TestClient[Any, Any], conversation_id: str) -> dict[str, str]:
+    store: RedisCallStore = bot.app[STORE_KEY]
+    entries: dict[str, str] = await store.redis.hgetall(store.keys.call(conversation_id).outbox)  # type: ignore[misc]
+    return entries
+
+
+async def test_an_ordinary_reply_whose_send_fails_is_kept_and_said_after_all(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """The turn committed, then the channel refused its echo: the redelivery would be a
+    duplicate, so the reply goes in the outbox, and the scheduler says it once the channel
+    takes posts again. The channel is answered 201: its retry could not help."""
+    caller = Caller(channel.url)
+    hello = caller.say("hello there")
+    channel.refuse_next = 1_000_000
+    assert await post(bot, hello) == 201
+    assert channel.for_conversation(caller.conversation_id) == []
+    assert list(await outbox_of(bot, caller.conversation_id)) == [hello["id"]]
+    channel.refuse_next = 0
+    await channel.wait_for(1, caller.conversation_id)
+    (echo,) = channel.for_conversation(caller.conversation_id)
+    assert "hello there" in echo["text"]
+    async with asyncio.timeout(10):
+        while await outbox_of(bot, caller.conversation_id):  # noqa: ASYNC110 (Redis, not a local event)
+            await asyncio.sleep(0.05)
+
+
+async def test_a_reply_slower_than_the_turn_bound_is_still_said_and_the_turn_taken(
+    bot: TestClient[Any, Any], channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound is for taking the turn: cancelling a committed turn's send at it cut the
+    reply short and told the channel 503, whose redelivery, a duplicate, said nothing."""
+    monkeypatch.setattr("adapters.http.TURN_SECONDS", 0.2)
+    caller = Caller(channel.url)
+    channel.delay = 0.6
+    assert await post(bot, caller.say("hello there")) == 201
+    channel.delay = 0.0
+    (echo,) = channel.for_conversation(caller.conversation_id)
+    assert "hello there" in echo["text"]
+    assert await outbox_of(bot, caller.conversation_id) == {}
+
+
+async def test_a_redelivered_activity_gets_its_kept_replies_at_once(
+    bot_redis: dict[str, Any], flow_file: Path, key_prefix: str, channel: ChannelStandIn
+) -> None:
+    """A handoff kept at its commit and refused by the channel goes out with the channel's
+    retry of the activity, not a grace period later (here a minute)."""
+    settings = load_settings(
+        **bot_redis, REDIS_KEY_PREFIX=key_prefix, CALLFLOW_FILE=flow_file, DELIVERY_GRACE_SECONDS=60
+    )
+    bot = TestClient(TestServer(create_app(settings)))
+    await bot.start_server()
+    try:
+        caller = Caller(channel.url)
+        ask = caller.say("agent")
+        channel.refuse_next = 1_000_000
+        assert await post(bot, ask) == 201
+        assert list(await outbox_of(bot, caller.conversation_id)) == [ask["id"]]
+        channel.refuse_next = 0
+        assert await post(bot, ask) == 201  # the channel's retry: a duplicate, answered with the handoff
+        assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
+        assert await outbox_of(bot, caller.conversation_id) == {}
+        assert await post(bot, ask) == 201  # acknowledged: a third delivery says nothing more
+        assert len(channel.for_conversation(caller.conversation_id)) == 1
+    finally:
+        if bot_redis["REDIS_URL"]:
+            await delete_prefix(bot.app[STORE_KEY].redis, key_prefix)
+        await bot.close()

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from redis.asyncio import Redis
 
+from adapters.bot import as_replies
 from adapters.keys import Due, Keyspace
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import CallFlow, load_callflow
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, Event, HandoffStatus, InvalidStatus
 from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
 from orchestrator.turn import Say, Turn
@@ -42,14 +43,17 @@ def flow() -> CallFlow:
 FLOW = flow()
 
 
-def render(turn: Turn) -> list[Activity]:
-    """Replies without an incoming activity to answer: enough to park and count them."""
-    return [
-        Activity(type="message", text=e.prompt.text)
-        if isinstance(e, Say)
-        else Activity(type="event", name="handoff.initiate", value={"TargetPhoneNumber": e.target})
-        for e in turn.effects
-    ]
+def render(turn: Turn) -> Replies:
+    """Replies without an incoming activity to answer: enough to keep and count them."""
+    return as_replies(
+        turn,
+        [
+            Activity(type="message", text=e.prompt.text)
+            if isinstance(e, Say)
+            else Activity(type="event", name="handoff.initiate", value={"TargetPhoneNumber": e.target})
+            for e in turn.effects
+        ],
+    )
 
 
 class CallModel(RuleBasedStateMachine):

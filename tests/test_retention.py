@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 from botbuilder.schema import Activity, ActivityTypes
 from redis.asyncio import Redis
 
+from adapters.bot import as_replies
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
 from orchestrator.turn import Turn
 
@@ -29,8 +29,8 @@ def store(redis_client: Redis, key_prefix: str) -> RedisCallStore:
     return RedisCallStore(redis_client, Keyspace(key_prefix), retention)
 
 
-def render(turn: Turn) -> list[Any]:
-    return [Activity(type=ActivityTypes.message, text="reply") for _ in turn.effects]
+def render(turn: Turn) -> Replies:
+    return as_replies(turn, [Activity(type=ActivityTypes.message, text="reply") for _ in turn.effects])
 
 
 async def ttls(store: RedisCallStore) -> dict[str, int]:
@@ -79,8 +79,8 @@ async def test_every_key_of_a_call_expires_live_and_ended(store: RedisCallStore)
     turns: list[tuple[str, Event]] = [
         ("a1", CallStarted()),
         ("a2", CallerInput("hello")),
-        ("a3", CallerInput("agent")),  # transferring: a watchdog, a parked handoff
-        ("a4", HandoffStatus("failed", "busy")),  # failed: a parked retry prompt
+        ("a3", CallerInput("agent")),  # transferring: a watchdog, a handoff in the outbox
+        ("a4", HandoffStatus("failed", "busy")),  # failed: a retry prompt in the outbox
         ("a5", CallerInput("agent")),
         ("a6", HandoffStatus("accepted")),
     ]
@@ -88,8 +88,8 @@ async def test_every_key_of_a_call_expires_live_and_ended(store: RedisCallStore)
         turn = await engine.handle(CID, event, activity_id=activity_id, render=render)
         assert turn is not None
         await check_bounded(store, MAX_LIVE)  # the lifetime bound, below the idle TTL
-        if turn.delivery_key:
-            await store.acknowledge(CID, turn.delivery_key)
+        if turn.outbox_key:
+            await store.acknowledge(CID, turn.outbox_key)
             await check_bounded(store, MAX_LIVE)
     assert await members_of_the_call(store) == {"accepted": [CID]}
 

@@ -1,4 +1,4 @@
-"""Watchdogs and re-deliveries: due work in Redis, claimed with leases, done exactly once."""
+"""Watchdogs and outbox re-sends: due work in Redis, claimed with leases, done exactly once."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 from botbuilder.schema import Activity
 from redis.asyncio import Redis
 
-from adapters.bot import CallBot, proactive_replies
+from adapters.bot import from_outbox, rendered
 from adapters.keys import Due, Keyspace
 from adapters.store import RedisCallStore, Retention
 from orchestrator import scheduler as scheduler_module
 from orchestrator.callflow import CallFlow, load_callflow
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus
 from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
 from orchestrator.turn import TIMEOUT, Turn
@@ -30,13 +30,13 @@ class RecordingChannel:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[Activity]]] = []
 
-    def render(self, turn: Turn) -> list[Activity]:
-        return proactive_replies(turn)
+    def render(self, turn: Turn) -> Replies:
+        return rendered(turn, None)
 
     async def send(self, reference: str, replies: list[Any]) -> None:
         self.sent.append((reference, replies))
 
-    unpark = staticmethod(CallBot.unpark)
+    from_outbox = staticmethod(from_outbox)
 
     def texts(self) -> list[str]:
         return [reply.text for _, replies in self.sent for reply in replies]
@@ -50,7 +50,7 @@ def flow(timeout: float = 1, max_attempts: int = 5) -> CallFlow:
 
 @pytest.fixture
 def quick_store(redis_client: Redis, key_prefix: str) -> RedisCallStore:
-    """Parked replies come due 200 ms after their commit."""
+    """Outbox entries come due 200 ms after their commit."""
     return RedisCallStore(redis_client, Keyspace(key_prefix), Retention(delivery_grace_ms=200))
 
 
@@ -165,14 +165,14 @@ async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_s
     assert members(await quick_store.claim_due(10, lease_ms=60_000)) == claimed
 
 
-async def test_replies_parked_and_never_acknowledged_are_sent_again(quick_store: RedisCallStore) -> None:
+async def test_replies_in_the_outbox_never_acknowledged_are_sent_again(quick_store: RedisCallStore) -> None:
     engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
     scheduler = Scheduler(engine, quick_store, channel)
     await transfer(engine, "c1")
     turn = await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
-    assert turn is not None and turn.delivery_key == "s1"  # parked with the commit
+    assert turn is not None and turn.outbox_key == "s1"  # in the outbox with the commit
     # ... and the instance died before sending: nobody acknowledges.
-    await until(lambda: scheduler.redelivered == 1, scheduler)
+    await until(lambda: scheduler.resent == 1, scheduler)
     assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
     assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0
@@ -184,17 +184,17 @@ async def test_acknowledged_replies_are_not_sent_again(quick_store: RedisCallSto
     await transfer(engine, "c1")
     turn = await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
     assert turn is not None
-    await quick_store.acknowledge("c1", turn.delivery_key)
+    await quick_store.acknowledge("c1", turn.outbox_key)
     await asyncio.sleep(0.3)
     for _ in range(3):
         await scheduler.poll()
-    assert channel.sent == [] and scheduler.redelivered == 0
+    assert channel.sent == [] and scheduler.resent == 0
 
 
-async def test_ordinary_replies_are_not_parked(quick_store: RedisCallStore) -> None:
+async def test_ordinary_replies_are_not_kept_in_the_outbox_when_sent(quick_store: RedisCallStore) -> None:
     engine, channel = Engine(quick_store, flow()), RecordingChannel()
     turn = await engine.handle("c1", CallerInput("hello"), activity_id="m1", render=channel.render)
-    assert turn is not None and turn.replies and not turn.durable and turn.delivery_key == ""
+    assert turn is not None and turn.replies and not turn.must_arrive and turn.outbox_key == ""
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
 
 
@@ -212,7 +212,7 @@ async def test_work_claimed_at_shutdown_is_handed_back(quick_store: RedisCallSto
     scheduler = Scheduler(engine, quick_store, channel, lease_seconds=600)
     await transfer(engine, "c1")
     await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
-    await asyncio.sleep(0.3)  # the parked retry prompt comes due, unacknowledged
+    await asyncio.sleep(0.3)  # the retry prompt in the outbox comes due, unacknowledged
     polling = asyncio.create_task(scheduler.poll())
     await asyncio.wait_for(sending.wait(), 10)
     polling.cancel()
@@ -241,13 +241,13 @@ async def test_a_bad_shard_or_an_unreadable_member_does_not_stop_the_others(
     await quick_store.redis.delete(quick_store.keys.due(other))
 
 
-async def test_parked_replies_of_a_call_that_ended_are_dropped_not_sent(quick_store: RedisCallStore) -> None:
+async def test_outbox_entries_of_a_call_that_ended_are_dropped_not_sent(quick_store: RedisCallStore) -> None:
     engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
     scheduler = Scheduler(engine, quick_store, channel)
     await transfer(engine, "c1")
     await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
     await engine.handle("c1", CallEnded(), activity_id="bye")
-    await asyncio.sleep(0.3)  # the parked prompt comes due, unacknowledged
+    await asyncio.sleep(0.3)  # the prompt in the outbox comes due, unacknowledged
     for _ in range(3):
         await scheduler.poll()
     assert channel.sent == []
@@ -309,22 +309,22 @@ async def test_a_cancelled_scheduler_stops_even_if_a_redis_call_lost_the_cancell
     assert running in done and running.cancelled()
 
 
-async def test_parked_replies_go_stale_by_when_they_were_parked_even_on_a_busy_call(
+async def test_outbox_entries_go_stale_by_when_they_were_kept_even_on_a_busy_call(
     quick_store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Staleness was judged by the call's last update, so on a call that kept talking a reply
     the channel kept refusing was sent again for ever (the Telephony channel drops a bot
-    that errors). It is judged by when the reply was parked."""
-    monkeypatch.setattr(scheduler_module, "MAX_PARKED_MS", 400)
+    that errors). It is judged by when the reply went in the outbox."""
+    monkeypatch.setattr(scheduler_module, "MAX_KEPT_MS", 400)
     engine, channel = Engine(quick_store, flow(timeout=60)), RecordingChannel()
     scheduler = Scheduler(engine, quick_store, channel)
     await transfer(engine, "c1")
     await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1", render=channel.render)
-    for n in range(6):  # the caller keeps talking while the parked prompt is never acknowledged
+    for n in range(6):  # the caller keeps talking while the kept prompt is never acknowledged
         await asyncio.sleep(0.1)
         await engine.handle("c1", CallerInput(f"hello {n}"), activity_id=f"m{n}", render=channel.render)
     channel.sent.clear()
     for _ in range(3):
         await scheduler.poll()
-    assert channel.sent == [] and scheduler.redelivered == 0  # dropped, not sent once more
+    assert channel.sent == [] and scheduler.resent == 0  # dropped, not sent once more
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0

@@ -12,7 +12,16 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from adapters.keys import CallField, FeedField, HistoryField, Keyspace
-from adapters.store import COMMIT_SCRIPT, RedisCallStore, Retention, decode_line, decode_step, encode_line
+from adapters.store import (
+    COMMIT_KEYS,
+    COMMIT_SCRIPT,
+    CommitArgs,
+    RedisCallStore,
+    Retention,
+    decode_line,
+    decode_step,
+    encode_line,
+)
 from orchestrator.call import Call, Line, Step, timestamp
 from orchestrator.engine import Commit
 from orchestrator.errors import StoreUnavailable
@@ -41,8 +50,9 @@ async def test_commit_then_load_round_trips_the_call(store: RedisCallStore) -> N
     turn = turn_for(Call(id="c1"), lines=2, steps=[Step("request_agent", "bot", "transferring", "asked")])
     turn.call.state, turn.call.attempts, turn.call.target = State.TRANSFERRING, 1, "+14251231234"
     turn.call.reference, turn.reference_changed = '{"conversation":{"id":"c1"}}', True
-    assert (await store.commit(turn, "a1")).outcome is Commit.APPLIED
-    assert turn.call.version == 1
+    receipt = await store.commit(turn, "a1")
+    assert receipt.outcome is Commit.APPLIED and receipt.version == 1
+    assert turn.call.version == 0  # the store hands back a receipt; it changes nothing it is given
     loaded = (await store.load("c1", "a2")).call
     assert loaded is not None
     assert (loaded.state, loaded.version, loaded.attempts, loaded.target) == (
@@ -102,8 +112,9 @@ async def test_the_transcript_is_capped_in_redis(redis_client: Redis, key_prefix
     call = Call(id="c1")
     for i in range(5):
         turn = turn_for(call)
-        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
-        call = turn.call
+        receipt = await store.commit(turn, f"a{i}")
+        assert receipt.outcome is Commit.APPLIED
+        call = replace(turn.call, version=receipt.version)
     loaded = (await store.load("c1")).call
     assert loaded is not None and [line.text for line in loaded.transcript] == [
         "line 2.0",
@@ -117,12 +128,12 @@ async def test_the_watchdog_deadline_comes_from_redis_time(
 ) -> None:
     turn = turn_for(Call(id="c1"), state=State.TRANSFERRING)
     turn.watchdog_seconds = 30
-    await store.commit(turn, "a1")
+    receipt = await store.commit(turn, "a1")
     seconds, micros = await redis_client.time()
     now_ms = seconds * 1000 + micros // 1000
-    assert 25_000 < turn.call.deadline_ms - now_ms <= 30_000
+    assert 25_000 < receipt.deadline_ms - now_ms <= 30_000
     record = await redis_client.hgetall(store.keys.call("c1").call)
-    assert int(record[CallField.DEADLINE]) == turn.call.deadline_ms
+    assert int(record[CallField.DEADLINE]) == receipt.deadline_ms
     # Leaving ``transferring`` disarms it.
     loaded = (await store.load("c1")).call
     assert loaded is not None
@@ -136,12 +147,16 @@ async def test_live_calls_expire_when_idle_and_ended_calls_after_retention(
     store: RedisCallStore, redis_client: Redis
 ) -> None:
     turn = turn_for(Call(id="c1"), steps=[Step("x", "bot", "bot")])
-    await store.commit(turn, "a1")
+    receipt = await store.commit(turn, "a1")
     keys = store.keys.call("c1")
-    assert not await redis_client.exists(keys.outbox)  # nothing parked: no key to expire
+    assert not await redis_client.exists(keys.outbox)  # nothing in the outbox: no key to expire
     for key in keys[:4]:
         assert 3590 < await redis_client.ttl(key) <= 3600, key
-    ended = turn_for(turn.call, state=State.ENDED, steps=[Step("hang_up", "bot", "ended")])
+    ended = turn_for(
+        replace(turn.call, version=receipt.version),
+        state=State.ENDED,
+        steps=[Step("hang_up", "bot", "ended")],
+    )
     await store.commit(ended, "a2")
     for key in keys[:4]:
         assert 590 < await redis_client.ttl(key) <= 600, key
@@ -149,11 +164,11 @@ async def test_live_calls_expire_when_idle_and_ended_calls_after_retention(
 
 async def test_timestamps_are_stamped_by_redis(store: RedisCallStore, redis_client: Redis) -> None:
     turn = turn_for(Call(id="c1"))
-    await store.commit(turn, "a1")
+    receipt = await store.commit(turn, "a1")
     record = await redis_client.hgetall(store.keys.call("c1").call)
     assert record[CallField.CREATED] == record[CallField.UPDATED] == record[CallField.SINCE]
     assert record[CallField.ID] == "c1" and record[CallField.STATE] == "bot"
-    later = turn_for(turn.call, state=State.TRANSFERRING)
+    later = turn_for(replace(turn.call, version=receipt.version), state=State.TRANSFERRING)
     await store.commit(later, "a2")
     after = await redis_client.hgetall(store.keys.call("c1").call)
     assert int(after[CallField.SINCE]) >= int(record[CallField.SINCE])
@@ -234,8 +249,9 @@ async def test_the_history_is_capped_in_redis(redis_client: Redis, key_prefix: s
     call = Call(id="c1")
     for i in range(5):
         turn = turn_for(call, steps=[Step(f"t{i}", "bot", "bot")])
-        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
-        call = turn.call
+        receipt = await store.commit(turn, f"a{i}")
+        assert receipt.outcome is Commit.APPLIED
+        call = replace(turn.call, version=receipt.version)
     assert [step.trigger for _, step in await store.history("c1")] == ["t2", "t3", "t4"]
 
 
@@ -246,18 +262,17 @@ async def test_seen_remembers_at_least_the_last_seen_max_activities(
     versions go; a redelivery of any of the last seen_max activities is still a duplicate."""
     store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(seen_max=8))
     seen = store.keys.call("c1").seen
-    await redis_client.hset(seen, "from-an-older-version", "0123456789abcdef0123456789abcdef")
     call = Call(id="c1")
     sizes = []
     for i in range(30):
         turn = turn_for(call)
-        assert (await store.commit(turn, f"a{i}")).outcome is Commit.APPLIED
-        call = turn.call
+        receipt = await store.commit(turn, f"a{i}")
+        assert receipt.outcome is Commit.APPLIED
+        call = replace(turn.call, version=receipt.version)
         sizes.append(await redis_client.hlen(seen))
         for recent in range(max(0, i - 7), i + 1):
             assert (await store.load("c1", f"a{recent}")).duplicate, (i, recent)
-    assert max(sizes) == 8 + 2 and min(sizes[10:]) == 1 + 8  # never more than seen_max + a quarter
-    assert await redis_client.hexists(seen, "from-an-older-version")  # undated: kept
+    assert max(sizes) == 8 + 2 and min(sizes[10:]) == 8  # never more than seen_max + a quarter
     mark = str(await redis_client.hget(seen, "a29"))
     assert re.fullmatch(r"30:[\w-]{8}", mark), mark  # the version, then an 8-character token
     stale = turn_for(call)
@@ -286,6 +301,18 @@ async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.commit(turn_for(Call(id="c1")), "a1")
     await dead.aclose()
+
+
+def test_the_commit_script_reads_exactly_the_arguments_the_store_builds(store: RedisCallStore) -> None:
+    """commit.lua takes one JSON object: every name it reads is built, and nothing else;
+    its KEYS line names them in the order the store passes them."""
+    turn = turn_for(Call(id="c1"), steps=[Step("request_agent", "bot", "transferring")])
+    (encoded,) = store._commit_args(turn, "a1", "token-1", int(time.time()))
+    read = set(re.findall(r"\bargs\.([a-z_]+)", COMMIT_SCRIPT))
+    assert read == set(json.loads(encoded)) == set(CommitArgs.__annotations__)
+    names = re.search(r"^local (.+) = unpack\(KEYS\)$", COMMIT_SCRIPT, re.M)
+    assert names is not None and tuple(names[1].split(", ")) == COMMIT_KEYS
+    assert len(store._commit_keys(turn, int(time.time()))) == len(COMMIT_KEYS)
 
 
 def test_the_commit_script_uses_only_the_field_names_defined_in_keys() -> None:

@@ -239,6 +239,24 @@ async def test_a_send_the_channel_never_answers_fails_after_its_bound_and_stays_
     assert first["channelData"]["replyKey"] == again["channelData"]["replyKey"]
 
 
+async def test_an_ordinary_reply_the_channel_refuses_is_kept_and_said_again_over_the_socket(
+    bot: TestServer, js: JsChannel
+) -> None:
+    """As over HTTP: the turn is taken (200), its echo goes in the outbox, and the scheduler
+    says it on the same socket once the channel takes requests again."""
+    socket = await connected(js, bot)
+    caller = Caller(SERVICE_URL)
+    await js.send(socket, caller.start())
+    await said(js, caller.conversation_id, 1)
+    await js.answer(socket, status=503)
+    assert (await js.send(socket, caller.say("hello there")))["status"] == 200
+    await js.answer(socket, status=200)
+    sent = await said(js, caller.conversation_id, 3)  # welcome, the refused echo, the echo again
+    refused, again = sent[1], sent[2]
+    assert "hello there" in again["text"]
+    assert refused["channelData"]["replyKey"] == again["channelData"]["replyKey"]
+
+
 async def test_bad_requests_on_the_socket_get_clear_answers_and_change_nothing(
     bot: TestServer, js: JsChannel
 ) -> None:

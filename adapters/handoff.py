@@ -1,7 +1,8 @@
 """Bot Framework handoff events, which botbuilder-python lacks.
 
 Field for field the C# and JS SDKs' ``EventFactory``: an ``event`` activity named
-``handoff.initiate`` (bot -> agent hub) or ``handoff.status`` (agent hub -> bot).
+``handoff.initiate`` (bot -> agent hub) or ``handoff.status`` (agent hub -> bot). The
+values of a status' ``state`` are the core's (``orchestrator.events.HandoffStates``).
 """
 
 from __future__ import annotations
@@ -25,15 +26,6 @@ class HandoffEventNames:
 
     INITIATE_HANDOFF = "handoff.initiate"
     HANDOFF_STATUS = "handoff.status"
-
-
-class HandoffStates:
-    """The values of ``handoff.status``'s ``value.state``."""
-
-    ACCEPTED = "accepted"
-    FAILED = "failed"
-    COMPLETED = "completed"
-    ALL = (ACCEPTED, FAILED, COMPLETED)
 
 
 def create_handoff_initiation(
