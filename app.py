@@ -213,11 +213,10 @@ def create_app(config: Settings | None = None) -> web.Application:
 def tune_gc() -> None:
     """Keep the garbage collector off the turn's tail latency.
 
-    Everything alive once the app is built (botbuilder, msrest, aiohttp: ~10^5 objects)
-    is frozen out of the collector's reach, so a full collection no longer walks it
-    (pauses of 45-80 ms, in the middle of some turn). Young collections run every 2,000
-    allocations instead of 700: measured over 2,400 turns, the collector's time fell from
-    ~190 ms to ~70 ms with pauses under ~3 ms (at 10,000 they reached ~9 ms).
+    Everything alive once the app is built (botbuilder, msrest, aiohttp) is frozen out of
+    the collector's reach, so a full collection no longer walks it in the middle of some
+    turn; young collections run less often than Python's default, since each walks the
+    turn's short-lived objects for nothing.
     """
     gc.collect()
     gc.freeze()

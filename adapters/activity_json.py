@@ -3,7 +3,7 @@
 msrest's ``Model.serialize()`` and ``Model.deserialize()`` walk every attribute of a
 model through key transformers, key extractors and string-keyed type dispatch, with a
 new ``Serializer``/``Deserializer`` (and a scan of the schema module) per call: for
-the ~50-field ``Activity`` that was a fifth of a turn's CPU. Here each class's
+the many-field ``Activity``, a large share of a turn's CPU (``bench/codec.py``). Here each class's
 attribute map is compiled once into a plan of (attribute, JSON key, converter), and the
 converters handle the value types the wire actually carries:
 

@@ -419,8 +419,8 @@ class RedisCallStore:
             return False
 
 
-# Transcript lines are JSON arrays [role, at, text]: the role by its initial, the time in
-# epoch ms: about 35 bytes a line less than the {"role", "text", "at"} of earlier versions.
+# Transcript lines are JSON arrays [role, at, text], the role by its initial and the time
+# in epoch ms, because a call keeps tens of them (docs/redis-keys.md measures the size).
 # An ``at`` that epoch ms would not give back exactly is kept as the string it is.
 _ROLE_INITIALS = {CALLER: "c", BOT: "b"}
 _ROLES = {initial: role for role, initial in _ROLE_INITIALS.items()}
@@ -434,8 +434,8 @@ def _second(epoch_seconds: int) -> str:
 
 
 def _iso(ms: int) -> str:
-    """``orchestrator.call.timestamp(ms)``, in integers and a few times faster: a load
-    decodes every line (tests/test_store.py checks the two agree)."""
+    """``orchestrator.call.timestamp(ms)`` in integers, because a load decodes every line
+    (tests/test_store.py checks the two agree)."""
     seconds, millis = divmod(ms, 1000)
     return f"{_second(seconds)}.{millis:03d}Z"
 
@@ -456,13 +456,8 @@ def encode_line(line: Line) -> str:
 
 
 def decode_line(raw: str) -> Line:
-    """A transcript line in either encoding: the compact array, or the ``{"role", "text",
-    "at"}`` object of earlier versions (lines written before an upgrade, or by an older
-    instance during a rolling deploy)."""
-    data = json.loads(raw)
-    if isinstance(data, dict):
-        return Line(data["role"], data["text"], data["at"])
-    role, at, text = data
+    """A transcript line as ``encode_line`` wrote it."""
+    role, at, text = json.loads(raw)
     return Line(_ROLES.get(role, role), text, _iso(at) if isinstance(at, int) else at)
 
 

@@ -205,7 +205,7 @@ class CallFlow(_Strict):
         return self
 
     # Built on first use and kept: the model is frozen. cached_property, not PrivateAttr,
-    # because pydantic's private attributes cost ~2.5 us per read (a turn reads twice).
+    # because pydantic's private attributes are slow to read and a turn reads this twice.
     @cached_property
     def _routes(self) -> dict[str, Route]:
         return {normalize_input(p): route for route in self.routes for p in route.match}
@@ -241,8 +241,8 @@ class CallFlow(_Strict):
     def render(self, name: str, caller_input: str = "") -> SpokenPrompt:
         """A prompt in its voice; ``{input}`` becomes the caller's words, escaped for SSML.
 
-        Escaping and wrapping a prompt's own text is done once (it was ~7 us a turn); a
-        prompt without ``{input}`` is the same (frozen) SpokenPrompt every time.
+        Escaping and wrapping a prompt's own text is done once, not every turn; a prompt
+        without ``{input}`` is the same (frozen) SpokenPrompt every time.
         """
         rendering = self._renderings[name]
         if rendering.whole is not None:

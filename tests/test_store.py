@@ -205,12 +205,6 @@ def test_line_times_read_back_as_timestamp_formats_them(ms: int) -> None:
     assert json.loads(encode_line(Line("bot", "hi", at)))[1] == ms
 
 
-def test_lines_of_earlier_versions_still_read() -> None:
-    """A call started before the upgrade (or by an older instance in a rolling deploy)."""
-    old = json.dumps({"role": "caller", "text": "hi", "at": "2026-11-23T10:00:00.000Z"})
-    assert decode_line(old) == Line("caller", "hi", "2026-11-23T10:00:00.000Z")
-
-
 async def test_history_entries_are_compact_json_arrays(store: RedisCallStore, redis_client: Redis) -> None:
     turn = turn_for(
         Call(id="c1"),
