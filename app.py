@@ -143,8 +143,8 @@ def create_app(config: Settings | None = None) -> web.Application:
     )
     METRICS.tally(
         "cc_streaming_send_failures",
-        "Streaming sends that failed: no_connection (no instance held the call: a reply that "
-        "must arrive stays parked), timeout, closed (the socket went)",
+        "Streaming sends that failed: no_connection (no instance held the call: the reply "
+        "stays in the outbox), timeout, closed (the socket went)",
         lambda: CONNECTIONS.failures,
         "reason",
     )

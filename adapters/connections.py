@@ -4,11 +4,11 @@ Only the instance holding a call's streaming socket can write to the call. A cal
 ``:socket`` key names that instance; the instance keeps a lease on itself (its
 ``instance`` key, renewed while it runs) and listens on an inbox of its own (a sharded
 Pub/Sub channel, so it works the same on a Redis Cluster). A send fired elsewhere, a
-watchdog's prompt or a parked reply sent again, is published to the holder's inbox, and
+watchdog's prompt or an outbox entry sent again, is published to the holder's inbox, and
 the holder answers with what the channel answered. When no instance holds the call, the
-send fails at once: a reply that must arrive stays parked in the call's outbox, and is
-made due again as soon as the channel's next activity for the call arrives on a socket
-(the channel reconnects by itself, to any instance).
+send fails at once: the reply stays in the call's outbox, and is made due again as soon
+as the channel's next activity for the call arrives on a socket (the channel reconnects
+by itself, to any instance).
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class Connections:
 
     async def hold(self, conversation_id: str, connection: StreamingConnection) -> None:
         """Record in Redis that this instance holds the call, after a turn of it was taken
-        on ``connection``: the first time on this socket (replies parked while nobody held
-        it are made due at once), then again every ``REFRESH_SECONDS`` while it talks."""
+        on ``connection``: the first time on this socket (its outbox, kept while nobody held it,
+        is made due at once), then again every ``REFRESH_SECONDS`` while it talks."""
         held = self._by_call.get(conversation_id)
         if held is None or held[0] is not connection:
             return  # gone meanwhile (ended), or moved to another socket
@@ -144,7 +144,7 @@ class Connections:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.keys.socket(conversation_id), self.instance, ex=self.hold_seconds)
                     pipe.hkeys(keys.outbox)
-                    _, parked = await pipe.execute()
+                    _, kept = await pipe.execute()
         except BaseException:
             if first:
                 connection.conversations.discard(conversation_id)  # written on its next activity
@@ -153,12 +153,10 @@ class Connections:
             self._by_call[conversation_id] = (connection, held[1], now)
         if first:
             connection.carried += 1
-            if parked:
-                due = {Due.delivery(conversation_id, key): 0 for key in parked}
+            if kept:
+                due = {Due.outbox(conversation_id, key): 0 for key in kept}
                 await self.redis.zadd(self.keys.due_for(conversation_id), due, xx=True)
-                log.info(
-                    "call %s: %d parked deliveries due now, on a socket again", conversation_id, len(parked)
-                )
+                log.info("call %s: %d outbox entries due now, on a socket again", conversation_id, len(kept))
 
     def forget(self, conversation_id: str, connection: StreamingConnection) -> None:
         """The call ended: nothing more goes to it, so its socket lets go of it (a socket
@@ -350,7 +348,7 @@ class Connections:
             answer["error"] = str(e) or type(e).__name__
         try:
             await self.redis.spublish(self.keys.inbox(sender), json.dumps(answer))
-        except UNAVAILABLE as e:  # the sender times out and the reply stays parked
+        except UNAVAILABLE as e:  # the sender times out and the reply stays in the outbox
             log.warning("inbox: answer to %s not sent: %r", sender, e)
 
     # --- shutdown -------------------------------------------------------------------

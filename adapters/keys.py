@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import NamedTuple
 
-from orchestrator.scheduler import DELIVERY, WATCHDOG
+from orchestrator.scheduler import OUTBOX, WATCHDOG
 
 SHARDS = 64  # part of every key name: changing it orphans existing calls
 
@@ -25,7 +25,7 @@ class CallKeys(NamedTuple):
     transcript: str  # LIST: compact JSON transcript lines, oldest first, capped
     history: str  # LIST: a JSON array per transition or ignored event, capped
     seen: str  # HASH: activity id -> "<version>:<commit token>", for de-duplication, bounded
-    outbox: str  # HASH: delivery key -> JSON activities committed but not yet acknowledged
+    outbox: str  # HASH: outbox key (the activity id) -> "<ms>:<JSON activities>" not yet acknowledged
 
 
 # commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
@@ -113,19 +113,19 @@ class Due:
     """Members of a shard's due schedule: JSON arrays, so any conversation id fits."""
 
     WATCHDOG = WATCHDOG  # the no-answer deadline of a transferring call
-    DELIVERY = DELIVERY  # replies committed but not acknowledged as sent
+    OUTBOX = OUTBOX  # an outbox entry, re-sent until acknowledged
 
     @staticmethod
     def watchdog(conversation_id: str) -> str:
         return json.dumps([Due.WATCHDOG, conversation_id])
 
     @staticmethod
-    def delivery(conversation_id: str, key: str) -> str:
-        return json.dumps([Due.DELIVERY, conversation_id, key])
+    def outbox(conversation_id: str, key: str) -> str:
+        return json.dumps([Due.OUTBOX, conversation_id, key])
 
     @staticmethod
     def parse(member: str) -> tuple[str, str, str]:
-        """(kind, conversation id, delivery key or "")."""
+        """(kind, conversation id, outbox key or "")."""
         kind, conversation_id, *rest = json.loads(member)
         return str(kind), str(conversation_id), str(rest[0]) if rest else ""
 

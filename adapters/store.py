@@ -113,7 +113,7 @@ class Retention:
     # turns (the channel redelivers within seconds); at most a quarter more (125 stays a
     # listpack under Redis' default hash-max-listpack-entries 128).
     seen_max: int = 100
-    delivery_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
+    outbox_grace_ms: int = 20_000  # unacknowledged replies are re-sent after this long
     feed_max: int = 1000  # recent steps kept per shard for watchers (about, as MAXLEN ~)
 
     @property
@@ -134,7 +134,7 @@ class Retention:
             ended_seconds=settings.CALL_RETENTION_SECONDS,
             transcript_max=settings.TRANSCRIPT_MAX_ENTRIES,
             history_max=settings.HISTORY_MAX_ENTRIES,
-            delivery_grace_ms=int(settings.DELIVERY_GRACE_SECONDS * 1000),
+            outbox_grace_ms=int(settings.OUTBOX_GRACE_SECONDS * 1000),
         )
 
 
@@ -206,7 +206,7 @@ class RedisCallStore:
         with unavailable_while("keeping unsent replies"):
             await self._keep(
                 keys=[keys.call, keys.outbox, self.keys.due_for(conversation_id)],
-                args=[key, outbox, Due.delivery(conversation_id, key)],
+                args=[key, outbox, Due.outbox(conversation_id, key)],
             )
 
     async def acknowledge(self, conversation_id: str, key: str) -> None:
@@ -222,7 +222,7 @@ class RedisCallStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for conversation_id, key in sent:
                     pipe.hdel(self.keys.call(conversation_id).outbox, key)
-                    pipe.zrem(self.keys.due_for(conversation_id), Due.delivery(conversation_id, key))
+                    pipe.zrem(self.keys.due_for(conversation_id), Due.outbox(conversation_id, key))
                 await pipe.execute()
 
     async def outbox_entry(self, conversation_id: str, key: str) -> OutboxEntry | None:
@@ -377,8 +377,8 @@ class RedisCallStore:
             "watchdog_ms": int(turn.watchdog_seconds * 1000),
             "watchdog": Due.watchdog(call.id),
             "outbox": outbox,
-            "outbox_due": Due.delivery(call.id, key),
-            "outbox_grace_ms": keep.delivery_grace_ms,
+            "outbox_due": Due.outbox(call.id, key),
+            "outbox_grace_ms": keep.outbox_grace_ms,
             "lines": [encode_line(line) for line in turn.lines],
             "steps": [
                 [

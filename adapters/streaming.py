@@ -8,7 +8,7 @@ its replies as requests on the same socket and reads the channel's answers. Any 
 of calls share a socket, and each request is handled in a task of its own, so a slow
 turn on one call delays no other. Every send has a bound; when the socket goes, the
 sends still waiting fail at once, and the turns still running finish on their own
-(their replies, if they must arrive, stay parked in the outbox).
+(their replies that could not be sent stay in the outbox).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def reference_for(call_id: str, i: int) -> str:
 class Filler:
     """Commits the calls' turns in pipelined batches: turn k of every call of a batch in one
     pipeline. No load round trip (each call is kept as its last commit left it) and no
-    rendered replies (so nothing is parked in an outbox, as after every acknowledgement)."""
+    rendered replies (so nothing is kept in an outbox, as after every acknowledgement)."""
 
     store: RedisCallStore
     runner: TurnRunner

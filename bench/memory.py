@@ -5,7 +5,7 @@ loopback port, on the real Redis under a prefix of its own, each call posted ove
 as the channel would: a conversationUpdate, 9 caller messages, "talk to agent", a
 ``handoff.status`` failed (the call is back in ``bot`` after the next message), 10 more
 messages: 20 caller turns, a 41-line transcript, 3 history entries, 22 activities seen.
-Every tenth call's retry prompt is refused by the channel, so its reply stays parked in
+Every tenth call's retry prompt is refused by the channel, so its reply stays kept in
 the outbox (the scheduler, which would re-send it, is stopped): an outbox exists only
 while replies are unacknowledged. Then ``MEMORY USAGE <key> SAMPLES 0`` (exact) and
 ``OBJECT ENCODING`` of every key of every call (``Keyspace.call``), and of the shards'
@@ -43,7 +43,7 @@ SHARED = {
     ":stats:": "transfer counters",
     ":instance:": "instance leases",  # one per running instance, not per call
 }
-PARKED_EVERY = 10  # every tenth call has a reply parked in its outbox
+KEPT_EVERY = 10  # every tenth call has a reply kept in its outbox
 CONCURRENT_CALLS = 20
 
 
@@ -63,7 +63,7 @@ async def make_calls(
     url: str, channel: ChannelStandIn, callers: list[Caller], before: int, after: int
 ) -> Counter[int]:
     """Every call's activities in order; calls run concurrently, except the status turns,
-    posted one at a time so the channel refuses exactly the parked calls' replies."""
+    posted one at a time so the channel refuses exactly the kept calls' replies."""
     statuses: Counter[int] = Counter()
     scripts = [script(caller, before, after) for caller in callers]
     status_turn = before + 2
@@ -91,7 +91,7 @@ async def make_calls(
         async with aiohttp.ClientSession() as session:
             await calls(session, slice(0, status_turn))
             for i, activities in enumerate(scripts):
-                channel.refuse_next = 1 if i % PARKED_EVERY == 0 else 0
+                channel.refuse_next = 1 if i % KEPT_EVERY == 0 else 0
                 await post(session, activities[status_turn])
             channel.refuse_next = 0
             await calls(session, slice(status_turn + 1, None))
@@ -164,14 +164,14 @@ async def measure(redis_url: str, smoke: bool, say: Callable[[str], None]) -> di
     own_per_call = sum(k["bytes_per_call"] for k in per_kind.values())
     shared_per_call = sum(s["bytes_per_call"] for s in shared.values())
     lines = 1 + 2 * before + 2 + 2 * after  # welcome, exchanges, "talk to agent" + the retry prompt
-    parked = {i for i in range(calls) if i % PARKED_EVERY == 0}
+    kept = {i for i in range(calls) if i % KEPT_EVERY == 0}
     checks = {
         "every_post_accepted": all(200 <= status < 300 for status in statuses),
         "every_call_live_in_bot": lengths["states"] == ["bot"] * calls,
         "transcripts_hold_every_line": lengths["transcript"] == [lines] * calls,
         "history_has_the_three_steps": lengths["history"] == [3] * calls,
         "seen_holds_every_activity": lengths["seen"] == [before + after + 3] * calls,
-        "outbox_only_where_parked": {i for i, n in enumerate(lengths["outbox"]) if n} == parked,
+        "outbox_only_where_kept": {i for i, n in enumerate(lengths["outbox"]) if n} == kept,
         "every_key_kind_measured": all(k["calls_holding_it"] > 0 for k in per_kind.values()),
         "no_unclassified_shared_keys": not unclassified,
     }

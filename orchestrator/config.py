@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     HISTORY_MAX_ENTRIES: int = Field(1000, ge=10, le=100_000)
     SCHEDULER_POLL_SECONDS: float = Field(0.2, gt=0, le=10)
     SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)
-    DELIVERY_GRACE_SECONDS: float = Field(20, ge=1, le=600)  # above a turn's 12 s budget
+    OUTBOX_GRACE_SECONDS: float = Field(20, ge=1, le=600)  # above a turn's 12 s budget
 
     # The operator API, /metrics and the dashboard exist only when this is set.
     OPERATOR_TOKEN: SecretStr | None = None

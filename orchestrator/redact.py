@@ -1,7 +1,7 @@
 """Redaction of what callers say, before it becomes part of a call.
 
 Applied once, where caller words (and the agent side's status messages) enter a turn, so
-the transcript, the history, the shard feeds, parked replies, the logs, the operator API,
+the transcript, the history, the shard feeds, the outbox, the logs, the operator API,
 the CLI and the dashboard only ever hold the redacted text. Built once per call flow
 (``privacy:`` in the flow file); see docs/privacy.md.
 """

@@ -26,7 +26,7 @@ from states import State
 log = logging.getLogger(__name__)
 
 WATCHDOG = "watchdog"
-DELIVERY = "delivery"
+OUTBOX = "outbox"
 
 
 # A proactive send that takes longer is given up (and retried later): longer than the
@@ -40,9 +40,9 @@ PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with 
 class DueItem:
     """One claimed piece of work."""
 
-    kind: str  # WATCHDOG or DELIVERY
+    kind: str  # WATCHDOG or OUTBOX
     conversation_id: str
-    key: str  # for DELIVERY: the outbox key
+    key: str  # for OUTBOX: the outbox key
     shard: int
     member: str  # as stored in the schedule
     now_ms: int  # Redis time of the claim, on the node holding the shard
@@ -199,7 +199,7 @@ class Scheduler:
                 try:
                     if item.kind == WATCHDOG:
                         await self._watchdog(item)
-                    elif item.kind == DELIVERY:
+                    elif item.kind == OUTBOX:
                         await self._resend(item)
                 except (ConnectionError, TimeoutError) as e:
                     # Nobody to send to now (no socket holds the call, or the channel did

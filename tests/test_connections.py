@@ -112,7 +112,7 @@ async def test_a_holder_that_died_is_found_gone_at_once(bots: list[TestServer]) 
 
 
 @two_instances
-async def test_replies_parked_without_a_socket_are_due_once_the_call_is_on_one_again(
+async def test_replies_kept_without_a_socket_are_due_once_the_call_is_on_one_again(
     bots: list[TestServer],
 ) -> None:
     first, second = bots
@@ -125,9 +125,9 @@ async def test_replies_parked_without_a_socket_are_due_once_the_call_is_on_one_a
             while connections(first).sockets:  # noqa: ASYNC110 - the bot's own task detaches it
                 await asyncio.sleep(0.02)
         store = first.app[STORE_KEY]
-        await store.redis.hset(store.keys.call(cid).outbox, "parked-1", "0:[]")  # parked at 0 ms: nothing
+        await store.redis.hset(store.keys.call(cid).outbox, "kept-1", "0:[]")  # kept at 0 ms: nothing
         due = store.keys.due_for(cid)
-        member = Due.delivery(cid, "parked-1")
+        member = Due.outbox(cid, "kept-1")
         await store.redis.zadd(due, {member: 10**13})  # due far in the future
         # The channel reconnects, to the other instance, and the call's next activity arrives.
         url = str(second.make_url("/api/messages")).replace("http", "ws", 1)

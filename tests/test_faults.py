@@ -42,7 +42,7 @@ async def bot_on(
     settings = load_settings(
         REDIS_URL=redis_url,
         REDIS_TIMEOUT_SECONDS=redis_timeout,
-        DELIVERY_GRACE_SECONDS=1,
+        OUTBOX_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
         TRANSCRIPT_MAX_ENTRIES=1000,
     )
@@ -82,7 +82,7 @@ async def test_a_commit_whose_every_reply_is_lost_is_answered_once_after_all(
     proxied: tuple[ReplyDroppingProxy, TestClient[Any, Any]], channel: ChannelStandIn
 ) -> None:
     """redis-py gives up: 503, the channel redelivers, the redelivery is a duplicate, and
-    the parked handoff.initiate is sent by the scheduler: once."""
+    the kept handoff.initiate is sent by the scheduler: once."""
     proxy, bot = proxied
     caller = Caller(channel.url)
     ask = caller.say("agent")

@@ -210,7 +210,7 @@ async def bot(
         **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file,
-        DELIVERY_GRACE_SECONDS=600,
+        OUTBOX_GRACE_SECONDS=600,
     )
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()

@@ -51,7 +51,7 @@ async def bot(
         **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file,
-        DELIVERY_GRACE_SECONDS=1,
+        OUTBOX_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
     )
     client = TestClient(TestServer(create_app(settings)))
@@ -431,7 +431,7 @@ async def test_an_activity_without_an_id_still_starts_an_unknown_call(
 
 async def outbox_of(bot: TestClient[Any, Any], conversation_id: str) -> dict[str, str]:
     store: RedisCallStore = bot.app[STORE_KEY]
-    entries: dict[str, str] = await store.redis.hgetall(store.keys.call(conversation_id).outbox)  # type: ignore[misc]
+    entries: dict[str, str] = await store.redis.hgetall(store.keys.call(conversation_id).outbox)  # type: ignore[assignment]
     return entries
 
 
@@ -477,7 +477,7 @@ async def test_a_redelivered_activity_gets_its_kept_replies_at_once(
     """A handoff kept at its commit and refused by the channel goes out with the channel's
     retry of the activity, not a grace period later (here a minute)."""
     settings = load_settings(
-        **bot_redis, REDIS_KEY_PREFIX=key_prefix, CALLFLOW_FILE=flow_file, DELIVERY_GRACE_SECONDS=60
+        **bot_redis, REDIS_KEY_PREFIX=key_prefix, CALLFLOW_FILE=flow_file, OUTBOX_GRACE_SECONDS=60
     )
     bot = TestClient(TestServer(create_app(settings)))
     await bot.start_server()

@@ -35,7 +35,7 @@ def env(key_prefix: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     yield {
         "REDIS_URL": REAL_REDIS_URL,
         "REDIS_KEY_PREFIX": key_prefix,
-        "DELIVERY_GRACE_SECONDS": "3",
+        "OUTBOX_GRACE_SECONDS": "3",
         "SCHEDULER_POLL_SECONDS": "0.1",
         "SCHEDULER_LEASE_SECONDS": "2",
     }

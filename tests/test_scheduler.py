@@ -51,7 +51,7 @@ def flow(timeout: float = 1, max_attempts: int = 5) -> CallFlow:
 @pytest.fixture
 def quick_store(redis_client: Redis, key_prefix: str) -> RedisCallStore:
     """Outbox entries come due 200 ms after their commit."""
-    return RedisCallStore(redis_client, Keyspace(key_prefix), Retention(delivery_grace_ms=200))
+    return RedisCallStore(redis_client, Keyspace(key_prefix), Retention(outbox_grace_ms=200))
 
 
 async def until(condition: Callable[[], Any], scheduler: Scheduler, within: float = 10) -> None:
@@ -221,7 +221,7 @@ async def test_work_claimed_at_shutdown_is_handed_back(quick_store: RedisCallSto
     assert await quick_store.claim_due(10, 600_000) == []  # still leased to us
     await scheduler.release()
     items = await quick_store.claim_due(10, 600_000)
-    assert [(item.kind, item.key) for item in items] == [("delivery", "s1")]
+    assert [(item.kind, item.key) for item in items] == [("outbox", "s1")]
 
 
 async def test_a_bad_shard_or_an_unreadable_member_does_not_stop_the_others(

@@ -44,7 +44,7 @@ async def bot(bot_redis: dict[str, Any], tmp_path: Path, key_prefix: str) -> Asy
         **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=tmp_path / "flow.yaml",
-        DELIVERY_GRACE_SECONDS=1,
+        OUTBOX_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
     )
     server = TestServer(create_app(settings), host="127.0.0.1")
@@ -215,12 +215,12 @@ async def test_a_provisional_202_is_awaited_past(bot: TestServer, js: JsChannel)
     assert (await js.send(socket, caller.press("0")))["status"] == 200
     sent = await said(js, caller.conversation_id, 2)
     assert sent[1]["name"] == "handoff.initiate"
-    # Acknowledged once the final answer came: nothing is parked, so nothing is sent twice.
-    await asyncio.sleep(1.5)  # past DELIVERY_GRACE_SECONDS
+    # Acknowledged once the final answer came: nothing is kept, so nothing is sent twice.
+    await asyncio.sleep(1.5)  # past OUTBOX_GRACE_SECONDS
     assert len(handoffs(js, caller.conversation_id)) == 1
 
 
-async def test_a_send_the_channel_never_answers_fails_after_its_bound_and_stays_parked(
+async def test_a_send_the_channel_never_answers_fails_after_its_bound_and_stays_kept(
     bot: TestServer, js: JsChannel
 ) -> None:
     connections: Connections = bot.app[CONNECTIONS_KEY]
@@ -230,10 +230,10 @@ async def test_a_send_the_channel_never_answers_fails_after_its_bound_and_stays_
     await js.send(socket, caller.start())
     await js.answer(socket, silent=True)
     answer = await js.send(socket, caller.press("0"))
-    assert answer["status"] == 200  # the turn committed; its handoff is parked, not lost
+    assert answer["status"] == 200  # the turn committed; its handoff is kept, not lost
     assert connections.failures["timeout"] >= 1
     await js.answer(socket, status=200)
-    # Re-sent by the scheduler after DELIVERY_GRACE_SECONDS: the same replyKey.
+    # Re-sent by the scheduler after OUTBOX_GRACE_SECONDS: the same replyKey.
     await eventually(lambda: len(handoffs(js, caller.conversation_id)) >= 2)
     first, again = handoffs(js, caller.conversation_id)[:2]
     assert first["channelData"]["replyKey"] == again["channelData"]["replyKey"]

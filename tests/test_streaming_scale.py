@@ -6,7 +6,7 @@ Microsoft's JS ``botframework-streaming`` playing the Telephony channel (tests/j
   and its prompt is routed to the instance holding the call's socket: each reply arrives
   once, on the socket that carries its call.
 - SIGKILL of the instance holding the calls mid-transfer: the channel reconnects to
-  another instance and the calls carry on from Redis; replies parked while nobody held a
+  another instance and the calls carry on from Redis; replies kept while nobody held a
   call (refused by the channel, cut off mid-turn, or a watchdog's prompt fired during the
   gap) arrive on the new socket once the call's next activity does.
 - SIGTERM: the turn in flight is answered, then the socket is closed with 1012, the
@@ -80,7 +80,7 @@ def env(
         "REDIS_KEY_PREFIX": key_prefix,
         "SCHEDULER_POLL_SECONDS": "0.1",
         "SCHEDULER_LEASE_SECONDS": "2",
-        "DELIVERY_GRACE_SECONDS": "5",
+        "OUTBOX_GRACE_SECONDS": "5",
         "OPERATOR_TOKEN": TOKEN,
         "LOG_LEVEL": "INFO",  # the logs are the evidence when a test fails
     }
@@ -231,7 +231,7 @@ async def state(client: Redis, keys: Keyspace, cid: str) -> str:
 
 
 async def nothing_due(client: Redis, keys: Keyspace, cids: list[str]) -> bool:
-    """No due work (watchdogs, re-deliveries) and no parked reply left anywhere: nothing
+    """No due work (watchdogs, re-deliveries) and no kept reply left anywhere: nothing
     more can be sent to any of these calls."""
     due = sum([await client.zcard(keys.due(shard)) for shard in range(SHARDS)])
     if due:
@@ -296,7 +296,7 @@ async def test_every_reply_reaches_its_calls_socket_whichever_instance_sends_it(
 
             await until(prompted, 60, f"{calls} retry prompts", bots)
             cids = list(carrier)
-            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or parked", bots)
+            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or kept", bots)
             for bot in bots:
                 metrics[bot.log_path.stem] = await sends(session, bot)
             requests = channel.requests()
@@ -354,10 +354,10 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
 ) -> None:
     """Four kinds of call on instance A's sockets when A is SIGKILLed, all mid-transfer:
 
-    - ``gap``: its watchdog fires while no instance holds the call; the prompt is parked
+    - ``gap``: its watchdog fires while no instance holds the call; the prompt is kept
       until the call's next activity (pressing 0 again) reaches the new socket;
     - ``after``: its next activity reaches the new socket first, then its watchdog fires;
-    - ``refused``: the channel answered its ``handoff.initiate`` 503, so it is parked;
+    - ``refused``: the channel answered its ``handoff.initiate`` 503, so it is kept;
       the next activity is the agent side's failed ``handoff.status``;
     - ``cut``: A died waiting for the channel's answer to its ``handoff.initiate``; the
       channel's request was cut off, so it delivers the same activity again to B.
@@ -406,7 +406,7 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             # Transfers under way on A, their watchdogs pending.
             await each(groups["gap"] + groups["after"], "a", lambda c: c.press("0"))
             await until(got(groups["gap"] + groups["after"], f"handoff {FIRST}", "a"), 20, "handoffs", bots)
-            # The channel refuses the next transfers: parked in the outbox.
+            # The channel refuses the next transfers: kept in the outbox.
             await channel.answer("a-refusing", status=503)
             await each(groups["refused"], "a-refusing", lambda c: c.press("0"))
             # The channel says nothing to the last ones: A is waiting for its answer ...
@@ -436,7 +436,7 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             await each(groups["refused"], "b", lambda c: c.status({"state": "failed", "message": "busy"}))
 
             await until(
-                got(groups["refused"] + groups["cut"], f"handoff {FIRST}", "b"), 30, "parked handoffs", bots
+                got(groups["refused"] + groups["cut"], f"handoff {FIRST}", "b"), 30, "kept handoffs", bots
             )
             await until(
                 got(groups["after"] + groups["cut"] + groups["refused"], "retry", "b"), 30, "prompts", bots
@@ -457,7 +457,7 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             assert early == [], early
             await each(groups["gap"], "b", lambda c: c.press("0"))
             await until(
-                got(groups["gap"], "retry", "b"), 30, "the prompts parked while nobody held the calls", bots
+                got(groups["gap"], "retry", "b"), 30, "the prompts kept while nobody held the calls", bots
             )
 
             # Every call is where it was: one attempt used, so pressing 0 dials the second target.
@@ -465,7 +465,7 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             await until(got(everyone, f"handoff {SECOND}", "b"), 30, "second handoffs", bots)
             await each(everyone, "b", Caller.hang_up)
             cids = [c.conversation_id for c in everyone]
-            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or parked", bots)
+            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or kept", bots)
             for bot in bots[1:]:
                 metrics[bot.log_path.stem] = await sends(session, bot)
             received = delivered(channel)
@@ -486,7 +486,7 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             kinds = [kind(r) for r in replies]
             lost += sum(k not in kinds for k in expected)
             where = {kind(r): r["socket"] for r in replies}
-            # The prompts after the kill, and the replies parked when A died, on the new socket.
+            # The prompts after the kill, and the replies kept when A died, on the new socket.
             moved = ["retry", f"handoff {SECOND}"]
             if group in ("refused", "cut"):
                 moved.append(f"handoff {FIRST}")
@@ -515,7 +515,7 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
 ) -> None:
     """The channel is slow to answer (1.5 s) when SIGTERM arrives: the turns in flight
     send their ``handoff.initiate``, the channel answers it, the turns are answered 200 and
-    leave nothing parked (delivered and acknowledged); then the socket closes with 1012
+    leave nothing kept (delivered and acknowledged); then the socket closes with 1012
     (service restart), the channel reconnects to B and the calls carry on; A exits 0."""
     began = time.monotonic()
     # A long watchdog: the pending calls' watchdogs must fire after the channel has moved.
@@ -552,11 +552,11 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
             handoffs = [r for r in channel.requests("a")[mark:] if kind(r) == f"handoff {FIRST}"]
             assert {conversation(r) for r in handoffs} == {c.conversation_id for c in in_flight}
             assert len(delivered(channel)) == len(channel.requests("a")), logs(bots)
-            # So nothing of theirs may be left parked, to be sent again.
-            parked_after_close = {
-                c.conversation_id: parked
+            # So nothing of theirs may be left kept, to be sent again.
+            kept_after_close = {
+                c.conversation_id: kept
                 for c in in_flight
-                if (parked := await store.hkeys(keys.call(c.conversation_id).outbox))
+                if (kept := await store.hkeys(keys.call(c.conversation_id).outbox))
             }
 
             # The channel moves to B; the calls carry on from where they were.
@@ -574,7 +574,7 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
             for caller in everyone:
                 await send(channel, "b", caller.hang_up(), bots)
             cids = [c.conversation_id for c in everyone]
-            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or parked", bots)
+            await until(lambda: nothing_due(store, keys, cids), 30, "nothing left due or kept", bots)
             code = await exited
             received = delivered(channel)
     finally:
@@ -596,13 +596,13 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
     duplicates = repeats(received)
     print(
         f"\nSIGTERM: {len(in_flight)} turns in flight answered 200, socket closed with {closed['code']}, "
-        f"exit code {code}; {len(everyone)} calls carried on over B; parked after the close "
-        f"{len(parked_after_close)}, duplicates {duplicates}; {time.monotonic() - began:.1f} s"
+        f"exit code {code}; {len(everyone)} calls carried on over B; kept after the close "
+        f"{len(kept_after_close)}, duplicates {duplicates}; {time.monotonic() - began:.1f} s"
     )
     # A graceful shutdown: the replies the channel answered were acknowledged, none sent again.
     not_delivered = [line for line in a.log().splitlines() if "replies not delivered" in line]
-    assert (parked_after_close, duplicates) == ({}, 0), (
+    assert (kept_after_close, duplicates) == ({}, 0), (
         "turns answered 200, whose replies the channel answered 200 before the close, left them "
-        "parked (sent again on B): A did not read the channel's answers after SIGTERM",
+        "kept (sent again on B): A did not read the channel's answers after SIGTERM",
         not_delivered,
     )
