@@ -1,7 +1,8 @@
 """What operators see of calls, as plain JSON-ready data: one shape for the CLI, the HTTP
 operator API and the dashboard, made from what ``adapters.inspector`` reads.
 
-Caller words are redacted here, before anyone sees them.
+Caller words were redacted where they entered the call; every view here applies the same
+rule again (``redact``), so nothing shown escapes it.
 """
 
 from __future__ import annotations
@@ -13,23 +14,22 @@ from typing import Any
 
 from adapters.inspector import MAX_WINDOW_SECONDS, CallInspector, FeedEntry
 from orchestrator.call import timestamp
-from orchestrator.redact import masked
+from orchestrator.redact import Redactor, masked
 from orchestrator.turn import Outcome
 from states import LIVE_STATES, State
 from states.diagram import arrows
 
-# Runs of 8 or more digits (spaces and dashes allowed between them): card, account and
-# phone numbers a caller may have said. The last four stay readable.
-_LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){7,}")
+# The redactor's own rule at its defaults (the default call flow's): text it stored shows
+# unchanged, and no view shows a digit run it would mask, whatever a flow's privacy says.
+_SHOWN = Redactor()
 _WINDOW = re.compile(r"^\s*(\d{1,9})\s*([smhd]?)\s*$", re.ASCII)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 CONCLUDED = (Outcome.ACCEPTED, Outcome.FAILED, Outcome.TIMEOUT)
 
 
 def redact(text: str) -> str:
-    """Text for operator eyes: long digit runs masked but for their last four digits."""
-
-    return _LONG_DIGITS.sub(lambda match: masked(re.sub(r"\D", "", match.group())), text)
+    """Text for operator eyes: digit runs masked as they are where caller words are stored."""
+    return _SHOWN(text)
 
 
 def mask_account(text: str) -> str:

@@ -120,10 +120,13 @@ def test_diagram_prints_the_machine(tmp_path: Any) -> None:
         ("call me on 425-555-0123", "call me on ******0123"),
         ("account 1234-5678-9012", "account ********9012"),
         ("press 1 then 0", "press 1 then 0"),
+        ("member 1234567", "member ***4567"),  # seven digits: the redactor's threshold
+        ("order 123456", "order 123456"),
     ],
 )
 def test_long_digit_runs_are_masked(text: str, expected: str) -> None:
     assert redact(text) == expected
+    assert load_callflow().redact(text) == expected  # the rule caller words are stored under
 
 
 def test_calls_list_by_state(call_in_redis: str) -> None:

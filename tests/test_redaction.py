@@ -15,6 +15,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from botbuilder.core import TurnContext
 from botbuilder.core.adapters import TestAdapter
+from click.testing import CliRunner
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -25,6 +26,7 @@ from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.call import CALLER, Call
 from orchestrator.callflow import CallFlow, load_callflow, parse_callflow
+from orchestrator.cli import cli
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError
@@ -500,3 +502,48 @@ async def test_a_parked_handoff_holds_no_caller_number_and_is_re_sent_whole(
     texts = transcript_texts(resent)
     assert texts[1] == REDACTED  # the outbox never held the words as said
     assert texts == [*transcript_texts(expected)[:1], REDACTED, *transcript_texts(expected)[2:]]
+
+
+# --- what operators see -------------------------------------------------------------------
+
+OPERATOR_TOKEN = "operator-token-for-tests-0123456789"
+MEMBER = "my member number is 1234567"  # seven digits: the shortest run the redactor masks
+
+
+@pytest.mark.parametrize("bot_redis", ["real", "cluster"], indirect=True)  # the CLI needs a server
+async def test_a_seven_digit_run_is_masked_alike_in_storage_and_in_every_view(
+    bot_redis: dict[str, Any], channel: ChannelStandIn, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator API (which the dashboard reads) and ``calls show`` show the transcript as
+    it was stored: views apply the redactor's rule, not one of their own."""
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: no table cell wraps
+    settings = load_settings(**bot_redis, REDIS_KEY_PREFIX=key_prefix, OPERATOR_TOKEN=OPERATOR_TOKEN)
+    bot = TestClient(TestServer(create_app(settings)))
+    await bot.start_server()
+    try:
+        caller = Caller(channel.url, number=CALLER_ID)
+        cid = caller.conversation_id
+        for activity in (caller.start(), caller.say(MEMBER)):
+            assert (await bot.post("/api/messages", json=activity)).status == 201
+        call = (await bot.app[STORE_KEY].load(cid)).call
+        assert call is not None
+        stored = [(line.role, line.text) for line in call.transcript]
+        assert (CALLER, "my member number is ***4567") in stored
+
+        response = await bot.get(f"/api/calls/{cid}", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+        assert response.status == 200
+        shown = await response.json()
+        assert [(line["role"], line["text"]) for line in shown["transcript"]] == stored
+
+        cluster = ["--cluster"] if bot_redis.get("REDIS_CLUSTER") else []
+        show = ["--redis-url", bot_redis["REDIS_URL"], *cluster, "--prefix", key_prefix, "calls", "show", cid]
+        as_json, for_people = [
+            await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+            for args in ([*show, "--json"], show)
+        ]
+        assert as_json.exit_code == 0 and for_people.exit_code == 0, as_json.output + for_people.output
+        assert [(line["role"], line["text"]) for line in json.loads(as_json.output)["transcript"]] == stored
+        assert "my member number is ***4567" in for_people.output and "1234567" not in for_people.output
+    finally:
+        await delete_prefix(bot.app[STORE_KEY].redis, key_prefix)
+        await bot.close()
