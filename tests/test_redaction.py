@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from adapters.activity_json import activity_from_json
-from adapters.bot import caller_id, conversation_reference, replies
+from adapters.bot import caller_id, conversation_reference, rendered
 from adapters.http import STORE_KEY
 from adapters.store import RedisCallStore
 from app import create_app
@@ -324,7 +324,7 @@ def _new() -> Call:
 # --- nothing raw reaches Redis -------------------------------------------------------
 
 
-# Redis times in ms (record fields, scores, stream ids, the outbox's parked time): any
+# Redis times in ms (record fields, scores, stream ids, the outbox's kept time): any
 # 13-digit time may hold "4111" by chance, which is no card.
 _TIMES = re.compile(r"(?<!\d)1[6-9]\d{11}(?!\d)")
 
@@ -356,7 +356,7 @@ async def everything_stored(client: Redis | RedisCluster, prefix: str) -> list[t
 
 async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_prefix: str) -> None:
     """Every turn renders its replies as the bot does, and none is acknowledged: the
-    handoff.initiate and the prompts after it stay parked in the outbox when Redis is read."""
+    handoff.initiate and the prompts after it stay in the outbox when Redis is read."""
     engine = Engine(store, flow_with(agent_transcript="full"))
     caller = Caller("http://channel.invalid/", conversation_id="call-1", number=CALLER_ID)
 
@@ -369,7 +369,7 @@ async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_
             activity_id=incoming.id,
             reference=conversation_reference(incoming),
             caller=caller_id(incoming),
-            render=lambda turn: replies(turn, context),
+            render=lambda turn: rendered(turn, context),
         )
 
     await turn(caller.start(), CallStarted())
@@ -377,9 +377,9 @@ async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_
     await turn(caller.say("agent"), CallerInput("agent"))
     await turn(caller.status({"state": "failed"}), HandoffStatus("failed", "4111 1111 1111 1111 declined"))
     await turn(caller.say(f"it is {CARD}"), CallerInput(f"it is {CARD}"))
-    parked = await store.redis.hvals(store.keys.call("call-1").outbox)
+    kept = await store.redis.hvals(store.keys.call("call-1").outbox)
     # Never acknowledged: the handoff, the retry prompt and the reply that resumed the bot.
-    assert len(parked) == 3 and sum("handoff.initiate" in entry for entry in parked) == 1
+    assert len(kept) == 3 and sum("handoff.initiate" in entry for entry in kept) == 1
     stored = await stored_text(store.redis, key_prefix)
     assert CALLER_NUMBER in stored and MASKED_CARD in stored
     for secret in (*SECRETS, *CALLER_FORMS):
@@ -413,7 +413,7 @@ async def bot(
         **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file(tmp_path, agent_transcript),
-        DELIVERY_GRACE_SECONDS=1,
+        OUTBOX_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
         SCHEDULER_LEASE_SECONDS=1,  # a refused re-send is tried again a second later
     )
@@ -465,7 +465,7 @@ async def handoff_of(channel: ChannelStandIn, cid: str) -> dict[str, Any]:
     return next(a for a in channel.for_conversation(cid) if a.get("name") == "handoff.initiate")
 
 
-async def test_a_parked_handoff_holds_no_caller_number_and_is_re_sent_whole(
+async def test_a_kept_handoff_holds_no_caller_number_and_is_re_sent_whole(
     bot: TestClient[Any, Any], channel: ChannelStandIn, agent_transcript: str
 ) -> None:
     """The outbox is Redis: while a handoff waits there, it holds neither the caller's words
@@ -476,17 +476,17 @@ async def test_a_parked_handoff_holds_no_caller_number_and_is_re_sent_whole(
     for activity in (sent_at_once.start(), sent_at_once.say(SAID), sent_at_once.say("agent")):
         assert (await bot.post("/api/messages", json=activity)).status == 201
     expected = await handoff_of(channel, sent_at_once.conversation_id)
-    await delete_prefix(store.redis, store.keys.prefix)  # only the parked call's keys below
+    await delete_prefix(store.redis, store.keys.prefix)  # only the kept call's keys below
 
     caller = Caller(channel.url, number=CALLER_ID)
     cid = caller.conversation_id
     for activity in (caller.start(), caller.say(SAID)):
         assert (await bot.post("/api/messages", json=activity)).status == 201
-    channel.refuse_next = 1_000_000  # every delivery fails, re-sends too: the handoff stays parked
+    channel.refuse_next = 1_000_000  # every delivery fails, re-sends too: the handoff stays kept
     assert (await bot.post("/api/messages", json=caller.say("agent"))).status == 201
     assert await store.redis.hlen(store.keys.call(cid).outbox) == 1
     stored = await stored_text(store.redis, store.keys.prefix)
-    assert "handoff.initiate" in stored and MASKED_CARD in stored  # the parked handoff is there
+    assert "handoff.initiate" in stored and MASKED_CARD in stored  # the kept handoff is there
     for secret in (*SECRETS, *CALLER_FORMS):
         assert secret not in stored
     # The redactor finds the number in any other formatting: nothing it would mask is left.
