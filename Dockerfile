@@ -5,7 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
 COPY pyproject.toml README.md ./
-COPY app.py ./
+COPY app.py cli.py ./
 COPY orchestrator ./orchestrator
 COPY states ./states
 COPY adapters ./adapters

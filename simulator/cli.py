@@ -1,4 +1,4 @@
-"""``python -m orchestrator simulate``: play the Telephony channel and the agent side
+"""``python -m cli simulate``: play the Telephony channel and the agent side
 against running bots, interactively, from scenario files, or as a load of many callers."""
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from redis.asyncio import Redis
 from adapters.inspection import redact
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore
+from cli import cli
 from orchestrator.callflow import load_callflow
-from orchestrator.cli import cli
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
 from states.diagram import mermaid
@@ -257,7 +258,7 @@ def test_reconcile_removes_entries_of_expired_calls(call_in_redis: str) -> None:
 def test_calls_watch_ends_quietly_on_ctrl_c(call_in_redis: str, tmp_path: Path) -> None:
     """As a person runs it: a process, interrupted by SIGINT once it is watching."""
     out = tmp_path / "watch.out"
-    command = [sys.executable, "-m", "orchestrator", "--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis]
+    command = [sys.executable, "-m", "cli", "--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis]
     with out.open("w") as sink:
         watch = subprocess.Popen([*command, "calls", "watch"], stdout=sink, stderr=subprocess.PIPE, text=True)
 
@@ -288,3 +289,18 @@ def test_an_unreachable_redis_is_named_without_its_password() -> None:
     result = CliRunner().invoke(cli, ["--redis-url", "redis://ops:s3cret@127.0.0.1:1/0", "stats"])
     assert result.exit_code == 1 and "s3cret" not in result.output
     assert "redis://ops:***@127.0.0.1:1/0 is not reachable" in result.output
+
+
+def test_the_entry_points_run_the_cli_from_the_top_level() -> None:
+    """``cc-orchestrator`` is ``cli:cli``, installed as a top-level module beside ``app``,
+    and ``python -m cli`` runs it; the core has no ``__main__`` of its own."""
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["cc-orchestrator"] == "cli:cli"
+    assert {"app", "cli"} <= set(project["tool"]["setuptools"]["py-modules"])
+    assert not (root / "orchestrator" / "__main__.py").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "--help"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: python -m cli ") and "simulate" in done.stdout

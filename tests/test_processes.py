@@ -164,7 +164,7 @@ async def test_operators_see_every_instance(
     env = {**bot_env, "OPERATOR_TOKEN": token}
     bots = [await BotProcess(env, tmp_path, f"bot{i}").start() for i in range(2)]
     out = tmp_path / "watch.out"
-    command = [sys.executable, "-m", "orchestrator", "--redis-url", REAL_REDIS_URL, "--prefix"]
+    command = [sys.executable, "-m", "cli", "--redis-url", REAL_REDIS_URL, "--prefix"]
     with out.open("w") as sink:
         watch = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block
             [*command, bot_env["REDIS_KEY_PREFIX"], "calls", "watch", "--json"], cwd=ROOT, stdout=sink

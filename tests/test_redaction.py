@@ -24,9 +24,9 @@ from adapters.bot import caller_id, conversation_reference, rendered
 from adapters.http import STORE_KEY
 from adapters.store import RedisCallStore
 from app import create_app
+from cli import cli
 from orchestrator.call import CALLER, Call
 from orchestrator.callflow import CallFlow, load_callflow, parse_callflow
-from orchestrator.cli import cli
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError

@@ -22,8 +22,8 @@ from adapters.inspector import CallInspector
 from adapters.keys import Keyspace
 from adapters.redis_client import connection_problem, create_redis, security_options
 from adapters.store import RedisCallStore
+from cli import cli
 from orchestrator.callflow import load_callflow
-from orchestrator.cli import cli
 from orchestrator.config import Settings, load_settings, redact_url
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError, StoreUnavailable

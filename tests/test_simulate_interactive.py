@@ -1,5 +1,5 @@
 """``simulate`` interactive mode against a real bot: driven through its ``lines`` input
-in-process, and once as ``python -m orchestrator simulate`` with commands on its stdin."""
+in-process, and once as ``python -m cli simulate`` with commands on its stdin."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ async def test_http_errors_from_the_bot_show_in_red(bot_url: str) -> None:
     assert "\x1b[31merror: cannot start a call: the bot answered HTTP 404\x1b[0m" in out.getvalue()
 
 
-async def test_python_m_orchestrator_simulate_reads_its_commands_from_stdin(
+async def test_python_m_cli_simulate_reads_its_commands_from_stdin(
     flow_file: Path, tmp_path: Path, clean_env: None
 ) -> None:
     bot = await BotProcess(
@@ -240,7 +240,7 @@ async def test_python_m_orchestrator_simulate_reads_its_commands_from_stdin(
     env.update(COLUMNS="200", HOME=str(tmp_path), PYTHONUNBUFFERED="1")
     simulator = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "orchestrator", "simulate", "--bot", bot.url),
+        *("-m", "cli", "simulate", "--bot", bot.url),
         cwd=ROOT,
         env=env,
         stdin=asyncio.subprocess.PIPE,

@@ -1,6 +1,6 @@
 """The simulator's load mode: many callers through the shipped scenarios (and two that
 fail on purpose) against two real bot processes on the real Redis, counted exactly;
-and the same through ``python -m orchestrator simulate --calls``."""
+and the same through ``python -m cli simulate --calls``."""
 
 from __future__ import annotations
 
@@ -159,11 +159,11 @@ async def test_load_over_two_bots_counts_every_call_turn_and_transfer(
 
 
 async def simulate(*args: str) -> tuple[int, str]:
-    """``python -m orchestrator simulate ARGS`` as a process: its exit status and output."""
+    """``python -m cli simulate ARGS`` as a process: its exit status and output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "orchestrator",
+        "cli",
         "simulate",
         *args,
         cwd=ROOT,

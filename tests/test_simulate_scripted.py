@@ -164,7 +164,7 @@ def test_a_bad_scenario_file_names_the_file_and_the_problem(tmp_path: Path, data
 
 async def test_the_command_line_runs_scenarios_and_exits_by_the_result(bot_url: str, tmp_path: Path) -> None:
     failing = write(tmp_path, "failing", {"name": "wrong", "steps": ["start", {"expect_transfer": {}}]})
-    base = [sys.executable, "-m", "orchestrator", "simulate", "--bot", bot_url]
+    base = [sys.executable, "-m", "cli", "simulate", "--bot", bot_url]
     runs = {
         "shipped": [*base, "--shipped"],
         "failing": [*base, "--scenario", str(failing)],

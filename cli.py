@@ -1,4 +1,4 @@
-"""Operator CLI: ``python -m orchestrator`` (or ``cc-orchestrator``).
+"""Operator CLI: ``python -m cli`` (installed as ``cc-orchestrator``).
 
 Reads the same Redis the bots use, through the same key layout, and shows what
 ``adapters.inspection`` makes of it: rich tables for people, ``--json`` for scripts.
@@ -15,20 +15,18 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from adapters import inspection
+from adapters.inspector import CallInspector
 from orchestrator.turn import Outcome
 from simulator.cli import simulate
 from states import State
 from states.diagram import FORMATS, DiagramError, render
-
-if TYPE_CHECKING:
-    from adapters.inspector import CallInspector
 
 T = TypeVar("T")
 WATCH_POLL_SECONDS = 0.25
@@ -291,7 +289,6 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
     a failed TLS handshake or a user not allowed the command: one line and exit 1."""
     from redis.exceptions import NoPermissionError
 
-    from adapters.inspector import CallInspector
     from adapters.keys import Keyspace
     from adapters.redis_client import connection_problem, create_redis
     from adapters.store import RedisCallStore, Retention
@@ -345,3 +342,7 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
 
 
 cli.add_command(simulate)
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m cli")  # click would name the file: a top-level module has no package

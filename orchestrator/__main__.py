@@ -1,5 +1,0 @@
-"""``python -m orchestrator``: the operator CLI."""
-
-from orchestrator.cli import cli
-
-cli()
