@@ -68,13 +68,11 @@ class Loaded:
 
 
 class CallStore(Protocol):
-    """Where calls live (``adapters.store.RedisCallStore``)."""
+    """Where calls live (``adapters.store.RedisCallStore``): all the engine needs of it."""
 
     async def load(self, conversation_id: str, activity_id: str = "") -> Loaded: ...
 
     async def commit(self, turn: Turn, activity_id: str = "", outbox: str = "") -> Receipt: ...
-
-    async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
 
 Render = Callable[[Turn], Replies]
