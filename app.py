@@ -30,9 +30,9 @@ from adapters.http import (
     DRAINING_KEY,
     MAX_BODY_BYTES,
     METRICS_KEY,
+    SAY_SECONDS,
     SCHEDULER_KEY,
     STORE_KEY,
-    TURN_SECONDS,
     add_routes,
 )
 from adapters.keys import Keyspace
@@ -245,7 +245,7 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     In that order because aiohttp's shutdown stops reading every open connection before
     anything else, sockets included: a turn still running could no longer read the
     channel's answer to its replies."""
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS - TURN_SECONDS)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS - SAY_SECONDS)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -265,7 +265,7 @@ async def drain(app: web.Application) -> None:
     new work elsewhere); the streaming sockets finish their turns, then close."""
     if not app[DRAINING_KEY].is_set():
         app[DRAINING_KEY].set()
-        await app[CONNECTIONS_KEY].close_all(drain_seconds=TURN_SECONDS)
+        await app[CONNECTIONS_KEY].close_all(drain_seconds=SAY_SECONDS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -85,18 +86,17 @@ class CallBot(Bot):  # type: ignore[misc]
         if turn is None:  # a redelivery of an activity already taken
             await self._resend(turn_context)
             return
-        taken()
+        say_by = taken()
         if not turn.replies:
             return
         outgoing = turn.replies
         if self.full_transcript:
             outgoing = [with_full_transcript(reply, turn.call, activity) for reply in outgoing]
-        key = turn.outbox_key or activity.id or ""
         try:
-            async with asyncio.timeout(REPLY_SECONDS):
+            async with asyncio.timeout_at(say_by):
                 await turn_context.send_activities(outgoing)
         except Exception as e:
-            await self._keep(turn, key, e)
+            await self._keep(turn, activity.id or "", e)
             return
         if turn.outbox_key:
             await self._acknowledge(turn.call.id, turn.outbox_key)
@@ -104,28 +104,38 @@ class CallBot(Bot):  # type: ignore[misc]
     async def _keep(self, turn: Turn, key: str, error: Exception) -> None:
         """Replies that were not said: into the outbox (if not there from the commit), for
         the scheduler to re-send. The channel is not asked to retry: its redelivery would
-        find the turn taken, and only the outbox can say the replies again."""
+        find the turn taken, and only the outbox can say the replies again. A refused send
+        is re-sent at once; one that timed out may have been said, so only after the grace."""
         call = turn.call
         log.warning("call %s v%d: %d replies not sent (%r)", call.id, call.version, len(turn.replies), error)
         if turn.outbox_key:
             return
+        payload = outbox_payload(turn.replies, call.reference, call.version)
         try:
-            await self.store.keep(call.id, key, outbox_payload(turn.replies, call.reference))
+            await self.store.keep(call.id, key, payload, at_once=not isinstance(error, TimeoutError))
         except StoreUnavailable as e:
             log.warning("call %s v%d: unsent replies not kept, they are lost: %s", call.id, call.version, e)
 
     async def _resend(self, turn_context: TurnContext) -> None:
-        """A redelivered activity: its replies, if the outbox still holds them, go again now."""
+        """A redelivered activity: its replies, if the outbox still keeps them, go again now.
+        A send that fails leaves them there for the scheduler: the channel's own retry is
+        answered as taken either way."""
         activity = turn_context.activity
+        conversation_id = activity.conversation.id
         if not activity.id:
             return
-        entry = await self.store.outbox_entry(activity.conversation.id, activity.id)
-        if entry is None or entry.state == State.ENDED:
+        entry = await self.store.outbox_entry(conversation_id, activity.id)
+        if entry is None or entry.state == State.ENDED or not entry.reference:
             return
-        resent = [with_caller(reply, entry.reference) for reply in from_outbox(entry.payload)]
-        async with asyncio.timeout(REPLY_SECONDS):
-            await turn_context.send_activities(resent)
-        await self._acknowledge(activity.conversation.id, activity.id)
+        again = [with_caller(reply, entry.reference) for reply in from_outbox(entry.payload, entry.version)]
+        if again:
+            try:
+                async with asyncio.timeout_at(taken()):
+                    await turn_context.send_activities(again)
+            except Exception as e:
+                log.warning("call %s: replies of %s not re-sent (%r); kept", conversation_id, activity.id, e)
+                return
+        await self._acknowledge(conversation_id, activity.id)
 
     async def _acknowledge(self, conversation_id: str, key: str) -> None:
         try:
@@ -152,21 +162,32 @@ class CallBot(Bot):  # type: ignore[misc]
         await self.adapter.continue_conversation(ref, speak, self.app_id or None)
 
     @staticmethod
-    def from_outbox(payload: str) -> list[Activity]:
-        return from_outbox(payload)
+    def from_outbox(payload: str, version: int) -> list[Activity]:
+        return from_outbox(payload, version)
 
 
-# The deadline of the channel's request being answered (``adapters.http.answer_activity``):
-# it bounds taking the turn, not saying its replies, which are bounded on their own.
-TURN_BOUND: ContextVar[asyncio.Timeout | None] = ContextVar("turn_bound", default=None)
-REPLY_SECONDS = 10.0  # sending a turn's replies that takes longer is given up: they are kept
+@dataclass(slots=True, frozen=True)
+class TurnBound:
+    """The bounds of a turn the channel waits for (``adapters.http.answer_activity``)."""
+
+    timeout: asyncio.Timeout  # cancels the turn until it is committed
+    say_by: float  # event loop time: replies not said by then are kept in the outbox
 
 
-def taken() -> None:
-    """The turn is committed: cancelling it now would only cut its replies short."""
+TURN_BOUND: ContextVar[TurnBound | None] = ContextVar("turn_bound", default=None)
+REPLY_SECONDS = 10.0  # for replies no channel request waits on
+
+
+def taken() -> float:
+    """The turn is committed: cancelling it now would only cut its replies short, so the
+    turn's bound is lifted. When its replies must be said by (event loop time)."""
+    loop_time = asyncio.get_running_loop().time()
     bound = TURN_BOUND.get()
-    if bound is not None:
-        bound.reschedule(None)
+    if bound is None:
+        return loop_time + REPLY_SECONDS
+    if not bound.timeout.expired():
+        bound.timeout.reschedule(None)
+    return bound.say_by
 
 
 def event_from_activity(activity: Activity) -> Event | None:
@@ -194,20 +215,25 @@ def event_from_activity(activity: Activity) -> Event | None:
 CALLER_ACCOUNT = "[caller]"
 
 
-def outbox_payload(replies: list[Activity], reference: str) -> str:
+def outbox_payload(replies: list[Activity], reference: str, version: int = 0) -> str:
     """The outbox entry of ``replies``: their JSON, every account of the caller (the
-    ``user`` of ``reference``) with ``CALLER_ACCOUNT`` for its id and name."""
+    ``user`` of ``reference``) with ``CALLER_ACCOUNT`` for its id and name. ``version``,
+    the call's version they answer, makes them go stale once the call moves on (replies
+    that must arrive, kept by their commit, have none: they are said whatever follows)."""
     data = [to_json(reply) for reply in replies]
     caller = _reference_user(reference).get("id")
     if caller:
         _replace_account(data, caller, CALLER_ACCOUNT, CALLER_ACCOUNT)
-    return json.dumps(data)
+    return json.dumps({"replies": data, "version": version} if version else {"replies": data})
 
 
-def from_outbox(payload: str) -> list[Activity]:
-    """The activities of an outbox entry; the caller's account is ``CALLER_ACCOUNT`` until
-    ``with_caller`` restores it."""
-    return [activity_from_json(data) for data in json.loads(payload)]
+def from_outbox(payload: str, version: int) -> list[Activity]:
+    """The activities of an outbox entry still worth saying to a call now at ``version``;
+    the caller's account is ``CALLER_ACCOUNT`` until ``with_caller`` restores it."""
+    entry = json.loads(payload)
+    if 0 < entry.get("version", 0) < version:
+        return []  # an ordinary reply after a later turn: said now, it would be out of order
+    return [activity_from_json(data) for data in entry["replies"]]
 
 
 def with_caller(reply: Activity, reference: str) -> Activity:

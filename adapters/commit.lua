@@ -145,12 +145,12 @@ end
 redis.call('HSET', seen, key, mark)
 -- The channel redelivers within seconds, so only recent activities need remembering: past
 -- seen_max and a quarter, those older than the last seen_max versions go, in one sweep now
--- and then rather than every turn.
+-- and then rather than every turn (an entry without a version, written by hand, with them).
 local seen_max = args.seen_max
 if redis.call('HLEN', seen) > seen_max + math.floor(seen_max / 4) then
   local all, old = redis.call('HGETALL', seen), {}
   for j = 1, #all, 2 do
-    if tonumber(string.match(all[j + 1], '^(%d+):')) <= version - seen_max then
+    if tonumber(string.match(all[j + 1], '^(%d+):') or '0') <= version - seen_max then
       old[#old + 1] = all[j]
     end
   end

@@ -23,7 +23,7 @@ from msrest.serialization import Model
 
 from adapters.activity_json import activity_from_json
 from adapters.auth import Unauthorized
-from adapters.bot import TURN_BOUND
+from adapters.bot import TURN_BOUND, TurnBound
 from adapters.channel_client import is_streaming
 from adapters.store import RedisCallStore
 from orchestrator.errors import CommitConflict, StoreUnavailable
@@ -39,7 +39,10 @@ SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 DRAINING_KEY = web.AppKey("draining", asyncio.Event)  # set when the instance starts shutting down
 
-TURN_SECONDS = 12.0  # inside the channel's 15 s
+# The channel waits 15 s for its answer: a turn not committed in TURN_SECONDS is answered
+# 503 (it redelivers); a committed turn's replies not said by SAY_SECONDS are kept.
+TURN_SECONDS = 12.0
+SAY_SECONDS = 14.0
 MAX_BODY_BYTES = 256 * 1024  # an activity is a few KB; larger bodies are refused with 413
 BODY_READ_SECONDS = 10.0  # a body still arriving after this is cut off with 408
 
@@ -208,7 +211,7 @@ async def answer_activity(
     try:
         async with asyncio.timeout_at(deadline) as bound:
             # The bot lifts the bound once the turn is committed (``adapters.bot.taken``).
-            token = TURN_BOUND.set(bound)
+            token = TURN_BOUND.set(TurnBound(bound, deadline - TURN_SECONDS + SAY_SECONDS))
             try:
                 invoke_response = await adapter.process_activity(authenticated, parsed, bot.on_turn)
             finally:

@@ -1,7 +1,7 @@
--- Keep replies whose send failed in a call's outbox, due for a re-send at once, for as
--- long as the call's keys live; nothing for a call that has expired.
+-- Keep replies whose send failed in a call's outbox, due for a re-send after a delay, for
+-- as long as the call's keys live; nothing for a call that has expired.
 -- KEYS: call, outbox, due (one hash slot)
--- ARGV: 1 outbox key, 2 payload, 3 its member of due
+-- ARGV: 1 outbox key, 2 payload, 3 its member of due, 4 the delay in ms
 -- Returns 1 if kept, 0 if the call is gone.
 local call, outbox, due = KEYS[1], KEYS[2], KEYS[3]
 local ttl = redis.call('PTTL', call)
@@ -14,5 +14,5 @@ redis.call('HSET', outbox, ARGV[1], now .. ':' .. ARGV[2])
 if ttl > 0 then
   redis.call('PEXPIRE', outbox, ttl)
 end
-redis.call('ZADD', due, now, ARGV[3])
+redis.call('ZADD', due, now + tonumber(ARGV[4]), ARGV[3])
 return 1

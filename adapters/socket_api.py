@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CONNECTIONS_KEY = web.AppKey("connections", Connections)
 HEARTBEAT_SECONDS = 20.0  # a WebSocket ping this often finds a peer that vanished without a close
+HOLD_SECONDS = 2.0  # recording a call's socket: past this, its next activity records it
 MAX_MESSAGE_BYTES = 2 * framing.MAX_BODY_BYTES  # one WebSocket message: several payloads at most
 MESSAGES_PATH = "/api/messages"
 VERSION_PATH = "/api/version"
@@ -135,19 +136,18 @@ async def _serve(
             if parsed.type == ActivityTypes.end_of_conversation:
                 connections.forget(call, connection)
             else:
-                await _hold(connections, call, connection, deadline)
+                await _hold(connections, call, connection)
     if answer.status == 503:
         metrics.unavailable.inc()
     return _framed(request, answer)
 
 
-async def _hold(
-    connections: Connections, call: str, connection: StreamingConnection, deadline: float
-) -> None:
+async def _hold(connections: Connections, call: str, connection: StreamingConnection) -> None:
     """Record the call's socket in Redis once its turn is taken (not for an activity the
-    bot refused); a failure leaves it to the call's next activity, the turn stands."""
+    bot refused); a failure leaves it to the call's next activity, the turn stands. Its
+    own bound: the turn's replies may have used all of the turn's."""
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(HOLD_SECONDS):
             await connections.hold(call, connection)
     except (StoreUnavailable, TimeoutError) as e:
         log.warning("call %s: its socket not recorded (next activity tries again): %s", call, e)

@@ -197,16 +197,17 @@ class RedisCallStore:
             return Receipt(outcome, current=_call_from(turn.call.id, record, lines))
         return Receipt(outcome)
 
-    async def keep(self, conversation_id: str, key: str, outbox: str) -> None:
+    async def keep(self, conversation_id: str, key: str, outbox: str, *, at_once: bool = True) -> None:
         """Put replies that were not sent in the call's outbox under ``key`` (the activity's:
-        a redelivery finds them; "" makes one), due for a re-send now. Nothing is kept for a
-        call that has expired."""
+        a redelivery finds them; "" makes one), due for a re-send now, or after the grace
+        (a send that timed out may have been said). Nothing is kept for an expired call."""
         key = key or f"~{secrets.token_urlsafe(6)}"
         keys = self.keys.call(conversation_id)
+        delay_ms = 0 if at_once else self.retention.outbox_grace_ms
         with unavailable_while("keeping unsent replies"):
             await self._keep(
                 keys=[keys.call, keys.outbox, self.keys.due_for(conversation_id)],
-                args=[key, outbox, Due.outbox(conversation_id, key)],
+                args=[key, outbox, Due.outbox(conversation_id, key), delay_ms],
             )
 
     async def acknowledge(self, conversation_id: str, key: str) -> None:
@@ -231,12 +232,12 @@ class RedisCallStore:
         with unavailable_while("reading the outbox"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.outbox, key)
-                pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE])
-                entry, (reference, state) = await pipe.execute()
+                pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE, CallField.VERSION])
+                entry, (reference, state, version) = await pipe.execute()
         if not entry:
             return None
         kept_ms, _, payload = entry.partition(":")  # written as "<Redis ms>:<payload>"
-        return OutboxEntry(reference or "", payload, state or "", int(kept_ms))
+        return OutboxEntry(reference or "", payload, state or "", int(version or 0), int(kept_ms))
 
     async def claim_due(self, limit: int, lease_ms: int) -> list[DueItem]:
         """The work due in any shard, now leased to this caller.

@@ -360,7 +360,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 async def outcome(store: RedisCallStore, ids: list[str], due_at: int) -> dict[str, Any]:
     """What the records say: states, timeout steps per call, when each was committed, and
-    what is still scheduled (a leftover delivery entry would be re-sent: a later repeat)."""
+    what is still scheduled (a leftover outbox entry would be re-sent: a later repeat)."""
     redis, keys = store.redis, store.keys
     async with redis.pipeline(transaction=False) as pipe:
         for call_id in ids:

@@ -99,7 +99,7 @@ class Metrics:
     def tally(
         self, name: str, documentation: str, read: Callable[[], int | Mapping[str, int]], label: str = ""
     ) -> None:
-        """Export a running count some object keeps (a conflict or re-delivery count), or
+        """Export a running count some object keeps (a conflict or re-send count), or
         one per value of ``label`` when ``read`` gives a mapping."""
         self.registry.register(_Read(CounterMetricFamily, name, documentation, read, label))
 

@@ -55,6 +55,7 @@ class OutboxEntry:
     reference: str
     payload: str  # opaque here: the bot side wrote it and reads it back
     state: str
+    version: int  # the call's, now
     kept_ms: int  # Redis time they were put in the outbox
 
 
@@ -75,7 +76,7 @@ class ScheduleStore(Protocol):
 
     async def acknowledge(self, conversation_id: str, key: str) -> None: ...
 
-    async def acknowledge_many(self, deliveries: list[tuple[str, str]]) -> None: ...
+    async def acknowledge_many(self, sent: list[tuple[str, str]]) -> None: ...
 
 
 class Channel(Protocol):
@@ -85,7 +86,9 @@ class Channel(Protocol):
 
     async def send(self, reference: str, replies: list[Any]) -> None: ...
 
-    def from_outbox(self, payload: str) -> list[Any]: ...
+    def from_outbox(self, payload: str, version: int) -> list[Any]:
+        """The replies of an outbox entry still worth saying to the call at ``version``."""
+        ...
 
 
 def stop_if_cancelled() -> None:
@@ -181,7 +184,7 @@ class Scheduler:
         except StoreUnavailable as e:
             # Sent but still in the outbox: they are sent again, and the replyKey lets a
             # receiver drop the repeat.
-            log.warning("%d delivered replies not acknowledged: %s", len(sent), e)
+            log.warning("%d sent replies not acknowledged: %s", len(sent), e)
 
     async def release(self) -> None:
         """Hand back claimed work not done yet (on shutdown), for others to take now."""
@@ -248,9 +251,14 @@ class Scheduler:
             )
             await self.store.acknowledge(item.conversation_id, item.key)
             return
-        await self._send(
-            item.conversation_id, entry.reference, self.channel.from_outbox(entry.payload), item.key
-        )
+        replies = self.channel.from_outbox(entry.payload, entry.version)
+        if not replies:
+            log.info(
+                "call %s: dropping the outbox entry %s (the call moved on)", item.conversation_id, item.key
+            )
+            await self.store.acknowledge(item.conversation_id, item.key)
+            return
+        await self._send(item.conversation_id, entry.reference, replies, item.key)
         self.resent += 1
         log.info("call %s: re-sent the outbox entry %s", item.conversation_id, item.key)
 

@@ -125,7 +125,8 @@ async def test_replies_kept_without_a_socket_are_due_once_the_call_is_on_one_aga
             while connections(first).sockets:  # noqa: ASYNC110 - the bot's own task detaches it
                 await asyncio.sleep(0.02)
         store = first.app[STORE_KEY]
-        await store.redis.hset(store.keys.call(cid).outbox, "kept-1", "0:[]")  # kept at 0 ms: nothing
+        # kept at 0 ms: too old to be sent
+        await store.redis.hset(store.keys.call(cid).outbox, "kept-1", '0:{"replies":[]}')
         due = store.keys.due_for(cid)
         member = Due.outbox(cid, "kept-1")
         await store.redis.zadd(due, {member: 10**13})  # due far in the future

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -15,7 +16,9 @@ import yaml
 from aiohttp import WSServerHandshakeError
 from aiohttp.test_utils import TestClient, TestServer
 
+from adapters.bot import TURN_BOUND, TurnBound, taken
 from adapters.http import STORE_KEY
+from adapters.keys import Due
 from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.config import load_settings
@@ -497,3 +500,53 @@ async def test_a_redelivered_activity_gets_its_kept_replies_at_once(
         if bot_redis["REDIS_URL"]:
             await delete_prefix(bot.app[STORE_KEY].redis, key_prefix)
         await bot.close()
+
+
+async def test_a_redelivery_whose_re_send_fails_again_is_taken_and_the_replies_stay_kept(
+    bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    """Never a 500: the channel still refusing on its retry leaves the handoff in the
+    outbox for the scheduler, and the retry is answered as taken."""
+    caller = Caller(channel.url)
+    ask = caller.say("agent")
+    channel.refuse_next = 1_000_000
+    assert await post(bot, ask) == 201
+    assert await post(bot, ask) == 201
+    assert list(await outbox_of(bot, caller.conversation_id)) == [ask["id"]]
+    channel.refuse_next = 0
+    await channel.wait_for(1, caller.conversation_id)
+    assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
+
+
+async def test_a_reply_whose_send_times_out_is_kept_until_the_grace_not_re_sent_at_once(
+    bot: TestClient[Any, Any], channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send that timed out may have been said: re-sending it at once would say it twice."""
+    monkeypatch.setattr("adapters.http.TURN_SECONDS", 0.2)
+    monkeypatch.setattr("adapters.http.SAY_SECONDS", 0.4)
+    caller = Caller(channel.url)
+    hello = caller.say("hello there")
+    channel.delay = 2.0
+    assert await post(bot, hello) == 201
+    store: RedisCallStore = bot.app[STORE_KEY]
+    (kept,) = (await outbox_of(bot, caller.conversation_id)).values()
+    due = await store.redis.zscore(
+        store.keys.due_for(caller.conversation_id), Due.outbox(caller.conversation_id, hello["id"])
+    )
+    assert due is not None and int(due) - int(kept.partition(":")[0]) == store.retention.outbox_grace_ms
+
+
+async def test_lifting_a_bound_that_expired_meanwhile_does_not_fail_the_turn() -> None:
+    """A cancellation lost inside a library (CPython gh-86296) leaves the bound expired and
+    the turn running: lifting it must not raise, and the replies keep their own bound."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(0) as expiring:
+        bound = TurnBound(expiring, loop.time() + 5)
+        token = TURN_BOUND.set(bound)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):  # the lost cancellation
+                await asyncio.sleep(1)
+            assert expiring.expired()
+            assert taken() == bound.say_by
+        finally:
+            TURN_BOUND.reset(token)

@@ -11,7 +11,7 @@ import pytest
 from botbuilder.schema import Activity
 from redis.asyncio import Redis
 
-from adapters.bot import from_outbox, rendered
+from adapters.bot import from_outbox, outbox_payload, rendered
 from adapters.keys import Due, Keyspace
 from adapters.store import RedisCallStore, Retention
 from orchestrator import scheduler as scheduler_module
@@ -327,4 +327,36 @@ async def test_outbox_entries_go_stale_by_when_they_were_kept_even_on_a_busy_cal
     for _ in range(3):
         await scheduler.poll()
     assert channel.sent == [] and scheduler.resent == 0  # dropped, not sent once more
+    assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
+
+
+async def test_an_ordinary_reply_kept_after_its_send_failed_is_re_sent_while_the_call_waits(
+    quick_store: RedisCallStore,
+) -> None:
+    engine, channel = Engine(quick_store, flow()), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    turn = await engine.handle(
+        "c1", CallerInput("hello"), activity_id="m1", reference=REFERENCE % "c1", render=channel.render
+    )
+    assert turn is not None and turn.outbox_key == ""  # ordinary: not kept by the commit ...
+    await quick_store.keep("c1", "m1", outbox_payload(turn.replies, turn.call.reference, turn.call.version))
+    await until(lambda: scheduler.resent == 1, scheduler)  # ... but by the failed send
+    assert channel.texts() == [reply.text for reply in turn.replies]
+
+
+async def test_an_ordinary_reply_kept_after_its_send_failed_is_dropped_once_the_call_moves_on(
+    quick_store: RedisCallStore,
+) -> None:
+    """Said after a later turn's reply it would be out of order: the caller has moved on."""
+    engine, channel = Engine(quick_store, flow()), RecordingChannel()
+    scheduler = Scheduler(engine, quick_store, channel)
+    turn = await engine.handle(
+        "c1", CallerInput("hello"), activity_id="m1", reference=REFERENCE % "c1", render=channel.render
+    )
+    assert turn is not None
+    await quick_store.keep("c1", "m1", outbox_payload(turn.replies, turn.call.reference, turn.call.version))
+    await engine.handle("c1", CallerInput("hello again"), activity_id="m2", render=channel.render)
+    for _ in range(3):
+        await scheduler.poll()
+    assert channel.sent == [] and scheduler.resent == 0
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0

@@ -297,6 +297,23 @@ async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
     await dead.aclose()
 
 
+async def test_a_seen_entry_without_a_version_goes_with_the_sweep_and_stops_no_commit(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Written by hand: the sweep once compared nothing with a number and failed the commit
+    after its writes (the channel got 503, its retry a duplicate)."""
+    store = RedisCallStore(redis_client, Keyspace(key_prefix), Retention(seen_max=8))
+    seen = store.keys.call("c1").seen
+    await redis_client.hset(seen, "by-hand", "no version here")
+    call = Call(id="c1")
+    for i in range(12):
+        turn = turn_for(call)
+        receipt = await store.commit(turn, f"a{i}")
+        assert receipt.outcome is Commit.APPLIED, i
+        call = replace(turn.call, version=receipt.version)
+    assert not await redis_client.hexists(seen, "by-hand")
+
+
 def test_the_commit_script_reads_exactly_the_arguments_the_store_builds(store: RedisCallStore) -> None:
     """commit.lua takes one JSON object: every name it reads is built, and nothing else;
     its KEYS line names them in the order the store passes them."""
