@@ -330,17 +330,23 @@ async def test_outbox_entries_go_stale_by_when_they_were_kept_even_on_a_busy_cal
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
 
 
-async def test_an_ordinary_reply_kept_after_its_send_failed_is_re_sent_while_the_call_waits(
-    quick_store: RedisCallStore,
-) -> None:
-    engine, channel = Engine(quick_store, flow()), RecordingChannel()
-    scheduler = Scheduler(engine, quick_store, channel)
+async def kept_after_a_failed_send(store: RedisCallStore) -> tuple[Engine, RecordingChannel, Scheduler, Turn]:
+    """An ordinary turn of call c1 (not kept by its commit) whose send failed: the bot kept
+    its replies in the outbox."""
+    engine, channel = Engine(store, flow()), RecordingChannel()
     turn = await engine.handle(
         "c1", CallerInput("hello"), activity_id="m1", reference=REFERENCE % "c1", render=channel.render
     )
-    assert turn is not None and turn.outbox_key == ""  # ordinary: not kept by the commit ...
-    await quick_store.keep("c1", "m1", outbox_payload(turn.replies, turn.call.reference, turn.call.version))
-    await until(lambda: scheduler.resent == 1, scheduler)  # ... but by the failed send
+    assert turn is not None and turn.outbox_key == ""
+    await store.keep("c1", "m1", outbox_payload(turn.replies, turn.call.reference, turn.call.version))
+    return engine, channel, Scheduler(engine, store, channel), turn
+
+
+async def test_an_ordinary_reply_kept_after_its_send_failed_is_re_sent_while_the_call_waits(
+    quick_store: RedisCallStore,
+) -> None:
+    _, channel, scheduler, turn = await kept_after_a_failed_send(quick_store)
+    await until(lambda: scheduler.resent == 1, scheduler)
     assert channel.texts() == [reply.text for reply in turn.replies]
 
 
@@ -348,13 +354,7 @@ async def test_an_ordinary_reply_kept_after_its_send_failed_is_dropped_once_the_
     quick_store: RedisCallStore,
 ) -> None:
     """Said after a later turn's reply it would be out of order: the caller has moved on."""
-    engine, channel = Engine(quick_store, flow()), RecordingChannel()
-    scheduler = Scheduler(engine, quick_store, channel)
-    turn = await engine.handle(
-        "c1", CallerInput("hello"), activity_id="m1", reference=REFERENCE % "c1", render=channel.render
-    )
-    assert turn is not None
-    await quick_store.keep("c1", "m1", outbox_payload(turn.replies, turn.call.reference, turn.call.version))
+    engine, channel, scheduler, _ = await kept_after_a_failed_send(quick_store)
     await engine.handle("c1", CallerInput("hello again"), activity_id="m2", render=channel.render)
     for _ in range(3):
         await scheduler.poll()
