@@ -32,7 +32,6 @@ from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, status_from_value
 from orchestrator.turn import Handoff, Say, Turn
-from states import State
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,9 @@ class CallBot(Bot):  # type: ignore[misc]
 
     What "said" means: a reply is said once the channel has taken it. Replies that must
     arrive are in the outbox from their commit; any other reply whose send fails goes in
-    it then. The scheduler re-sends what the outbox holds until it is acknowledged, and a
-    redelivered activity whose replies are still there gets them again at once.
+    it then. A failed send makes its entry due at once, and the scheduler re-sends what
+    the outbox holds until it is acknowledged. (A redelivered activity does not re-send
+    it: the first delivery may still be sending, and the same prompt would be said twice.)
     """
 
     def __init__(
@@ -83,8 +83,7 @@ class CallBot(Bot):  # type: ignore[misc]
             caller=caller_id(activity),
             render=lambda turn: rendered(turn, turn_context),
         )
-        if turn is None:  # a redelivery of an activity already taken
-            await self._resend(turn_context)
+        if turn is None:  # a redelivery of an activity already taken: the outbox has its replies
             return
         say_by = taken()
         if not turn.replies:
@@ -105,37 +104,16 @@ class CallBot(Bot):  # type: ignore[misc]
         """Replies that were not said: into the outbox (if not there from the commit), for
         the scheduler to re-send. The channel is not asked to retry: its redelivery would
         find the turn taken, and only the outbox can say the replies again. A refused send
-        is re-sent at once; one that timed out may have been said, so only after the grace."""
+        is re-sent at once; one that timed out may have been said, so only after the grace.
+        Replies the commit kept are only made due."""
         call = turn.call
         log.warning("call %s v%d: %d replies not sent (%r)", call.id, call.version, len(turn.replies), error)
-        if turn.outbox_key:
-            return
-        payload = outbox_payload(turn.replies, call.reference, call.version)
+        key = turn.outbox_key or key
+        payload = "" if turn.outbox_key else outbox_payload(turn.replies, call.reference, call.version)
         try:
             await self.store.keep(call.id, key, payload, at_once=not isinstance(error, TimeoutError))
         except StoreUnavailable as e:
             log.warning("call %s v%d: unsent replies not kept, they are lost: %s", call.id, call.version, e)
-
-    async def _resend(self, turn_context: TurnContext) -> None:
-        """A redelivered activity: its replies, if the outbox still keeps them, go again now.
-        A send that fails leaves them there for the scheduler: the channel's own retry is
-        answered as taken either way."""
-        activity = turn_context.activity
-        conversation_id = activity.conversation.id
-        if not activity.id:
-            return
-        entry = await self.store.outbox_entry(conversation_id, activity.id)
-        if entry is None or entry.state == State.ENDED or not entry.reference:
-            return
-        again = [with_caller(reply, entry.reference) for reply in from_outbox(entry.payload, entry.version)]
-        if again:
-            try:
-                async with asyncio.timeout_at(taken()):
-                    await turn_context.send_activities(again)
-            except Exception as e:
-                log.warning("call %s: replies of %s not re-sent (%r); kept", conversation_id, activity.id, e)
-                return
-        await self._acknowledge(conversation_id, activity.id)
 
     async def _acknowledge(self, conversation_id: str, key: str) -> None:
         try:

@@ -198,9 +198,10 @@ class RedisCallStore:
         return Receipt(outcome)
 
     async def keep(self, conversation_id: str, key: str, outbox: str, *, at_once: bool = True) -> None:
-        """Put replies that were not sent in the call's outbox under ``key`` (the activity's:
-        a redelivery finds them; "" makes one), due for a re-send now, or after the grace
-        (a send that timed out may have been said). Nothing is kept for an expired call."""
+        """Put replies that were not sent in the call's outbox under ``key`` (the activity's,
+        or "" for a new one), due for a re-send now, or after the grace (a send that timed
+        out may have been said); with ``outbox`` "", only make the entry the commit kept
+        under ``key`` due so. Nothing is kept for an expired call."""
         key = key or f"~{secrets.token_urlsafe(6)}"
         keys = self.keys.call(conversation_id)
         delay_ms = 0 if at_once else self.retention.outbox_grace_ms
