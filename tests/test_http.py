@@ -47,14 +47,19 @@ def flow_file(tmp_path: Path, transfer_timeout: float) -> Path:
 
 
 @pytest.fixture
+def outbox_grace() -> float:
+    return 1
+
+
+@pytest.fixture
 async def bot(
-    bot_redis: dict[str, Any], flow_file: Path, key_prefix: str
+    bot_redis: dict[str, Any], flow_file: Path, key_prefix: str, outbox_grace: float
 ) -> AsyncIterator[TestClient[Any, Any]]:
     settings = load_settings(
         **bot_redis,
         REDIS_KEY_PREFIX=key_prefix,
         CALLFLOW_FILE=flow_file,
-        OUTBOX_GRACE_SECONDS=1,
+        OUTBOX_GRACE_SECONDS=outbox_grace,
         SCHEDULER_POLL_SECONDS=0.05,
     )
     client = TestClient(TestServer(create_app(settings)))
@@ -474,38 +479,25 @@ async def test_a_reply_slower_than_the_turn_bound_is_still_said_and_the_turn_tak
     assert await outbox_of(bot, caller.conversation_id) == {}
 
 
+@pytest.mark.parametrize("outbox_grace", [60])
 async def test_a_handoff_whose_send_is_refused_is_re_sent_at_once_not_a_grace_later(
-    bot_redis: dict[str, Any], flow_file: Path, key_prefix: str, channel: ChannelStandIn
+    bot: TestClient[Any, Any], channel: ChannelStandIn
 ) -> None:
     """Kept by its commit, due after the grace (here a minute) in case the instance dies;
     a refused send makes it due at once. The channel's retry of the activity says nothing:
     a re-send there could race the first delivery's send and say it twice."""
-    settings = load_settings(
-        **bot_redis,
-        REDIS_KEY_PREFIX=key_prefix,
-        CALLFLOW_FILE=flow_file,
-        OUTBOX_GRACE_SECONDS=60,
-        SCHEDULER_POLL_SECONDS=0.05,
-    )
-    bot = TestClient(TestServer(create_app(settings)))
-    await bot.start_server()
-    try:
-        caller = Caller(channel.url)
-        ask = caller.say("agent")
-        channel.refuse_next = 1_000_000
-        assert await post(bot, ask) == 201
-        assert list(await outbox_of(bot, caller.conversation_id)) == [ask["id"]]
-        channel.refuse_next = 0
-        await channel.wait_for(1, caller.conversation_id, within=20)  # well inside the minute
-        async with asyncio.timeout(10):
-            while await outbox_of(bot, caller.conversation_id):  # noqa: ASYNC110 (Redis, not a local event)
-                await asyncio.sleep(0.05)
-        assert await post(bot, ask) == 201  # the channel's retry: a duplicate
-        assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
-    finally:
-        if bot_redis["REDIS_URL"]:
-            await delete_prefix(bot.app[STORE_KEY].redis, key_prefix)
-        await bot.close()
+    caller = Caller(channel.url)
+    ask = caller.say("agent")
+    channel.refuse_next = 1_000_000
+    assert await post(bot, ask) == 201
+    assert list(await outbox_of(bot, caller.conversation_id)) == [ask["id"]]
+    channel.refuse_next = 0
+    await channel.wait_for(1, caller.conversation_id, within=20)  # well inside the minute
+    async with asyncio.timeout(10):
+        while await outbox_of(bot, caller.conversation_id):  # noqa: ASYNC110 (Redis, not a local event)
+            await asyncio.sleep(0.05)
+    assert await post(bot, ask) == 201  # the channel's retry: a duplicate
+    assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
 
 
 async def test_a_redelivery_whose_re_send_fails_again_is_taken_and_the_replies_stay_kept(
