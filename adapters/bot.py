@@ -105,13 +105,17 @@ class CallBot(Bot):  # type: ignore[misc]
         the scheduler to re-send. The channel is not asked to retry: its redelivery would
         find the turn taken, and only the outbox can say the replies again. A refused send
         is re-sent at once; one that timed out may have been said, so only after the grace.
-        Replies the commit kept are only made due."""
+        Replies the commit kept are only made due, and only when refused: after a timeout
+        they are already due when the grace ends."""
         call = turn.call
         log.warning("call %s v%d: %d replies not sent (%r)", call.id, call.version, len(turn.replies), error)
+        timed_out = isinstance(error, TimeoutError)
+        if turn.outbox_key and timed_out:
+            return
         key = turn.outbox_key or key
         payload = "" if turn.outbox_key else outbox_payload(turn.replies, call.reference, call.version)
         try:
-            await self.store.keep(call.id, key, payload, at_once=not isinstance(error, TimeoutError))
+            await self.store.keep(call.id, key, payload, at_once=not timed_out)
         except StoreUnavailable as e:
             log.warning("call %s v%d: unsent replies not kept, they are lost: %s", call.id, call.version, e)
 
@@ -159,10 +163,9 @@ REPLY_SECONDS = 10.0  # for replies no channel request waits on
 def taken() -> float:
     """The turn is committed: cancelling it now would only cut its replies short, so the
     turn's bound is lifted. When its replies must be said by (event loop time)."""
-    loop_time = asyncio.get_running_loop().time()
     bound = TURN_BOUND.get()
     if bound is None:
-        return loop_time + REPLY_SECONDS
+        return asyncio.get_running_loop().time() + REPLY_SECONDS
     if not bound.timeout.expired():
         bound.timeout.reschedule(None)
     return bound.say_by

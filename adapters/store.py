@@ -364,7 +364,6 @@ class RedisCallStore:
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
         version = call.version + 1
-        into_transfer = [step.dest == State.TRANSFERRING != step.source for step in turn.steps]
         args: CommitArgs = {
             "version": call.version,
             "loaded_state": turn.loaded_state,
@@ -379,7 +378,7 @@ class RedisCallStore:
             "watchdog_ms": int(turn.watchdog_seconds * 1000),
             "watchdog": Due.watchdog(call.id),
             "outbox": outbox,
-            "outbox_due": Due.outbox(call.id, key),
+            "outbox_due": Due.outbox(call.id, key) if outbox else "",
             "outbox_grace_ms": keep.outbox_grace_ms,
             "lines": [encode_line(line) for line in turn.lines],
             "steps": [
@@ -388,9 +387,9 @@ class RedisCallStore:
                     step.source,
                     step.dest,
                     step.reason,
-                    encode_step(step, key, version, call.target if into else ""),
+                    encode_step(step, key, version, call.target if _dials(step) else ""),
                 ]
-                for step, into in zip(turn.steps, into_transfer, strict=True)
+                for step in turn.steps
             ],
             "counters": [f"{outcome}:{call.target}" for outcome in turn.outcomes],
             "buckets": [[b.bucket(now_s), b.keep_seconds] for b in (MINUTE, HOUR)],
@@ -478,6 +477,11 @@ HistoryEntry = TypedDict(
         "target": str,
     },
 )
+
+
+def _dials(step: Step) -> bool:
+    """A step into transferring: its history entry names the number dialled."""
+    return step.dest == State.TRANSFERRING != step.source
 
 
 def encode_step(step: Step, activity: str, version: int, target: str) -> str:
