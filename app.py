@@ -7,7 +7,8 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 from aiohttp import web
 from botbuilder.integration.aiohttp import (
@@ -38,8 +39,10 @@ from adapters.http import (
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
 from adapters.redis_client import connection_problem, create_redis
+from adapters.sealing import Sealer
 from adapters.socket_api import CONNECTIONS_KEY, add_socket_routes
 from adapters.store import RedisCallStore, Retention
+from orchestrator.actions import load_actions
 from orchestrator.callflow import load_callflow
 from orchestrator.config import Settings, load_settings
 from orchestrator.engine import Engine
@@ -54,19 +57,32 @@ CLEANUP_SECONDS = 2.0  # each clean-up step after that
 GC_YOUNG_THRESHOLD = 2_000  # allocations between young collections (CPython's default: 700)
 
 
+def fixed_clock(moment: datetime) -> Callable[[], datetime]:
+    """A clock that always reads ``moment`` (``HOURS_CLOCK``)."""
+    return lambda: moment
+
+
 def create_app(config: Settings | None = None) -> web.Application:
     """Build the bot; raises ConfigError for a bad setting or call flow file."""
     CONFIG = config or load_settings()
     FLOW = load_callflow(CONFIG.CALLFLOW_FILE)
     # A transferring call must outlive its watchdog, or nobody hears the retry prompt.
+    longest = max(((q.timeout_seconds, name) for name, q in FLOW.queues.items()), default=None)
     for name, seconds in (
         ("CALL_IDLE_TTL_SECONDS", CONFIG.CALL_IDLE_TTL_SECONDS),
         ("CALL_MAX_LIFETIME_SECONDS", CONFIG.CALL_MAX_LIFETIME_SECONDS or None),  # 0: no bound
     ):
-        if seconds is not None and 2 * FLOW.transfer.timeout_seconds > seconds:
+        if longest is not None and seconds is not None and 2 * longest[0] > seconds:
             raise ConfigError(
-                name, f"must be at least twice transfer.timeout_seconds ({FLOW.transfer.timeout_seconds} s)"
+                name, f"must be at least twice queues.{longest[1]}.timeout_seconds ({longest[0]} s)"
             )
+    keys = CONFIG.VARIABLES_KEYS.get_secret_value() if CONFIG.VARIABLES_KEYS else None
+    if keys is None and CONFIG.REDIS_URL is not None and FLOW.collects_variables:
+        raise ConfigError(
+            "VARIABLES_KEYS",
+            "required with REDIS_URL when the call flow collects variables: every instance "
+            "must open what another sealed (see docs/call-flows.md)",
+        )
     # Every authentication failure a 401; signing keys fetched off the event loop.
     install_key_cache()
     AUTH = PooledAuthentication(CheckedAuthentication(ConfigurationBotFrameworkAuthentication(CONFIG)))
@@ -75,6 +91,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         create_redis(CONFIG),
         Keyspace(CONFIG.REDIS_KEY_PREFIX),
         Retention.from_settings(CONFIG),
+        Sealer.from_setting(keys),
     )
     METRICS = Metrics()
     # The streaming sockets of this instance, and the way to other instances' sockets.
@@ -90,6 +107,8 @@ def create_app(config: Settings | None = None) -> web.Application:
         transcript_max=CONFIG.TRANSCRIPT_MAX_ENTRIES,
         metrics=METRICS,
         cache_size=CONFIG.CALL_CACHE_SIZE,
+        clock=fixed_clock(CONFIG.HOURS_CLOCK) if CONFIG.HOURS_CLOCK else None,
+        actions=load_actions(FLOW),
     )
     BOT = CallBot(ENGINE, STORE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
@@ -125,7 +144,11 @@ def create_app(config: Settings | None = None) -> web.Application:
         "Cached copies out of date (another instance had moved the call on)",
         lambda: ENGINE.cache.stale,
     )
-    METRICS.tally("cc_watchdogs_fired", "Transfers failed by the no-answer watchdog", lambda: SCHEDULER.fired)
+    METRICS.tally(
+        "cc_timers_fired",
+        "Call timers that changed a call: no-answer watchdogs, no-input and inter-digit timeouts, hang-ups",
+        lambda: SCHEDULER.fired,
+    )
     METRICS.tally("cc_replies_resent", "Outbox entries sent again by the scheduler", lambda: SCHEDULER.resent)
 
     METRICS.level("cc_streaming_connections", "Open streaming connections", lambda: len(CONNECTIONS.sockets))

@@ -19,23 +19,25 @@ from botbuilder.schema import (
     Attachment,
     ChannelAccount,
     ConversationReference,
-    InputHints,
     RoleTypes,
     Transcript,
 )
 
 from adapters.activity_json import activity_from_json, model_from_json, to_json
 from adapters.handoff import HandoffEventNames, create_handoff_initiation
+from adapters.sealing import Sealer
 from adapters.store import RedisCallStore
 from orchestrator.call import CALLER, Call
 from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, status_from_value
-from orchestrator.turn import Handoff, Say, Turn
+from orchestrator.turn import EndCall, Handoff, Speak, Turn
 
 log = logging.getLogger(__name__)
 
 REPLY_KEY = "replyKey"
+DTMF = "DTMF"  # the entity type the Telephony channel puts on a keypad press
+SEALED = "sealed:"  # an outbox payload that carries collected values, sealed
 
 # The Telephony channel sends no invoke activities; answer any with a 400 and a reason
 # rather than the SDK's default 501.
@@ -66,6 +68,7 @@ class CallBot(Bot):  # type: ignore[misc]
         self.adapter = adapter
         self.app_id = app_id
         self.full_transcript = engine.runner.flow.privacy.full_transcript
+        self.sealer: Sealer = store.sealer
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
@@ -81,7 +84,7 @@ class CallBot(Bot):  # type: ignore[misc]
             activity_id=activity.id or "",
             reference=conversation_reference(activity),
             caller=caller_id(activity),
-            render=lambda turn: rendered(turn, turn_context),
+            render=lambda turn: rendered(turn, turn_context, self.sealer),
         )
         if turn is None:  # a redelivery of an activity already taken: the outbox has its replies
             return
@@ -113,7 +116,9 @@ class CallBot(Bot):  # type: ignore[misc]
         if turn.outbox_key and timed_out:
             return
         key = turn.outbox_key or key
-        payload = "" if turn.outbox_key else outbox_payload(turn.replies, call.reference, call.version)
+        payload = ""
+        if not turn.outbox_key:
+            payload = seal_if(turn, outbox_payload(turn.replies, call.reference, call.version), self.sealer)
         try:
             await self.store.keep(call.id, key, payload, at_once=not timed_out)
         except StoreUnavailable as e:
@@ -130,7 +135,7 @@ class CallBot(Bot):  # type: ignore[misc]
 
     def render(self, turn: Turn) -> Replies:
         """Replies for a turn with no incoming activity (a timer)."""
-        return rendered(turn, None)
+        return rendered(turn, None, self.sealer)
 
     async def send(self, reference: str, replies: list[Activity]) -> None:
         """Speak to a call proactively (the adapter's continue-conversation). Replies from
@@ -143,9 +148,14 @@ class CallBot(Bot):  # type: ignore[misc]
 
         await self.adapter.continue_conversation(ref, speak, self.app_id or None)
 
-    @staticmethod
-    def from_outbox(payload: str, version: int) -> list[Activity]:
-        return from_outbox(payload, version)
+    def from_outbox(self, payload: str, version: int, *, ended: bool = False) -> list[Activity]:
+        if payload.startswith(SEALED):
+            opened = self.sealer.open(payload.removeprefix(SEALED))
+            if opened is None:
+                log.error("an outbox entry cannot be opened with VARIABLES_KEYS: dropped")
+                return []
+            payload = opened
+        return from_outbox(payload, version, ended=ended)
 
 
 @dataclass(slots=True, frozen=True)
@@ -175,7 +185,8 @@ def event_from_activity(activity: Activity) -> Event | None:
     """The event an activity means for the call, or None when it means nothing to it."""
     kind = activity.type
     if kind == ActivityTypes.message:
-        return CallerInput(activity.text or "")
+        keypad = any(getattr(entity, "type", None) == DTMF for entity in activity.entities or [])
+        return CallerInput(activity.text or "", keypad=keypad)
     if kind == ActivityTypes.end_of_conversation:
         return CallEnded()
     if kind == ActivityTypes.conversation_update:
@@ -208,13 +219,22 @@ def outbox_payload(replies: list[Activity], reference: str, version: int = 0) ->
     return json.dumps({"replies": data, "version": version} if version else {"replies": data})
 
 
-def from_outbox(payload: str, version: int) -> list[Activity]:
-    """The activities of an outbox entry still worth saying to a call now at ``version``;
-    the caller's account is ``CALLER_ACCOUNT`` until ``with_caller`` restores it."""
+def from_outbox(payload: str, version: int, *, ended: bool = False) -> list[Activity]:
+    """The activities of an outbox entry still worth saying to a call now at ``version``
+    (``ended``: only the bot's own hang-up is); the caller's account is ``CALLER_ACCOUNT``
+    until ``with_caller`` restores it."""
     entry = json.loads(payload)
     if 0 < entry.get("version", 0) < version:
         return []  # an ordinary reply after a later turn: said now, it would be out of order
-    return [activity_from_json(data) for data in entry["replies"]]
+    replies = entry["replies"]
+    if ended and not any(data.get("type") == ActivityTypes.end_of_conversation for data in replies):
+        return []  # the caller hung up: nobody to speak to
+    return [activity_from_json(data) for data in replies]
+
+
+def seal_if(turn: Turn, payload: str, sealer: Sealer) -> str:
+    """An outbox payload as kept: sealed when its replies carry collected values."""
+    return SEALED + sealer.seal(payload) if turn.secret and payload else payload
 
 
 def with_caller(reply: Activity, reference: str) -> Activity:
@@ -255,14 +275,16 @@ def _replace_account(value: Any, old_id: str, new_id: str, new_name: Any) -> Non
             _replace_account(item, old_id, new_id, new_name)
 
 
-def rendered(turn: Turn, turn_context: TurnContext | None) -> Replies:
+def rendered(turn: Turn, turn_context: TurnContext | None, sealer: Sealer) -> Replies:
     """The turn's replies, and their outbox entry if they must arrive."""
-    return as_replies(turn, replies(turn, turn_context))
+    return as_replies(turn, replies(turn, turn_context), sealer)
 
 
-def as_replies(turn: Turn, activities: list[Activity]) -> Replies:
+def as_replies(turn: Turn, activities: list[Activity], sealer: Sealer) -> Replies:
     """``activities`` answering ``turn``, with their outbox entry if they must arrive."""
-    return Replies(activities, outbox_payload(activities, turn.call.reference) if turn.must_arrive else "")
+    if not turn.must_arrive:
+        return Replies(activities)
+    return Replies(activities, seal_if(turn, outbox_payload(activities, turn.call.reference), sealer))
 
 
 def replies(turn: Turn, turn_context: TurnContext | None) -> list[Activity]:
@@ -278,18 +300,38 @@ def replies(turn: Turn, turn_context: TurnContext | None) -> list[Activity]:
     return activities
 
 
-def _reply(turn: Turn, effect: Say | Handoff, turn_context: TurnContext | None) -> Activity:
-    if isinstance(effect, Say):
+def _reply(turn: Turn, effect: Speak | Handoff | EndCall, turn_context: TurnContext | None) -> Activity:
+    if isinstance(effect, Speak):
         return Activity(
             type=ActivityTypes.message,
             text=effect.prompt.text,
             speak=effect.prompt.ssml,
-            input_hint=InputHints.accepting_input,
+            # The channel's barge-in: what may interrupt this prompt (botbuilder-schema
+            # 4.17.1 knows only some of the Telephony channel's values: sent as strings).
+            input_hint=effect.prompt.hint,
         )
-    if turn_context is None:
-        raise ValueError("a handoff is only initiated in reply to the caller")
+    if isinstance(effect, EndCall):
+        # How the Telephony channel lets a bot hang up (docs/research/telephony-channel.md).
+        return Activity(
+            type=ActivityTypes.end_of_conversation, code="completedSuccessfully", text=effect.reason
+        )
+    if turn_context is None:  # a transfer a timer started: reply as if to the caller
+        turn_context = TurnContext(None, incoming_from(turn.call.reference))
     transcript = Transcript(activities=transcript_activities(turn.call, turn_context.activity))
-    return create_handoff_initiation(turn_context, {"TargetPhoneNumber": effect.target}, transcript)
+    context: dict[str, Any] = {"TargetPhoneNumber": effect.target}
+    if effect.queue:
+        context["Queue"] = effect.queue
+    if effect.variables:
+        context["Variables"] = dict(effect.variables)
+    return create_handoff_initiation(turn_context, context, transcript)
+
+
+def incoming_from(reference: str) -> Activity:
+    """An activity as if from the caller, from the call's stored conversation reference."""
+    ref = model_from_json(ConversationReference, json.loads(reference))
+    return TurnContext.apply_conversation_reference(
+        Activity(type=ActivityTypes.message), ref, is_incoming=True
+    )
 
 
 def caller_id(activity: Activity) -> str:

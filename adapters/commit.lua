@@ -1,6 +1,6 @@
 -- Commit one turn of one call, atomically: compare-and-set on the version,
 -- de-duplicate on the activity id, write the record, transcript and history, keep the
--- call's watchdog in its shard's due schedule, and keep replies that must arrive in the
+-- call's timer in its shard's due schedule, and keep replies that must arrive in the
 -- outbox until the sender acknowledges them.
 --
 -- KEYS (adapters/store.py COMMIT_KEYS, one hash slot):
@@ -14,13 +14,14 @@ local call, transcript, history, seen, outbox, due, was_index, is_index, feed, m
 --   lifetime               a live call's maximum lifetime in seconds (0: none)
 --   transcript_max, history_max, seen_max
 --   fields                 record fields to write, {name: value}
---   watchdog_ms            > 0 arms the no-answer deadline this long after now
---   watchdog               the call's watchdog member of due
+--   timer_ms               > 0 arms the call's timer this long after now (else the
+--                          deadline in fields stands: 0 means none)
+--   timer                  the call's timer member of due
 --   outbox                 replies to keep until acknowledged ('' = none), stored as
 --                          '<now ms>:<outbox>' under the activity key
 --   outbox_due, outbox_grace_ms  their member of due, and when they come due
 --   lines                  transcript lines to append
---   steps                  {trigger, from, to, reason, history entry without its time}, ...
+--   steps                  {trigger, from, to, reason, history entry without its time, node}, ...
 --   counters               '<outcome>:<target>', ...
 --   buckets                {{minute bucket, its hash's TTL}, {hour bucket, TTL}}
 --   feed_max, feed_seconds the feed's approximate length and retention
@@ -76,8 +77,8 @@ if state ~= old_state then
   since = now
 end
 local deadline = 0
-if args.watchdog_ms > 0 then
-  deadline = now + args.watchdog_ms
+if args.timer_ms > 0 then
+  deadline = now + args.timer_ms
   fields[#fields + 1] = 'deadline'
   fields[#fields + 1] = deadline
 end
@@ -94,14 +95,15 @@ if state ~= old_state then
   end
 end
 
--- A watchdog is scheduled exactly while the call is transferring.
-if state == 'transferring' then
-  if deadline == 0 then
-    deadline = tonumber(redis.call('HGET', call, 'deadline') or '0')
-  end
-  redis.call('ZADD', due, deadline, args.watchdog)
+-- The call's one timer (a transfer's watchdog, a no-input or inter-digit timeout, a
+-- hang-up after its prompt) is scheduled exactly while it has a deadline.
+if deadline == 0 then
+  deadline = tonumber(args.fields.deadline or '0')
+end
+if deadline > 0 and state ~= 'ended' then
+  redis.call('ZADD', due, deadline, args.timer)
 else
-  redis.call('ZREM', due, args.watchdog)
+  redis.call('ZREM', due, args.timer)
 end
 
 if args.outbox ~= '' then
@@ -121,7 +123,8 @@ if #args.steps > 0 then
   for n, step in ipairs(args.steps) do
     entries[n] = '[' .. now .. ',' .. string.sub(step[5], 2)
     redis.call('XADD', feed, 'MAXLEN', '~', args.feed_max, '*', 'call', conversation,
-      'trigger', step[1], 'from', step[2], 'to', step[3], 'reason', step[4], 'target', target)
+      'trigger', step[1], 'from', step[2], 'to', step[3], 'reason', step[4], 'target', target,
+      'node', step[6])
   end
   redis.call('RPUSH', history, unpack(entries))
   redis.call('LTRIM', history, -args.history_max, -1)

@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import NamedTuple
 
-from orchestrator.scheduler import OUTBOX, WATCHDOG
+from orchestrator.scheduler import OUTBOX, TIMER
 
 SHARDS = 64  # part of every key name: changing it orphans existing calls
 
@@ -45,6 +45,12 @@ class CallField:
     CREATED = "created"  # ms, Redis server time
     UPDATED = "updated"  # ms, Redis server time
     SINCE = "since"  # ms, Redis server time, when the call entered its state
+    NODE = "node"  # where the call is in the call flow
+    QUEUE = "queue"  # the queue of its current (or last) transfer
+    TRIES = "tries"  # at this node: input no route took, or entries that did not fit
+    SILENCES = "silences"  # at this node: no-input timeouts
+    VARIABLES = "variables"  # sealed JSON: what the flow collected, and a gather's entry so far
+    SHOWN = "shown"  # JSON: the collected variables, masked, for views
 
 
 class HistoryField:
@@ -57,10 +63,11 @@ class HistoryField:
     REASON = "reason"
     ACTIVITY = "activity"  # the id of the activity whose turn wrote it
     VERSION = "version"  # the call version that turn produced
-    TARGET = "target"  # on entries into transferring: the number dialled (absent otherwise)
+    TARGET = "target"  # on entries into transferring: the number dialled ("" or absent otherwise)
+    NODE = "node"  # on moves through the call flow: the node arrived at (absent otherwise)
 
 
-# The positions of a history entry's array: the target only on a step into transferring.
+# The positions of a history entry's array: the target and node only where there is one.
 HISTORY_ENTRY: tuple[str, ...] = (
     HistoryField.AT,
     HistoryField.TRIGGER,
@@ -70,6 +77,7 @@ HISTORY_ENTRY: tuple[str, ...] = (
     HistoryField.ACTIVITY,
     HistoryField.VERSION,
     HistoryField.TARGET,
+    HistoryField.NODE,
 )
 
 
@@ -82,6 +90,7 @@ class FeedField:
     TO = HistoryField.TO
     REASON = HistoryField.REASON
     TARGET = HistoryField.TARGET  # the call's current (or last) transfer target
+    NODE = HistoryField.NODE  # on a move through the call flow: the node arrived at
 
 
 class StatsBucket(NamedTuple):
@@ -112,12 +121,12 @@ HOUR = StatsBucket("h", 3600, 86_400, 8 * 86_400 + 3600)
 class Due:
     """Members of a shard's due schedule: JSON arrays, so any conversation id fits."""
 
-    WATCHDOG = WATCHDOG  # the no-answer deadline of a transferring call
+    TIMER = TIMER  # the call's one timer: no-answer watchdog, no-input or inter-digit timeout, hang-up
     OUTBOX = OUTBOX  # an outbox entry, re-sent until acknowledged
 
     @staticmethod
-    def watchdog(conversation_id: str) -> str:
-        return json.dumps([Due.WATCHDOG, conversation_id])
+    def timer(conversation_id: str) -> str:
+        return json.dumps([Due.TIMER, conversation_id])
 
     @staticmethod
     def outbox(conversation_id: str, key: str) -> str:

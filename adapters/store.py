@@ -26,6 +26,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
 from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, CallKeys, Due, Keyspace
+from adapters.sealing import Sealer
 from orchestrator.call import BOT, CALLER, Call, Line, Step
 from orchestrator.config import Settings
 from orchestrator.engine import Commit, Loaded, Receipt
@@ -78,8 +79,8 @@ class CommitArgs(TypedDict):
     history_max: int
     seen_max: int
     fields: dict[str, str]
-    watchdog_ms: int
-    watchdog: str
+    timer_ms: int
+    timer: str
     outbox: str
     outbox_due: str
     outbox_grace_ms: int
@@ -142,11 +143,16 @@ class RedisCallStore:
     """Load and commit calls. One round trip each; a conflicting commit returns the call."""
 
     def __init__(
-        self, redis: Redis | RedisCluster, keyspace: Keyspace, retention: Retention | None = None
+        self,
+        redis: Redis | RedisCluster,
+        keyspace: Keyspace,
+        retention: Retention | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keyspace
         self.retention = retention or Retention()
+        self.sealer = sealer or Sealer.from_setting(None)
         self._commit = redis.register_script(COMMIT_SCRIPT)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._reschedule = redis.register_script(RESCHEDULE_SCRIPT)
@@ -172,7 +178,7 @@ class RedisCallStore:
             return Loaded(None, duplicate=True)
         if not record:
             return Loaded(None)
-        return Loaded(_call_from(conversation_id, record, lines))
+        return Loaded(self._call_from(conversation_id, record, lines))
 
     async def commit(self, turn: Turn, activity_id: str = "", outbox: str = "") -> Receipt:
         """Write the turn if the call is still at the version it was loaded at, with
@@ -194,7 +200,7 @@ class RedisCallStore:
         if outcome is Commit.CONFLICT and current and current[0]:
             flat, lines = current
             record = dict(zip(flat[::2], flat[1::2], strict=True))
-            return Receipt(outcome, current=_call_from(turn.call.id, record, lines))
+            return Receipt(outcome, current=self._call_from(turn.call.id, record, lines))
         return Receipt(outcome)
 
     async def keep(self, conversation_id: str, key: str, outbox: str, *, at_once: bool = True) -> None:
@@ -332,11 +338,11 @@ class RedisCallStore:
         with unavailable_while("updating the schedule"):
             await self.redis.zrem(self.keys.due(item.shard), item.member)
 
-    async def reschedule_watchdog(self, conversation_id: str) -> None:
+    async def reschedule_timer(self, conversation_id: str) -> None:
         """Schedule the call's watchdog at its deadline if it is transferring, else drop it."""
         keys = [self.keys.call(conversation_id).call, self.keys.due_for(conversation_id)]
         with unavailable_while("rescheduling a watchdog"):
-            await self._reschedule(keys=keys, args=[Due.watchdog(conversation_id)])
+            await self._reschedule(keys=keys, args=[Due.timer(conversation_id)])
 
     def _commit_keys(self, turn: Turn, now_s: int) -> list[str]:
         """``COMMIT_KEYS``, for this turn."""
@@ -360,6 +366,14 @@ class RedisCallStore:
             CallField.TARGET: call.target,
             CallField.DEADLINE: str(call.deadline_ms),
             CallField.FAILURE: call.failure,
+            CallField.NODE: call.node,
+            CallField.QUEUE: call.queue,
+            CallField.TRIES: str(call.tries),
+            CallField.SILENCES: str(call.silences),
+            CallField.VARIABLES: self._sealed_variables(call),
+            CallField.SHOWN: json.dumps(call.shown, ensure_ascii=False, separators=_COMPACT)
+            if call.shown
+            else "",
         }
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
@@ -375,8 +389,8 @@ class RedisCallStore:
             "history_max": keep.history_max,
             "seen_max": keep.seen_max,
             "fields": fields,
-            "watchdog_ms": int(turn.watchdog_seconds * 1000),
-            "watchdog": Due.watchdog(call.id),
+            "timer_ms": int(turn.timer_seconds * 1000),
+            "timer": Due.timer(call.id),
             "outbox": outbox,
             "outbox_due": Due.outbox(call.id, key) if outbox else "",
             "outbox_grace_ms": keep.outbox_grace_ms,
@@ -388,6 +402,7 @@ class RedisCallStore:
                     step.dest,
                     step.reason,
                     encode_step(step, key, version, call.target if _dials(step) else ""),
+                    step.node,
                 ]
                 for step in turn.steps
             ],
@@ -397,6 +412,49 @@ class RedisCallStore:
             "feed_seconds": keep.feed_seconds,
         }
         return [json.dumps(args, ensure_ascii=False, separators=_COMPACT)]
+
+    def _sealed_variables(self, call: Call) -> str:
+        """The call's variables and a gather's entry so far, sealed ("" when there are none)."""
+        if not (call.variables or call.entry):
+            return ""
+        data = {"variables": call.variables, "entry": call.entry, "confirming": call.confirming}
+        return self.sealer.seal(json.dumps(data, ensure_ascii=False, separators=_COMPACT))
+
+    def _call_from(self, conversation_id: str, record: dict[str, str], lines: list[str]) -> Call:
+        state = record.get(CallField.STATE, State.BOT.value)
+        if state not in KNOWN_STATES:
+            # Written by a newer version (a rolling deploy) or by hand: refuse the turn, so
+            # the channel redelivers it, perhaps to an instance that knows the state.
+            raise StoreUnavailable(f"call {conversation_id!r} is in state {state!r}, unknown to this version")
+        call = Call(
+            id=conversation_id,
+            state=state,
+            version=int(record.get(CallField.VERSION, 0)),
+            attempts=int(record.get(CallField.ATTEMPTS, 0)),
+            target=record.get(CallField.TARGET, ""),
+            deadline_ms=int(record.get(CallField.DEADLINE, 0)),
+            failure=record.get(CallField.FAILURE, ""),
+            reference=record.get(CallField.REFERENCE, ""),
+            since_ms=int(record.get(CallField.SINCE, 0)),
+            transcript=[decode_line(raw) for raw in lines],
+            node=record.get(CallField.NODE, ""),
+            queue=record.get(CallField.QUEUE, ""),
+            tries=int(record.get(CallField.TRIES, 0)),
+            silences=int(record.get(CallField.SILENCES, 0)),
+        )
+        if shown := record.get(CallField.SHOWN):
+            call.shown = json.loads(shown)
+        if sealed := record.get(CallField.VARIABLES):
+            opened = self.sealer.open(sealed)
+            if opened is None:
+                # Sealed with a key this instance lacks: VARIABLES_KEYS differs between
+                # instances. The call goes on without what it had collected.
+                log.error("call %s: its variables cannot be opened with VARIABLES_KEYS", conversation_id)
+            else:
+                data = json.loads(opened)
+                call.variables = data["variables"]
+                call.entry, call.confirming = data["entry"], data["confirming"]
+        return call
 
     async def record(self, conversation_id: str) -> dict[str, str]:
         """The call's record hash as stored (empty if the call is unknown)."""
@@ -475,6 +533,7 @@ HistoryEntry = TypedDict(
         "activity": str,
         "version": int,
         "target": str,
+        "node": str,
     },
 )
 
@@ -487,38 +546,19 @@ def _dials(step: Step) -> bool:
 def encode_step(step: Step, activity: str, version: int, target: str) -> str:
     """A history entry but its time, which commit.lua puts first from Redis ``TIME``."""
     entry: list[Any] = [step.trigger, step.source, step.dest, step.reason, activity, version]
-    if target:
+    if target or step.node:
         entry.append(target)
+    if step.node:
+        entry.append(step.node)
     return json.dumps(entry, ensure_ascii=False, separators=_COMPACT)
 
 
 def decode_step(raw: str) -> HistoryEntry:
-    """A history entry by field name; ``target`` is "" where none was stored."""
+    """A history entry by field name; ``target`` and ``node`` are "" where none was stored."""
     values = json.loads(raw)
-    if len(values) < len(HISTORY_ENTRY):  # no target: not a step into transferring
-        values.append("")
+    values += [""] * (len(HISTORY_ENTRY) - len(values))
     return dict(zip(HISTORY_ENTRY, values, strict=True))  # type: ignore[return-value]
 
 
 def step_of(entry: HistoryEntry) -> Step:
-    return Step(entry["trigger"], entry["from"], entry["to"], entry["reason"], entry["target"])
-
-
-def _call_from(conversation_id: str, record: dict[str, str], lines: list[str]) -> Call:
-    state = record.get(CallField.STATE, State.BOT.value)
-    if state not in KNOWN_STATES:
-        # Written by a newer version (a rolling deploy) or by hand: refuse the turn, so
-        # the channel redelivers it, perhaps to an instance that knows the state.
-        raise StoreUnavailable(f"call {conversation_id!r} is in state {state!r}, unknown to this version")
-    return Call(
-        id=conversation_id,
-        state=state,
-        version=int(record.get(CallField.VERSION, 0)),
-        attempts=int(record.get(CallField.ATTEMPTS, 0)),
-        target=record.get(CallField.TARGET, ""),
-        deadline_ms=int(record.get(CallField.DEADLINE, 0)),
-        failure=record.get(CallField.FAILURE, ""),
-        reference=record.get(CallField.REFERENCE, ""),
-        since_ms=int(record.get(CallField.SINCE, 0)),
-        transcript=[decode_line(raw) for raw in lines],
-    )
+    return Step(entry["trigger"], entry["from"], entry["to"], entry["reason"], entry["target"], entry["node"])

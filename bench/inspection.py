@@ -45,7 +45,7 @@ from adapters.store import RedisCallStore, Retention
 from bench.report import row
 from bench.wire import CountingConnection, Wire
 from orchestrator.call import Call, timestamp
-from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.callflow import SAMPLE_CALLFLOW, CallFlow, load_callflow, shipped_flow
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
 from orchestrator.turn import Turn, TurnRunner
 from states import State
@@ -68,7 +68,7 @@ ACCEPTED = HandoffStatus("accepted")
 
 def bench_flow() -> CallFlow:
     """The default call flow with three transfer targets."""
-    flow = load_callflow()
+    flow = load_callflow(shipped_flow(SAMPLE_CALLFLOW))
     return flow.model_copy(update={"transfer": flow.transfer.model_copy(update={"targets": list(TARGETS)})})
 
 

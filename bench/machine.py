@@ -27,7 +27,7 @@ from unittest import mock
 from bench.report import main as bench_main
 from bench.report import row, timed
 from orchestrator.call import BOT, CALLER, Call, Line, timestamp
-from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.callflow import SAMPLE_CALLFLOW, CallFlow, load_callflow, shipped_flow
 from orchestrator.events import CallEnded, CallerInput, Event, HandoffStatus
 from orchestrator.turn import Turn, TurnRunner, copy_call
 from states import State, Trigger
@@ -87,7 +87,7 @@ def machine_part(
 def bench(redis_url: str, *, smoke: bool, say: Callable[[str], None]) -> dict[str, Any]:
     """µs per turn per event kind: the machine part and the whole turn, fast and baseline."""
     iterations, repeats = (50, 2) if smoke else (5000, 7)
-    flow = load_callflow()
+    flow = load_callflow(shipped_flow(SAMPLE_CALLFLOW))
     runner = TurnRunner(flow)  # Dispatch, the shipped path
     through_transitions = TurnRunner(flow, compiled=False)  # the same shared machine, transitions' trigger
     cases: dict[str, Any] = {}

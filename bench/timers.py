@@ -252,7 +252,7 @@ async def line_up(store: RedisCallStore, ids: list[str], lead_ms: int) -> int:
     async with redis.pipeline(transaction=False) as pipe:
         for call_id in ids:
             pipe.hset(keys.call(call_id).call, CallField.DEADLINE, due_at)
-            by_shard.setdefault(keys.due_for(call_id), {})[Due.watchdog(call_id)] = due_at
+            by_shard.setdefault(keys.due_for(call_id), {})[Due.timer(call_id)] = due_at
         for due, members in by_shard.items():
             pipe.zadd(due, members, xx=True, ch=True)  # xx: only the members the commits put there
         replies = await pipe.execute()

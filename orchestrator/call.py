@@ -42,6 +42,7 @@ class Step:
     dest: str
     reason: str = ""
     target: str = ""  # as read back: the number dialled, on a step into transferring
+    node: str = ""  # on a move through the call flow: the node the call arrived at
 
 
 @dataclass(slots=True)
@@ -58,6 +59,15 @@ class Call:
     reference: str = ""  # JSON conversation reference, to reach the call proactively
     since_ms: int = 0  # Redis server time the call entered its state (as loaded)
     transcript: list[Line] = field(default_factory=list)
+    # Where the call is in the call flow, and how it is getting on there.
+    node: str = ""  # the node the call is at ("" before the flow starts)
+    queue: str = ""  # the queue of the current (or last) transfer; ``attempts`` count for it
+    tries: int = 0  # at this node: input no route took, or gathered digits that did not fit
+    silences: int = 0  # at this node: no-input timeouts
+    entry: str = ""  # a gather's digits so far, or awaiting confirmation (``confirming``)
+    confirming: bool = False
+    variables: dict[str, str] = field(default_factory=dict)  # collected: kept sealed in Redis
+    shown: dict[str, str] = field(default_factory=dict)  # the same, masked: what views show
 
     @property
     def is_new(self) -> bool:

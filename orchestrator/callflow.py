@@ -1,13 +1,16 @@
-"""The call flow: the YAML file users edit to say what the bot says and where it transfers.
+"""The call flow: the YAML file users edit to say what the bot says, what callers can
+press or say at each step, and where calls are transferred.
 
-Loaded and validated once at start-up; a bad file stops start-up with one line that
-names the field and the problem.
+A flow is a set of named nodes. A call rests at a node that waits for input (a menu or
+a gather); the other kinds pass the call on in the same turn (say, check hours, run an
+action) or take it out of the bot (transfer, hang up). Loaded and validated once at
+start-up: a bad file stops start-up with one line naming the file, the node and the field.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -26,14 +30,24 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError, describe_validation
+from orchestrator.hours import Hours
 from orchestrator.redact import Redactor, compile_pattern
 from orchestrator.ssml import clean_text, speak_parts, xml_text
 
-DEFAULT_CALLFLOW = "callflow.default.yaml"
-INPUT_PLACEHOLDER = "{input}"
+FLOWS = resources.files("orchestrator").joinpath("flows")
+DEFAULT_CALLFLOW = "default.yaml"
+# The Telephony how-to's own flow, kept as an example: the first thing its readers try.
+SAMPLE_CALLFLOW = "transfer-sample.yaml"
+
+INPUT = "input"  # {input}: what the caller just said (redacted)
+CALLER = "caller"  # {caller}: the caller's number, masked
+KEYS = "0123456789*#"
 
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _TRAILING_PUNCTUATION = ".,!?;: "
+# {name}, or {name:digits} (one digit at a time, for a read-back: "1 2 3 4")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:digits)?\}")
+SPEAKING_CHARS_PER_SECOND = 14.0  # about 150 words a minute: how long a prompt takes to say
 
 
 def normalize_input(text: str) -> str:
@@ -59,52 +73,268 @@ def _e164(number: str) -> str:
     return number
 
 
+def _prompt_list(value: Any) -> Any:
+    """``say: welcome`` is ``say: [welcome]``."""
+    return [value] if isinstance(value, str) else value
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # YAML reads `key: 1` as a number
+    if not (isinstance(value, str) and len(value) == 1 and value in KEYS):
+        raise ValueError(f"{value!r} is not one keypad key (0-9, * or #)")
+    return value
+
+
+def _pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"{value!r} is not a regular expression: {e}") from e
+    return value
+
+
 PhoneNumber = Annotated[str, AfterValidator(_e164)]
 Voice = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,99}$")]
 Locale = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")]
-PromptName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+VariableName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+Key = Annotated[str, BeforeValidator(_key)]
+Prompts = Annotated[tuple[Name, ...], BeforeValidator(_prompt_list)]
+Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# --- prompts -----------------------------------------------------------------------------
+
+# What a prompt lets interrupt it (the channel's barge-in, set by each message's inputHint).
+BARGE_IN_HINTS = {
+    "any": "acceptingInput",
+    "keys": "ignoringSpeechInput",  # only a key press interrupts
+    "speech": "ignoringNonSpeechInput",  # only speech interrupts
+    "none": "ignoringInput",  # nothing does: a recording notice, a legal disclosure
+}
+
+
 class Prompt(_Strict):
-    """Something the bot says: text, and the voice and locale it is spoken in."""
+    """Something the bot says: text (``{name}`` puts in a variable), its voice and locale,
+    and what may interrupt it."""
 
     text: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
     voice: Voice | None = None
     locale: Locale | None = None
+    barge_in: Literal["any", "keys", "speech", "none"] = "any"
+
+    @property
+    def variables(self) -> set[str]:
+        return {name for name, _ in _PLACEHOLDER.findall(self.text)}
+
+
+class SpokenPrompt(_Strict):
+    """A prompt ready to send: plain text, SSML, the input hint; ``shown`` is the text as
+    the transcript keeps it (variables masked)."""
+
+    name: str
+    text: str
+    ssml: str
+    hint: str = "acceptingInput"
+    shown: str = ""
+
+    @property
+    def transcript_text(self) -> str:
+        return self.shown or self.text
+
+    @property
+    def seconds(self) -> float:
+        """About how long the prompt takes to say (the channel does not report playback)."""
+        return len(self.text) / SPEAKING_CHARS_PER_SECOND
+
+
+class _Rendering(NamedTuple):
+    """A prompt's text, escaped and wrapped once; placeholders still in it unless ``whole``."""
+
+    whole: SpokenPrompt | None  # the prompt has no placeholder: rendered in full
+    text: str
+    ssml_head: str  # <speak ...><voice ...>
+    ssml_text: str  # the text, escaped for XML
+    ssml_tail: str  # </voice></speak>
+    hint: str
+
+
+# --- routes, timers and nodes ------------------------------------------------------------
 
 
 class Route(_Strict):
-    """Caller inputs that lead to an action: say a prompt, or transfer to an agent."""
+    """Caller input that leads somewhere: a keypad key, spoken phrases, or both."""
 
-    match: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
-    say: PromptName | None = None
-    transfer: bool = False
+    key: Key | None = None
+    phrases: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
+    to: Name | None = None  # a node
+    repeat: bool = False  # say the current node's prompt again
 
     @model_validator(mode="after")
-    def _one_action(self) -> Self:
-        if (self.say is None) == (not self.transfer):
-            raise ValueError("a route needs exactly one action: 'say: <prompt>' or 'transfer: true'")
+    def _shape(self) -> Self:
+        if self.key is None and not self.phrases:
+            raise ValueError("a route needs a 'key' to press, 'phrases' to say, or both")
+        if (self.to is None) == (not self.repeat):
+            raise ValueError("a route needs exactly one of 'to: <node>' or 'repeat: true'")
+        for phrase in self.phrases:
+            if not normalize_input(phrase):
+                raise ValueError(f"phrases: {phrase!r} is only spaces and punctuation")
         return self
 
 
-class Transfer(_Strict):
-    """Where transfers go and what the caller hears when they fail."""
+class Retry(_Strict):
+    """What happens when the caller gives no input, or input no route takes: say ``say``
+    (then the node's prompt again, unless ``repeat`` is false) up to ``max`` times, then go
+    to ``then``. Without ``max`` it goes on for ever."""
+
+    say: Prompts = ()
+    repeat: bool = True
+    max: int | None = Field(default=None, ge=0, le=20)
+    then: Name | None = None
+
+    @model_validator(mode="after")
+    def _then(self) -> Self:
+        if self.max is not None and self.then is None:
+            raise ValueError("'max' needs 'then: <node>', where the call goes after that many")
+        return self
+
+
+class NoInput(Retry):
+    """No input for ``seconds`` after the prompt was spoken (its speaking time estimated:
+    the channel does not say when playback ends)."""
+
+    seconds: Seconds = 5.0
+
+
+class Defaults(_Strict):
+    """What every waiting node does unless it says otherwise (``no_input: null``: no timer)."""
+
+    no_input: NoInput | None = NoInput()
+    no_match: Retry = Retry()
+
+
+class _Node(_Strict):
+    say: Prompts = ()  # said on arrival, in order
+
+
+class Menu(_Node):
+    """Waits for the caller; its routes first, then the flow's global ones."""
+
+    type: Literal["menu"]
+    routes: list[Route] = Field(default_factory=list)
+    global_routes: bool = True
+    no_input: NoInput | Literal["default"] | None = "default"
+    no_match: Retry | Literal["default"] = "default"
+
+
+class Say(_Node):
+    """Says its prompts and goes on at once."""
+
+    type: Literal["say"]
+    next: Name
+
+
+class Gather(_Node):
+    """Collects keypad (or spoken) digits into a variable."""
+
+    type: Literal["gather"]
+    into: VariableName
+    min_digits: int = Field(1, ge=1, le=40)
+    max_digits: int = Field(20, ge=1, le=40)
+    finish_key: Key | None = "#"
+    inter_digit_seconds: Seconds = 3.0  # between keys: past it, what was pressed is taken
+    pattern: Annotated[str, AfterValidator(_pattern)] | None = None  # the whole value must match
+    confirm: Name | None = None  # a prompt reading it back: 1 confirms, 2 tries again
+    invalid: Prompts = ()  # said when the digits do not fit, before asking again
+    attempts: int = Field(3, ge=1, le=10)
+    next: Name
+    on_fail: Name  # after ``attempts`` entries that do not fit, or no input past its max
+    no_input: NoInput | Literal["default"] | None = "default"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Self:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits {self.min_digits} is more than max_digits {self.max_digits}")
+        return self
+
+    def fits(self, digits: str) -> bool:
+        ok = self.min_digits <= len(digits) <= self.max_digits
+        return ok and (self.pattern is None or re.fullmatch(self.pattern, digits) is not None)
+
+
+class TransferTo(_Node):
+    """Transfers the call to a queue's agents."""
+
+    type: Literal["transfer"]
+    queue: Name
+
+
+class HangUp(_Node):
+    """Says its prompts, then ends the call."""
+
+    type: Literal["hang_up"]
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "the flow hung up"
+
+
+class CheckHours(_Node):
+    """Goes to ``open`` or ``closed`` by a schedule in ``hours:``."""
+
+    type: Literal["hours"]
+    hours: Name
+    open: Name
+    closed: Name
+
+
+class Action(_Node):
+    """Runs a Python function of the user's (``package.module:function``)."""
+
+    type: Literal["action"]
+    action: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
+    timeout_seconds: float = Field(5.0, gt=0, le=30)
+    next: Name
+    on_error: Name
+    may_go: list[Name] = Field(default_factory=list)  # other nodes the function may send the call to
+    sets: list[VariableName] = Field(default_factory=list)  # variables the function may set
+
+
+Node = Annotated[Menu | Say | Gather | TransferTo | HangUp | CheckHours | Action, Field(discriminator="type")]
+WAITING = (Menu, Gather)
+
+
+class Queue(_Strict):
+    """Where a transfer goes: targets in order (wrapping), attempts, watchdog, prompts, hours."""
 
     targets: Annotated[list[PhoneNumber], Field(min_length=1)]
-    timeout_seconds: float = Field(60, ge=1, le=3600)
-    max_attempts: int = Field(3, ge=1, le=20)
-    announce_prompt: PromptName | None = None
-    retry_prompt: PromptName
-    final_prompt: PromptName
-    handback_prompt: PromptName
+    timeout_seconds: Seconds = 60.0  # no-answer watchdog: the channel redials for ever and never says
+    max_attempts: int = Field(3, ge=1, le=20)  # transfers to this queue per call
+    announce: Prompts = ()  # said just before each transfer
+    retry: Prompts  # a transfer failed and attempts remain
+    final: Prompts  # a transfer failed and none remain
+    handback: Prompts  # an agent handed the call back (handoff.status completed)
+    hours: Name | None = None
+    closed: Name | None = None  # where a call goes when the hours say closed
+    on_failure: Name | None = None  # where a call waits after a failure (default: where it was)
+    after_final: Name | None = None  # where a call goes after the last failure (default: stays)
+
+    @model_validator(mode="after")
+    def _closed(self) -> Self:
+        if (self.hours is None) != (self.closed is None):
+            raise ValueError(
+                "'hours' and 'closed' go together: the schedule, and where a closed queue sends calls"
+            )
+        return self
 
     def target_for(self, attempt: int) -> str:
         """Attempt 1 dials the first target, attempt 2 the next, wrapping around."""
         return self.targets[(attempt - 1) % len(self.targets)]
+
+
+# --- privacy -----------------------------------------------------------------------------
 
 
 def _digit_runs(n: int) -> int:
@@ -148,23 +378,14 @@ class Privacy(_Strict):
             patterns=[(compile_pattern(p.pattern), p.replace_with) for p in self.patterns],
         )
 
-
-class SpokenPrompt(_Strict):
-    """A prompt ready to send: plain text and SSML."""
-
-    name: str
-    text: str
-    ssml: str
+    def mask_value(self, value: str) -> str:
+        """A collected value as stored for views and logs: a ``*`` per character but the
+        last few, never more than a third of it (a PIN shows nothing)."""
+        keep = min(self.keep_last_digits, len(value) // 3)
+        return "*" * (len(value) - keep) + value[len(value) - keep :]
 
 
-class _Rendering(NamedTuple):
-    """A prompt's text, escaped and wrapped once; ``{input}`` still in it unless ``whole``."""
-
-    whole: SpokenPrompt | None  # the prompt has no {input}: rendered in full
-    text: str
-    ssml_head: str  # <speak ...><voice ...>
-    ssml_text: str  # the text, escaped for XML
-    ssml_tail: str  # </voice></speak>
+# --- the flow ----------------------------------------------------------------------------
 
 
 class CallFlow(_Strict):
@@ -172,43 +393,201 @@ class CallFlow(_Strict):
 
     voice: Voice = "en-US-JennyNeural"
     locale: Locale = "en-US"
-    prompts: dict[PromptName, Prompt]
-    start_prompt: PromptName
-    routes: list[Route] = Field(default_factory=list)
-    fallback_prompt: PromptName
-    transfer: Transfer
+    prompts: dict[Name, Prompt]
+    start: Name
+    defaults: Defaults = Defaults()
+    routes: list[Route] = Field(default_factory=list)  # global: at every menu unless it says otherwise
+    nodes: dict[Name, Node]
+    queues: dict[Name, Queue] = Field(default_factory=dict)
+    hours: dict[Name, Hours] = Field(default_factory=dict)
     privacy: Privacy = Privacy()  # frozen: one shared default is safe
 
     @model_validator(mode="after")
-    def _prompts_exist(self) -> Self:
-        refs = {
-            "start_prompt": self.start_prompt,
-            "fallback_prompt": self.fallback_prompt,
-            "transfer.retry_prompt": self.transfer.retry_prompt,
-            "transfer.final_prompt": self.transfer.final_prompt,
-            "transfer.handback_prompt": self.transfer.handback_prompt,
-            "transfer.announce_prompt": self.transfer.announce_prompt,
-            **{f"routes.{i}.say": route.say for i, route in enumerate(self.routes)},
-        }
-        for where, name in refs.items():
-            if name is not None and name not in self.prompts:
-                raise ValueError(f"{where}: no prompt named {name!r} in prompts")
-        seen: dict[str, int] = {}
-        for i, route in enumerate(self.routes):
-            for phrase in route.match:
-                key = normalize_input(phrase)
-                if not key:
-                    raise ValueError(f"routes.{i}.match: {phrase!r} is only spaces and punctuation")
-                if key in seen:
-                    raise ValueError(f"routes.{i}.match: {phrase!r} is already matched by routes.{seen[key]}")
-                seen[key] = i
+    def _references(self) -> Self:
+        for where, kind, name in self._references_by_kind():
+            tables: dict[str, Mapping[str, object]] = {
+                "prompt": self.prompts,
+                "node": self.nodes,
+                "queue": self.queues,
+                "hours": self.hours,
+            }
+            table = tables[kind]
+            if name not in table:
+                raise ValueError(f"{where}: no {kind} named {name!r} (known: {', '.join(sorted(table))})")
+        self._check_routes("routes", self.routes)
+        for name, node in self.nodes.items():
+            if isinstance(node, Menu):
+                self._check_routes(f"nodes.{name}.routes", node.routes)
+        self._check_variables()
+        self._check_loops()
+        self._check_reachable()
         return self
 
+    def _references_by_kind(self) -> Iterator[tuple[str, str, str]]:
+        """(where, kind, name) of every reference the file makes."""
+        yield "start", "node", self.start
+        for i, route in enumerate(self.routes):
+            if route.to:
+                yield f"routes.{i}.to", "node", route.to
+        for field in ("no_input", "no_match"):
+            retry = getattr(self.defaults, field)
+            if retry is not None:
+                yield from self._retry_references(f"defaults.{field}", retry)
+        for name, node in self.nodes.items():
+            where = f"nodes.{name}"
+            for prompt in node.say:
+                yield f"{where}.say", "prompt", prompt
+            for field, kind, value in _node_links(node):
+                yield f"{where}.{field}", kind, value
+            for field in ("no_input", "no_match"):
+                retry = getattr(node, field, None)
+                if isinstance(retry, Retry):
+                    yield from self._retry_references(f"{where}.{field}", retry)
+        for name, queue in self.queues.items():
+            where = f"queues.{name}"
+            for field in ("announce", "retry", "final", "handback"):
+                for prompt in getattr(queue, field):
+                    yield f"{where}.{field}", "prompt", prompt
+            if queue.hours is not None:
+                yield f"{where}.hours", "hours", queue.hours
+            for field in ("closed", "on_failure", "after_final"):
+                if (value := getattr(queue, field)) is not None:
+                    yield f"{where}.{field}", "node", value
+
+    @staticmethod
+    def _retry_references(where: str, retry: Retry) -> Iterator[tuple[str, str, str]]:
+        for prompt in retry.say:
+            yield f"{where}.say", "prompt", prompt
+        if retry.then is not None:
+            yield f"{where}.then", "node", retry.then
+
+    @staticmethod
+    def _check_routes(where: str, routes: list[Route]) -> None:
+        keys: dict[str, int] = {}
+        phrases: dict[str, int] = {}
+        for i, route in enumerate(routes):
+            if route.key is not None:
+                if route.key in keys:
+                    raise ValueError(
+                        f"{where}.{i}.key: {route.key!r} is already used by {where}.{keys[route.key]}"
+                    )
+                keys[route.key] = i
+            for phrase in route.phrases:
+                said = normalize_input(phrase)
+                if said in phrases:
+                    raise ValueError(
+                        f"{where}.{i}.phrases: {phrase!r} is already used by {where}.{phrases[said]}"
+                    )
+                phrases[said] = i
+
+    def _check_variables(self) -> None:
+        known = {INPUT, CALLER}
+        for node in self.nodes.values():
+            if isinstance(node, Gather):
+                known.add(node.into)
+            elif isinstance(node, Action):
+                known.update(node.sets)
+        for name, prompt in self.prompts.items():
+            for variable in sorted(prompt.variables - known):
+                raise ValueError(
+                    f"prompts.{name}.text: {{{variable}}} is no variable of this flow "
+                    f"(a gather's 'into', an action's 'sets', or {{input}} and {{caller}})"
+                )
+
+    def _check_loops(self) -> None:
+        """A cycle of nodes that never wait for the caller would spin for ever."""
+        passing = {name for name, node in self.nodes.items() if isinstance(node, Say | CheckHours | Action)}
+        visiting: list[str] = []
+        done: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in done or name not in passing:
+                return
+            if name in visiting:
+                loop = [*visiting[visiting.index(name) :], name]
+                raise ValueError(f"nodes.{name}: a loop with no input: {' -> '.join(loop)}")
+            visiting.append(name)
+            for _, kind, target in _node_links(self.nodes[name]):
+                if kind == "node":
+                    visit(target)
+            visiting.pop()
+            done.add(name)
+
+        for name in sorted(passing):
+            visit(name)
+
+    def _check_reachable(self) -> None:
+        reached = set(self.reachable())
+        for name in self.nodes:
+            if name not in reached:
+                raise ValueError(f"nodes.{name}: unreachable: no route, next or other node leads to it")
+
+    def edges(self, name: str) -> Iterator[tuple[str, str]]:
+        """(how, node) for every way on from node ``name``: its links, its routes and the
+        global ones, its retries', and the queue it transfers to's."""
+        node = self.nodes[name]
+        for field, kind, target in _node_links(node):
+            if kind == "node":
+                yield field, target
+        if isinstance(node, WAITING):
+            routes = list(node.routes) if isinstance(node, Menu) else []
+            if not isinstance(node, Menu) or node.global_routes:
+                routes += self.routes
+            for route in routes:
+                if route.to is not None:
+                    yield _route_label(route), route.to
+            for field in ("no_input", "no_match"):
+                retry = self.retry_of(node, field)
+                if retry is not None and retry.then is not None:
+                    yield field, retry.then
+        if isinstance(node, TransferTo):
+            queue = self.queues[node.queue]
+            if queue.closed is not None:
+                yield "closed", queue.closed
+            if queue.on_failure is not None:
+                yield "transfer failed", queue.on_failure
+            if queue.after_final is not None:
+                yield "no attempts left", queue.after_final
+
+    def reachable(self) -> Iterator[str]:
+        """The nodes a call can reach from ``start``, in the order first found."""
+        seen, todo = {self.start}, [self.start]
+        while todo:
+            name = todo.pop(0)
+            yield name
+            for _, target in self.edges(name):
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+
+    @property
+    def collects_variables(self) -> bool:
+        """Whether calls collect values (gathers, actions' ``sets``): they are sealed in Redis."""
+        return any(isinstance(n, Gather) or (isinstance(n, Action) and n.sets) for n in self.nodes.values())
+
+    def retry_of(self, node: Menu | Gather, field: str) -> Retry | None:
+        """The node's ``no_input`` or ``no_match``, or the flow's default."""
+        value: Retry | str | None = getattr(node, field, "default")
+        if isinstance(value, str):  # "default"
+            default: Retry | None = getattr(self.defaults, field)
+            return default
+        return value
+
+    def no_input_of(self, node: Menu | Gather) -> NoInput | None:
+        retry = self.retry_of(node, "no_input")
+        return retry if isinstance(retry, NoInput) else None
+
     # Built on first use and kept: the model is frozen. cached_property, not PrivateAttr,
-    # because pydantic's private attributes are slow to read and a turn reads this twice.
+    # because pydantic's private attributes are slow to read and a turn reads these.
     @cached_property
-    def _routes(self) -> dict[str, Route]:
-        return {normalize_input(p): route for route in self.routes for p in route.match}
+    def _global_routes(self) -> tuple[dict[str, Route], dict[str, Route]]:
+        return _route_tables(self.routes)
+
+    @cached_property
+    def _node_routes(self) -> dict[str, tuple[dict[str, Route], dict[str, Route]]]:
+        return {
+            name: _route_tables(node.routes) for name, node in self.nodes.items() if isinstance(node, Menu)
+        }
 
     @cached_property
     def redact(self) -> Redactor:
@@ -221,43 +600,106 @@ class CallFlow(_Strict):
         for name, prompt in self.prompts.items():
             head, tail = speak_parts(prompt.voice or self.voice, prompt.locale or self.locale)
             text, ssml_text = clean_text(prompt.text), xml_text(prompt.text)
+            hint = BARGE_IN_HINTS[prompt.barge_in]
             whole = None
-            if INPUT_PLACEHOLDER not in prompt.text:
-                whole = SpokenPrompt(name=name, text=text, ssml=head + ssml_text + tail)
-            renderings[name] = _Rendering(whole, text, head, ssml_text, tail)
+            if not prompt.variables:
+                whole = SpokenPrompt(name=name, text=text, ssml=head + ssml_text + tail, hint=hint)
+            renderings[name] = _Rendering(whole, text, head, ssml_text, tail, hint)
         return renderings
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy without the caches: pydantic copies ``__dict__``, where they live."""
         copied = super().model_copy(update=update, deep=deep)
-        for cache in ("_routes", "_renderings", "redact"):
+        for cache in ("_global_routes", "_node_routes", "_renderings", "redact"):
             copied.__dict__.pop(cache, None)
         return copied
 
-    def route_for(self, text: str) -> Route | None:
-        """The route the caller's input selects, or None for the fallback."""
-        return self._routes.get(normalize_input(text))
+    def is_fixed(self, name: str) -> bool:
+        """Whether prompt ``name`` has no placeholders (it renders the same every time)."""
+        return self._renderings[name].whole is not None
 
-    def render(self, name: str, caller_input: str = "") -> SpokenPrompt:
-        """A prompt in its voice; ``{input}`` becomes the caller's words, escaped for SSML.
+    def route_for(self, node: str, text: str, *, keypad: bool) -> Route | None:
+        """The route the caller's input takes at ``node``: a key press matches keys, anything
+        else phrases; the node's own routes first, then the global ones."""
+        said = text.strip() if keypad else normalize_input(text)
+        tables = [self._node_routes.get(node)]
+        current = self.nodes.get(node)
+        if not isinstance(current, Menu) or current.global_routes:
+            tables.append(self._global_routes)
+        for table in tables:
+            if table is not None and (route := table[0 if keypad else 1].get(said)) is not None:
+                return route
+        return None
+
+    def render(
+        self, name: str, values: Mapping[str, str] | None = None, shown: Mapping[str, str] | None = None
+    ) -> SpokenPrompt:
+        """A prompt in its voice; each ``{name}`` becomes its value, escaped for SSML, and in
+        the transcript's copy (``shown``) its masked value.
 
         Escaping and wrapping a prompt's own text is done once, not every turn; a prompt
-        without ``{input}`` is the same (frozen) SpokenPrompt every time.
+        without placeholders is the same (frozen) SpokenPrompt every time.
         """
         rendering = self._renderings[name]
         if rendering.whole is not None:
             return rendering.whole
-        text = rendering.text.replace(INPUT_PLACEHOLDER, clean_text(caller_input))
-        ssml_text = rendering.ssml_text.replace(INPUT_PLACEHOLDER, xml_text(caller_input))
-        ssml = rendering.ssml_head + ssml_text + rendering.ssml_tail
-        return SpokenPrompt(name=name, text=text, ssml=ssml)
+        values = values or {}
+
+        def fill(template: str, escape: Any, table: Mapping[str, str]) -> str:
+            def value(m: re.Match[str]) -> str:
+                found = table.get(m[1], "")
+                return str(escape(" ".join(found) if m[2] else found))
+
+            return _PLACEHOLDER.sub(value, template)
+
+        text = fill(rendering.text, clean_text, values)
+        ssml = rendering.ssml_head + fill(rendering.ssml_text, xml_text, values) + rendering.ssml_tail
+        masked = fill(rendering.text, clean_text, {**values, **(shown or {})})
+        return SpokenPrompt(
+            name=name, text=text, ssml=ssml, hint=rendering.hint, shown=masked if masked != text else ""
+        )
+
+
+def _route_label(route: Route) -> str:
+    said = [f'"{p}"' for p in route.phrases[:2]]
+    return " / ".join(([f"press {route.key}"] if route.key is not None else []) + said)
+
+
+def _route_tables(routes: list[Route]) -> tuple[dict[str, Route], dict[str, Route]]:
+    """(by key, by normalised phrase)."""
+    keys = {route.key: route for route in routes if route.key is not None}
+    phrases = {normalize_input(p): route for route in routes for p in route.phrases}
+    return keys, phrases
+
+
+def _node_links(node: Any) -> Iterator[tuple[str, str, str]]:
+    """(field, kind, name) of a node's own links to nodes, queues and hours."""
+    for field in ("next", "on_fail", "open", "closed", "on_error"):
+        if (value := getattr(node, field, None)) is not None:
+            yield field, "node", value
+    if isinstance(node, Gather) and node.confirm is not None:
+        yield "confirm", "prompt", node.confirm
+    if isinstance(node, Gather):
+        for prompt in node.invalid:
+            yield "invalid", "prompt", prompt
+    if isinstance(node, Action):
+        for i, value in enumerate(node.may_go):
+            yield f"may_go.{i}", "node", value
+    if isinstance(node, TransferTo):
+        yield "queue", "queue", node.queue
+    if isinstance(node, CheckHours):
+        yield "hours", "hours", node.hours
+
+
+def shipped_flow(name: str) -> Path:
+    """The path of a flow file shipped with the product (``default.yaml``, ...)."""
+    return Path(str(FLOWS.joinpath(name)))
 
 
 def load_callflow(path: Path | None = None) -> CallFlow:
     """Load and validate a flow file (the built-in default when ``path`` is None)."""
     if path is None:
-        source = resources.files("orchestrator").joinpath(DEFAULT_CALLFLOW)
-        label, raw = DEFAULT_CALLFLOW, source.read_text(encoding="utf-8")
+        label, raw = DEFAULT_CALLFLOW, FLOWS.joinpath(DEFAULT_CALLFLOW).read_text(encoding="utf-8")
     else:
         label = str(path)
         try:
@@ -277,9 +719,12 @@ def parse_callflow(raw: str, label: str = "callflow") -> CallFlow:
         problem = getattr(e, "problem", None) or " ".join(str(e).split())
         raise ConfigError(where, f"not valid YAML: {problem}") from e
     if not isinstance(data, dict):
-        raise ConfigError(label, "the call flow must be a YAML mapping (prompts, routes, transfer, ...)")
+        raise ConfigError(label, "the call flow must be a YAML mapping (prompts, nodes, queues, ...)")
     try:
         return CallFlow.model_validate(data)
     except ValidationError as e:
         where, problem = describe_validation(dict(e.errors()[0]))
+        # A whole-flow check names its own place: "nodes.billing.routes.0.key: ..."
+        if not where and re.match(r"^[\w.-]+: ", problem):
+            where, _, problem = problem.partition(": ")
         raise ConfigError(f"{label}: {where}" if where else label, problem) from e

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigError, describe_validation
@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     SCHEDULER_POLL_SECONDS: float = Field(0.2, gt=0, le=10)
     SCHEDULER_LEASE_SECONDS: float = Field(15, ge=1, le=600)
     OUTBOX_GRACE_SECONDS: float = Field(20, ge=1, le=600)  # above a turn's 12 s budget
+
+    # Fernet keys that seal the variables a call flow collects (account numbers, ...) in
+    # Redis: the first seals, every one opens (rotation). Unset: a key of this process's own,
+    # which only the embedded Redis may use (another instance could not open what it sealed).
+    VARIABLES_KEYS: SecretStr | None = None
+
+    # Opening hours are checked as if it were this moment (ISO 8601 with a zone): to try a
+    # flow's hours, and for tests. Unset: the real clock.
+    HOURS_CLOCK: AwareDatetime | None = None
 
     # The operator API, /metrics and the dashboard exist only when this is set.
     OPERATOR_TOKEN: SecretStr | None = None

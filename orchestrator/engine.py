@@ -10,13 +10,15 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol
 
+from orchestrator.actions import ActionFunction, run_action
 from orchestrator.call import Call, timestamp
-from orchestrator.callflow import CallFlow
+from orchestrator.callflow import Action, CallFlow
 from orchestrator.errors import CommitConflict
 from orchestrator.events import CallStarted, Event
 from orchestrator.metrics import Metrics
@@ -126,9 +128,12 @@ class Engine:
         transcript_max: int = 50,
         metrics: Metrics | None = None,
         cache_size: int = 4096,
+        clock: Callable[[], datetime] | None = None,
+        actions: Mapping[str, ActionFunction] | None = None,
     ) -> None:
         self.store = store
-        self.runner = TurnRunner(flow, transcript_max=transcript_max)
+        self.runner = TurnRunner(flow, transcript_max=transcript_max, clock=clock)
+        self.actions = dict(actions or {})
         self.cache = CallCache(cache_size)
         self.metrics = metrics
         self.conflicts = 0  # commits lost to a concurrent turn (and rerun), since start
@@ -169,6 +174,10 @@ class Engine:
                     return None
                 call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=timestamp(), reference=reference, caller=caller)
+            while turn.action:  # the flow runs the user's code: outside the commit, bounded
+                node = self.runner.flow.nodes[turn.action]
+                assert isinstance(node, Action)
+                turn = self.runner.resume(turn, await run_action(self.actions[node.action], node, turn))
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             outbox = ""

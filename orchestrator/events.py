@@ -1,5 +1,5 @@
 """What can happen to a call, as plain data: the bot adapter reads activities into these
-(``adapters.bot.event_from_activity``), and the scheduler raises the watchdog's."""
+(``adapters.bot.event_from_activity``), and the scheduler raises the timer's."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ class CallStarted:
 
 @dataclass(slots=True, frozen=True)
 class CallerInput:
-    """The caller said something or pressed keys."""
+    """The caller said something, or pressed a key (``keypad``: the channel's DTMF entity)."""
 
     text: str
+    keypad: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,13 +54,14 @@ class CallEnded:
 
 
 @dataclass(slots=True, frozen=True)
-class WatchdogExpired:
-    """A transfer's no-answer deadline came due (``now_ms`` is Redis time)."""
+class TimerExpired:
+    """The call's timer came due (``now_ms`` is Redis time): a transfer's no-answer
+    watchdog, a node's no-input or inter-digit timeout, or a hang-up after its prompt."""
 
     now_ms: int
 
 
-Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | WatchdogExpired
+Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | TimerExpired
 
 
 def status_from_value(value: object) -> HandoffStatus | InvalidStatus:

@@ -1,7 +1,8 @@
 """Due work kept in Redis, done by whichever instance claims it first.
 
-Two kinds: the no-answer **watchdog** of a transferring call (the Telephony channel
-redials an unanswered agent forever and never says so), and the **re-send** of replies
+Two kinds: a call's **timer** (a transferring call's no-answer watchdog: the Telephony
+channel redials an unanswered agent forever and never says so; a node's no-input or
+inter-digit timeout; a hang-up after its goodbye), and the **re-send** of replies
 a call's outbox keeps because they were never acknowledged as sent (the instance died,
 or the channel was unreachable). Work is claimed with a lease in Redis time; a claimer that
 dies lets the lease lapse and another instance takes the work. Firing is a normal
@@ -19,13 +20,13 @@ from typing import Any, Protocol
 
 from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
-from orchestrator.events import WatchdogExpired
+from orchestrator.events import TimerExpired
 from orchestrator.turn import Turn
 from states import State
 
 log = logging.getLogger(__name__)
 
-WATCHDOG = "watchdog"
+TIMER = "timer"
 OUTBOX = "outbox"
 
 
@@ -40,7 +41,7 @@ PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with 
 class DueItem:
     """One claimed piece of work."""
 
-    kind: str  # WATCHDOG or OUTBOX
+    kind: str  # TIMER or OUTBOX
     conversation_id: str
     key: str  # for OUTBOX: the outbox key
     shard: int
@@ -68,7 +69,7 @@ class ScheduleStore(Protocol):
 
     async def forget(self, item: DueItem) -> None: ...
 
-    async def reschedule_watchdog(self, conversation_id: str) -> None: ...
+    async def reschedule_timer(self, conversation_id: str) -> None: ...
 
     async def prune_index(self) -> int: ...
 
@@ -86,8 +87,9 @@ class Channel(Protocol):
 
     async def send(self, reference: str, replies: list[Any]) -> None: ...
 
-    def from_outbox(self, payload: str, version: int) -> list[Any]:
-        """The replies of an outbox entry still worth saying to the call at ``version``."""
+    def from_outbox(self, payload: str, version: int, *, ended: bool = False) -> list[Any]:
+        """The replies of an outbox entry still worth saying to the call at ``version``
+        (``ended``: the call has ended, so only the bot's own hang-up is)."""
         ...
 
 
@@ -125,7 +127,7 @@ class Scheduler:
         self._gate = asyncio.Semaphore(concurrency)
         self._held: dict[DueItem, float] = {}  # claimed, not done -> when claimed (monotonic)
         self._sent: list[tuple[str, str]] = []  # (call, outbox key) sent this round, to acknowledge
-        self.fired = 0  # watchdogs that failed a transfer, since start
+        self.fired = 0  # timers that changed a call, since start
         self.resent = 0  # outbox entries sent again, since start
 
     async def run(self) -> None:
@@ -200,8 +202,8 @@ class Scheduler:
             # take it now, so leave it rather than do it twice.
             if (time.monotonic() - claimed) * 1000 < self.lease_ms * 0.8:
                 try:
-                    if item.kind == WATCHDOG:
-                        await self._watchdog(item)
+                    if item.kind == TIMER:
+                        await self._timer(item)
                     elif item.kind == OUTBOX:
                         await self._resend(item)
                 except (ConnectionError, TimeoutError) as e:
@@ -221,15 +223,15 @@ class Scheduler:
             # Not in a finally: work cancelled by shutdown stays held, to be released.
             self._held.pop(item, None)
 
-    async def _watchdog(self, item: DueItem) -> None:
+    async def _timer(self, item: DueItem) -> None:
         turn = await self.engine.handle(
             item.conversation_id,
-            WatchdogExpired(item.now_ms),
+            TimerExpired(item.now_ms),
             render=self.channel.render,
             only_if_changed=True,
         )
         if turn is None:  # not due yet, the attempt already ended, or the call is gone
-            await self.store.reschedule_watchdog(item.conversation_id)
+            await self.store.reschedule_timer(item.conversation_id)
             return
         self.fired += 1
         if turn.replies:
@@ -241,20 +243,23 @@ class Scheduler:
             await self.store.forget(item)
             return
         stale = item.now_ms - entry.kept_ms > MAX_KEPT_MS
-        if entry.state == State.ENDED or stale or not entry.reference:
+        if stale or not entry.reference:
             # Nobody to speak to any more: drop the replies rather than retry forever.
             log.warning(
-                "call %s: dropping the outbox entry %s (%s)",
+                "call %s: dropping the outbox entry %s (too old or no reference)",
                 item.conversation_id,
                 item.key,
-                "call ended" if entry.state == State.ENDED else "too old or no reference",
             )
             await self.store.acknowledge(item.conversation_id, item.key)
             return
-        replies = self.channel.from_outbox(entry.payload, entry.version)
+        ended = entry.state == State.ENDED
+        replies = self.channel.from_outbox(entry.payload, entry.version, ended=ended)
         if not replies:
             log.info(
-                "call %s: dropping the outbox entry %s (the call moved on)", item.conversation_id, item.key
+                "call %s: dropping the outbox entry %s (%s)",
+                item.conversation_id,
+                item.key,
+                "the call ended" if ended else "the call moved on",
             )
             await self.store.acknowledge(item.conversation_id, item.key)
             return

@@ -78,10 +78,10 @@ TRANSITIONS: list[dict[str, Any]] = [
 # Per-state hooks, also resolved on the model.
 STATE_HOOKS: list[dict[str, Any]] = [
     {"name": State.BOT},
-    {"name": State.TRANSFERRING, "on_exit": "disarm_watchdog"},
+    {"name": State.TRANSFERRING, "on_exit": "disarm_timer"},
     {"name": State.ACCEPTED},
     {"name": State.FAILED},
-    {"name": State.ENDED},
+    {"name": State.ENDED, "on_enter": "disarm_timer"},
 ]
 
 AFTER_STATE_CHANGE = "record_step"  # machine-wide: every transition goes in the history

@@ -1,7 +1,13 @@
-"""Shared fixtures: Redis backends (embedded fake and a real server), the channel stand-in."""
+"""Shared fixtures: Redis backends (embedded fake and a real server), the channel stand-in.
+
+The suite's bots run the Telephony how-to's sample flow unless a test names another
+(``CALLFLOW_FILE``): most tests were written against its behaviour, and it has no opening
+hours that would make a result depend on the clock. The default flow has tests of its own.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,10 +20,14 @@ from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore, Retention
+from orchestrator.callflow import SAMPLE_CALLFLOW, shipped_flow
 from simulator.channel import ChannelStandIn
 from tests.servers import IN_CI, REAL_REDIS_URL, RedisClusterServers
 
 __all__ = ["IN_CI", "REAL_REDIS_URL"]
+
+SAMPLE_FLOW = shipped_flow(SAMPLE_CALLFLOW)
+os.environ.setdefault("CALLFLOW_FILE", str(SAMPLE_FLOW))  # bot processes the tests start inherit it
 
 
 async def real_redis_or_skip() -> Redis:

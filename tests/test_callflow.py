@@ -13,6 +13,7 @@ import yaml
 
 from orchestrator.callflow import DEFAULT_CALLFLOW, CallFlow, Transfer, load_callflow, parse_callflow
 from orchestrator.errors import ConfigError
+from tests.conftest import SAMPLE_FLOW
 
 LABEL = "flow.yaml"
 DEFAULT_TEXT = resources.files("orchestrator").joinpath(DEFAULT_CALLFLOW).read_text(encoding="utf-8")
@@ -39,7 +40,7 @@ def config_error(raw: str) -> ConfigError:
 
 @pytest.fixture(scope="module")
 def flow() -> CallFlow:
-    return load_callflow()
+    return load_callflow(SAMPLE_FLOW)
 
 
 # --- loading ---------------------------------------------------------------------------

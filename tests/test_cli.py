@@ -27,7 +27,7 @@ from orchestrator.callflow import load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
 from states.diagram import mermaid
-from tests.conftest import REAL_REDIS_URL, delete_prefix, require_real_redis_sync
+from tests.conftest import REAL_REDIS_URL, SAMPLE_FLOW, delete_prefix, require_real_redis_sync
 
 pytestmark = pytest.mark.real_redis
 
@@ -48,7 +48,7 @@ def call_in_redis(key_prefix: str) -> Iterator[str]:
 
     async def setup() -> None:
         client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
-        engine = Engine(RedisCallStore(client, Keyspace(key_prefix)), load_callflow())
+        engine = Engine(RedisCallStore(client, Keyspace(key_prefix)), load_callflow(SAMPLE_FLOW))
         await engine.handle("call-42", CallerInput("my card is 4111 1111 1111 1111"), activity_id="a1")
         await engine.handle("call-42", CallerInput("agent"), activity_id="a2", reference=REFERENCE)
         await engine.handle("call-42", HandoffStatus("failed", "busy"), activity_id="a3")
@@ -127,7 +127,7 @@ def test_diagram_prints_the_machine(tmp_path: Any) -> None:
 )
 def test_long_digit_runs_are_masked(text: str, expected: str) -> None:
     assert redact(text) == expected
-    assert load_callflow().redact(text) == expected  # the rule caller words are stored under
+    assert load_callflow(SAMPLE_FLOW).redact(text) == expected  # the rule caller words are stored under
 
 
 def test_calls_list_by_state(call_in_redis: str) -> None:
@@ -224,7 +224,7 @@ def test_calls_watch_shows_steps_committed_after_it_started(call_in_redis: str) 
 
     async def step(n: int) -> None:
         client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
-        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow())
+        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow(SAMPLE_FLOW))
         await engine.handle(f"w{n}", CallerInput("agent"), activity_id="a")
         await client.aclose()
 
@@ -264,7 +264,7 @@ def test_calls_watch_ends_quietly_on_ctrl_c(call_in_redis: str, tmp_path: Path) 
 
     async def step(n: int) -> None:
         client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
-        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow())
+        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow(SAMPLE_FLOW))
         await engine.handle(f"i{n}", CallerInput("agent"), activity_id="a")
         await client.aclose()
 

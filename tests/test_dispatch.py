@@ -23,24 +23,25 @@ from orchestrator.events import (
     Event,
     HandoffStatus,
     InvalidStatus,
-    WatchdogExpired,
+    TimerExpired,
 )
 from orchestrator.ssml import clean_text, speak, xml_text
 from orchestrator.turn import Turn, TurnRunner, copy_call
 from states import State, Trigger
 from states.dispatch import Dispatch
+from tests.conftest import SAMPLE_FLOW
 
 NOW = "2026-11-23T10:00:00.000Z"
 
 
 def flow_with(**transfer: object) -> CallFlow:
-    data = load_callflow().model_dump()
+    data = load_callflow(SAMPLE_FLOW).model_dump()
     data["transfer"].update(transfer)
     return CallFlow.model_validate(data)
 
 
 FLOWS = [
-    load_callflow(),
+    load_callflow(SAMPLE_FLOW),
     flow_with(targets=["+14251231234", "+14255550100"], max_attempts=2, announce_prompt="handback"),
     flow_with(max_attempts=1, timeout_seconds=5),
 ]
@@ -59,7 +60,7 @@ events: st.SearchStrategy[Event] = st.one_of(
         st.sampled_from(["", "busy", "x" * 600]),
     ),
     st.builds(InvalidStatus, st.sampled_from(["unknown state 'x'", "value is str, not an object"])),
-    st.builds(WatchdogExpired, st.integers(0, 2000)),
+    st.builds(TimerExpired, st.integers(0, 2000)),
     st.builds(CallEnded),
 )
 lines = st.builds(Line, st.sampled_from([CALLER, BOT]), st.text(max_size=5), st.just(NOW))
@@ -184,7 +185,7 @@ def test_copy_call_copies_every_field_and_not_the_transcript_list() -> None:
 
 
 def test_a_copied_flow_does_not_keep_the_originals_caches() -> None:
-    flow = load_callflow()
+    flow = load_callflow(SAMPLE_FLOW)
     assert flow.route_for("1") is not None and flow.render("welcome").text.startswith("Thank you")
     prompts = {**flow.prompts, "welcome": flow.prompts["handback"]}
     copied = flow.model_copy(update={"prompts": prompts, "routes": []})

@@ -13,11 +13,12 @@ from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
 from orchestrator.metrics import Metrics
-from orchestrator.turn import Handoff, Say, Turn
+from orchestrator.turn import Handoff, Speak, Turn
+from tests.conftest import SAMPLE_FLOW
 
 
 def generous_flow() -> CallFlow:
-    data = load_callflow().model_dump()
+    data = load_callflow(SAMPLE_FLOW).model_dump()
     data["transfer"]["max_attempts"] = 20
     return CallFlow.model_validate(data)
 
@@ -48,7 +49,7 @@ async def test_concurrent_turns_on_one_call_are_serialised(store: RedisCallStore
     transfers = sum(isinstance(e, Handoff) for turn in applied for e in turn.effects)
     assert call.attempts == transfers == sum(s.dest == "transferring" != s.source for s in history)
     retry_prompts = sum(
-        isinstance(e, Say) and e.prompt.name == "transfer_retry" for turn in applied for e in turn.effects
+        isinstance(e, Speak) and e.prompt.name == "transfer_retry" for turn in applied for e in turn.effects
     )
     assert retry_prompts == sum(s.source == "transferring" and s.dest == "failed" for s in history)
     said = Counter(line.text for line in call.transcript if line.role == "caller")
@@ -81,7 +82,7 @@ async def test_an_ordinary_turn_costs_one_round_trip(
 ) -> None:
     """The commit alone, from this instance's copy of the call; a redelivery is found by the
     commit (one round trip); a new call needs no load either."""
-    engine = Engine(store, load_callflow())
+    engine = Engine(store, load_callflow(SAMPLE_FLOW))
     # Scripts loaded and connected to call-1's node (on a cluster), by a call in its shard.
     shard = store.keys.locate("call-1")[0]
     warm = next(f"warm-{n}" for n in range(10_000) if store.keys.locate(f"warm-{n}")[0] == shard)
@@ -101,7 +102,7 @@ async def test_a_stale_copy_costs_one_more_round_trip_and_loses_nothing(
 ) -> None:
     """Two instances (no sticky routing): each commit finds the other's copy out of date and
     hands back the call as it stands, so the rerun needs no load and no turn is lost."""
-    flow = load_callflow()
+    flow = load_callflow(SAMPLE_FLOW)
     first, second = Engine(store, flow), Engine(store, flow)
     await first.handle("call-0", CallerInput("hello"), activity_id="warm")
     await first.handle("call-1", CallStarted(), activity_id="a0")
@@ -121,13 +122,13 @@ async def test_a_stale_copy_costs_one_more_round_trip_and_loses_nothing(
 
 
 async def test_the_cache_is_bounded_and_forgets_ended_calls(store: RedisCallStore) -> None:
-    engine = Engine(store, load_callflow(), cache_size=2)
+    engine = Engine(store, load_callflow(SAMPLE_FLOW), cache_size=2)
     for number in range(3):
         await engine.handle(f"call-{number}", CallStarted(), activity_id=f"s{number}")
     assert len(engine.cache) == 2 and engine.cache.get("call-0") is None
     await engine.handle("call-2", CallEnded(), activity_id="end")
     assert len(engine.cache) == 1 and engine.cache.get("call-2") is None
-    off = Engine(store, load_callflow(), cache_size=0)
+    off = Engine(store, load_callflow(SAMPLE_FLOW), cache_size=0)
     await off.handle("call-9", CallStarted(), activity_id="s9")
     assert len(off.cache) == 0
 

@@ -42,15 +42,15 @@ from orchestrator.callflow import load_callflow
 from orchestrator.config import load_settings
 from orchestrator.events import CallerInput
 from orchestrator.ssml import SSML_NAMESPACE, clean_text, speak, xml_text
-from orchestrator.turn import LINE_MAX_CHARS, Say, TurnRunner
+from orchestrator.turn import LINE_MAX_CHARS, Speak, TurnRunner
 from simulator.channel import Caller, ChannelStandIn
-from tests.conftest import delete_prefix
+from tests.conftest import SAMPLE_FLOW, delete_prefix
 from tests.test_http import dump
 
 SPEAK_TAG = f"{{{SSML_NAMESPACE}}}speak"
 VOICE_TAG = f"{{{SSML_NAMESPACE}}}voice"
 NOW = "2026-11-23T10:00:00.000Z"
-FLOW = load_callflow()
+FLOW = load_callflow(SAMPLE_FLOW)
 ECHO = 'What I heard was "{}"'  # the default flow's fallback prompt
 
 # A failing 100k-character example is too long to print whole; Hypothesis warns of that,
@@ -174,7 +174,7 @@ def test_the_echo_reply_on_the_wire_says_what_the_caller_said(text: str) -> None
     serialised as the channel client sends it."""
     assume(FLOW.route_for(text) is None)  # a route says its own prompt, or transfers
     turn = RUNNER.run(Call(id="c"), CallerInput(text), now=NOW)
-    assert [type(e) for e in turn.effects] == [Say]
+    assert [type(e) for e in turn.effects] == [Speak]
     (reply,) = replies(turn, None)
     wire = json.loads(json.dumps(to_json(reply), ensure_ascii=False).encode("utf-8"))
     said = ECHO.format(clean_text(heard(text)))

@@ -17,13 +17,14 @@ from adapters.keys import HOUR, MINUTE, SHARDS
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine
-from orchestrator.events import CallEnded, CallerInput, HandoffStatus, WatchdogExpired
+from orchestrator.events import CallEnded, CallerInput, HandoffStatus, TimerExpired
+from tests.conftest import SAMPLE_FLOW
 
 TARGETS = ("+14251231234", "+14255550100")
 
 
 def two_target_flow() -> CallFlow:
-    flow = load_callflow()
+    flow = load_callflow(SAMPLE_FLOW)
     return flow.model_copy(update={"transfer": flow.transfer.model_copy(update={"targets": list(TARGETS)})})
 
 
@@ -34,7 +35,7 @@ async def populate(store: RedisCallStore) -> Engine:
         await engine.handle(f"c{i}", CallerInput("agent" if i % 2 else "hello"), activity_id="a")
     await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="b")
     await engine.handle("c0", CallEnded(), activity_id="c")
-    await engine.handle("c5", WatchdogExpired(now_ms=2**62))
+    await engine.handle("c5", TimerExpired(now_ms=2**62))
     await engine.handle("c5", CallerInput("agent"), activity_id="d")
     await engine.handle("c5", HandoffStatus("accepted"), activity_id="e")
     return engine
@@ -100,7 +101,7 @@ async def test_a_late_accept_turns_a_failure_into_a_success(store: RedisCallStor
     """Timed out, then accepted after all: one transfer, one success, rate 100%."""
     engine = Engine(store, two_target_flow())
     await engine.handle("late", CallerInput("agent"), activity_id="a")
-    await engine.handle("late", WatchdogExpired(now_ms=2**62))
+    await engine.handle("late", TimerExpired(now_ms=2**62))
     await engine.handle("late", HandoffStatus("accepted"), activity_id="b")
     figures = await inspection.stats(CallInspector(store), "1h")
     assert figures["targets"] == [

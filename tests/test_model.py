@@ -22,10 +22,10 @@ from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, Event, HandoffStatus, InvalidStatus
-from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
-from orchestrator.turn import Say, Turn
+from orchestrator.scheduler import TIMER, DueItem, Scheduler
+from orchestrator.turn import Speak, Turn
 from states import State
-from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
+from tests.conftest import REAL_REDIS_URL, SAMPLE_FLOW, require_real_redis_sync
 from tests.test_scheduler import RecordingChannel
 
 pytestmark = pytest.mark.real_redis
@@ -35,7 +35,7 @@ STATES = {s.value for s in State}
 
 
 def flow() -> CallFlow:
-    data = load_callflow().model_dump()
+    data = load_callflow(SAMPLE_FLOW).model_dump()
     data["transfer"].update(targets=["+14251231234", "+14255550100"], max_attempts=3, timeout_seconds=30)
     return CallFlow.model_validate(data)
 
@@ -49,7 +49,7 @@ def render(turn: Turn) -> Replies:
         turn,
         [
             Activity(type="message", text=e.prompt.text)
-            if isinstance(e, Say)
+            if isinstance(e, Speak)
             else Activity(type="event", name="handoff.initiate", value={"TargetPhoneNumber": e.target})
             for e in turn.effects
         ],
@@ -133,9 +133,9 @@ class CallModel(RuleBasedStateMachine):
         if call is None:
             return
         now = call.deadline_ms + 1 if late else max(call.deadline_ms - 1, 0)
-        item = DueItem(WATCHDOG, self.call, "", Keyspace.locate(self.call)[0], Due.watchdog(self.call), now)
+        item = DueItem(TIMER, self.call, "", Keyspace.locate(self.call)[0], Due.timer(self.call), now)
         fired_before = self.scheduler.fired
-        self.run(self.scheduler._watchdog(item))
+        self.run(self.scheduler._timer(item))
         if self.scheduler.fired > fired_before:
             after = self._current()
             assert after.state == State.FAILED and after.failure == "timeout"
@@ -159,7 +159,7 @@ class CallModel(RuleBasedStateMachine):
         assert call.state in STATES
         assert call.version >= self.version, "the version only grows"
         self.version = call.version
-        due = self.run(self.redis.zscore(self.store.keys.due_for(self.call), Due.watchdog(self.call)))
+        due = self.run(self.redis.zscore(self.store.keys.due_for(self.call), Due.timer(self.call)))
         assert (due is not None) == (call.state == State.TRANSFERRING), (
             "a watchdog exactly while transferring"
         )

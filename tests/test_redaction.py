@@ -34,7 +34,7 @@ from orchestrator.events import CallerInput, CallStarted, HandoffStatus, Invalid
 from orchestrator.redact import CALLER_NUMBER, Redactor
 from orchestrator.turn import LINE_MAX_CHARS, TurnRunner
 from simulator.channel import Caller, ChannelStandIn
-from tests.conftest import delete_prefix
+from tests.conftest import SAMPLE_FLOW, delete_prefix
 
 DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
 CALLER_ID = "+14255550123"
@@ -189,7 +189,7 @@ def test_everything_off() -> None:
 
 
 def test_the_default_flow_redacts() -> None:
-    flow = load_callflow()
+    flow = load_callflow(SAMPLE_FLOW)
     assert flow.privacy.agent_transcript == "redacted"
     assert flow.redact(SAID, CALLER_ID) == REDACTED
 
@@ -222,7 +222,7 @@ def test_bad_privacy_settings_stop_start_up(privacy: dict[str, Any], where: str,
 
 
 def test_a_turn_stores_and_echoes_only_redacted_words() -> None:
-    runner = TurnRunner(load_callflow())
+    runner = TurnRunner(load_callflow(SAMPLE_FLOW))
     turn = runner.run(
         runner.run(_new(), CallStarted(), now="t").call, CallerInput(SAID), now="t", caller=CALLER_ID
     )
@@ -251,7 +251,7 @@ def test_full_agent_transcript_keeps_the_words_in_memory_only() -> None:
 
 
 def test_agent_side_status_messages_are_redacted() -> None:
-    runner = TurnRunner(load_callflow())
+    runner = TurnRunner(load_callflow(SAMPLE_FLOW))
     transferring = runner.run(_new(), CallerInput("agent"), now="t").call
     turn = runner.run(transferring, HandoffStatus("failed", "agent at 4255550199 busy"), now="t")
     assert turn.call.failure == "agent at ******0199 busy"
@@ -262,7 +262,7 @@ def test_agent_side_status_messages_are_redacted() -> None:
 
 def test_agent_side_text_is_redacted_before_it_is_cut() -> None:
     """A card split by the cut keeps none of its first digits: the turn redacts, then cuts."""
-    runner = TurnRunner(load_callflow())
+    runner = TurnRunner(load_callflow(SAMPLE_FLOW))
     transferring = runner.run(_new(), CallerInput("agent"), now="t").call
     message = "x" * 492 + f" {CARD} declined"  # cut first at 500, "4111 11" was kept
     turn = runner.run(transferring, status_from_value({"state": "failed", "message": message}), now="t")

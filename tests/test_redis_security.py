@@ -29,6 +29,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.events import CallerInput, HandoffStatus
 from states import State
+from tests.conftest import SAMPLE_FLOW
 from tests.servers import TlsFiles, TlsRedisServer
 
 DOC = Path(__file__).parent.parent / "docs" / "redis-security.md"
@@ -145,7 +146,7 @@ async def write_calls(settings: Settings, prefix: str) -> None:
     """What a bot does: a call that is transferring and one whose transfer failed."""
     client = create_redis(settings)
     try:
-        engine = Engine(RedisCallStore(client, Keyspace(prefix)), load_callflow())
+        engine = Engine(RedisCallStore(client, Keyspace(prefix)), load_callflow(SAMPLE_FLOW))
         await engine.handle("call-1", CallerInput("hello"), activity_id="a1")
         await engine.handle("call-1", CallerInput("agent"), activity_id="a2", reference='{"x": 1}')
         await engine.handle("call-2", CallerInput("agent"), activity_id="b1", reference='{"x": 2}')
@@ -172,7 +173,7 @@ async def test_the_bot_store_round_trip_over_tls_as_the_documented_bot_user(
         # Every script the scheduler and reconcile run, allowed by the bot's ACL.
         items = await store.claim_due(10, 1000)
         await store.release(items, 1000)
-        await store.reschedule_watchdog("call-1")
+        await store.reschedule_timer("call-1")
         assert await store.prune_index() == 0
         # The streaming sockets' routing: an inbox of its own, publishing to another's.
         connections = Connections(store)

@@ -18,6 +18,7 @@ from orchestrator.callflow import load_callflow
 from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, HandoffStatus
 from orchestrator.turn import Turn
+from tests.conftest import SAMPLE_FLOW
 
 LIVE, MAX_LIVE, ENDED = 3600, 1800, 600
 CID = "call-ttl"
@@ -75,7 +76,7 @@ async def members_of_the_call(store: RedisCallStore) -> dict[str, list[str]]:
 
 
 async def test_every_key_of_a_call_expires_live_and_ended(store: RedisCallStore) -> None:
-    engine = Engine(store, load_callflow())
+    engine = Engine(store, load_callflow(SAMPLE_FLOW))
     turns: list[tuple[str, Event]] = [
         ("a1", CallStarted()),
         ("a2", CallerInput("hello")),
@@ -102,7 +103,7 @@ async def test_every_key_of_a_call_expires_live_and_ended(store: RedisCallStore)
 
 
 async def test_a_call_that_never_ends_expires_at_its_maximum_lifetime(store: RedisCallStore) -> None:
-    engine = Engine(store, load_callflow())
+    engine = Engine(store, load_callflow(SAMPLE_FLOW))
     await engine.handle(CID, CallStarted(), activity_id="a1")
     record = store.keys.call(CID).call
     # Started MAX_LIVE - 5 s ago: however much it talks now, it has ~5 s left.
@@ -120,12 +121,12 @@ async def test_a_call_that_never_ends_expires_at_its_maximum_lifetime(store: Red
 async def test_without_a_lifetime_bound_the_idle_ttl_applies(redis_client: Redis, key_prefix: str) -> None:
     retention = Retention(live_seconds=LIVE, max_live_seconds=0, ended_seconds=ENDED)
     store = RedisCallStore(redis_client, Keyspace(key_prefix), retention)
-    await Engine(store, load_callflow()).handle(CID, CallStarted(), activity_id="a1")
+    await Engine(store, load_callflow(SAMPLE_FLOW)).handle(CID, CallStarted(), activity_id="a1")
     assert LIVE - 5 <= await store.redis.ttl(store.keys.call(CID).call) <= LIVE
 
 
 async def test_old_feed_entries_go(store: RedisCallStore) -> None:
-    engine = Engine(store, load_callflow())
+    engine = Engine(store, load_callflow(SAMPLE_FLOW))
     feed = store.keys.feed(store.keys.locate(CID)[0])
     await store.redis.xadd(feed, {"call": "old"}, id="1000-0")  # from 1970: long past the retention
     await engine.handle(CID, CallerInput("agent"), activity_id="a1")  # a step: written to the feed

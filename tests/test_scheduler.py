@@ -18,8 +18,9 @@ from orchestrator import scheduler as scheduler_module
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus
-from orchestrator.scheduler import WATCHDOG, DueItem, Scheduler
+from orchestrator.scheduler import TIMER, DueItem, Scheduler
 from orchestrator.turn import TIMEOUT, Turn
+from tests.conftest import SAMPLE_FLOW
 
 REFERENCE = '{"conversation":{"id":"%s"},"serviceUrl":"http://127.0.0.1:9/","channelId":"telephony"}'
 
@@ -31,7 +32,7 @@ class RecordingChannel:
         self.sent: list[tuple[str, list[Activity]]] = []
 
     def render(self, turn: Turn) -> Replies:
-        return rendered(turn, None)
+        return rendered(turn, None, Sealer.from_setting(None))
 
     async def send(self, reference: str, replies: list[Any]) -> None:
         self.sent.append((reference, replies))
@@ -43,7 +44,7 @@ class RecordingChannel:
 
 
 def flow(timeout: float = 1, max_attempts: int = 5) -> CallFlow:
-    data = load_callflow().model_dump()
+    data = load_callflow(SAMPLE_FLOW).model_dump()
     data["transfer"].update(timeout_seconds=timeout, max_attempts=max_attempts)
     return CallFlow.model_validate(data)
 
@@ -78,9 +79,9 @@ async def test_a_watchdog_is_scheduled_exactly_while_transferring(quick_store: R
     engine = Engine(quick_store, flow(timeout=60))
     turn = await transfer(engine, "c1")
     due = quick_store.keys.due_for("c1")
-    assert await quick_store.redis.zscore(due, Due.watchdog("c1")) == turn.call.deadline_ms
+    assert await quick_store.redis.zscore(due, Due.timer("c1")) == turn.call.deadline_ms
     await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="s1")
-    assert await quick_store.redis.zscore(due, Due.watchdog("c1")) is None
+    assert await quick_store.redis.zscore(due, Due.timer("c1")) is None
 
 
 async def test_the_watchdog_fails_an_unanswered_transfer_once(quick_store: RedisCallStore) -> None:
@@ -90,7 +91,7 @@ async def test_the_watchdog_fails_an_unanswered_transfer_once(quick_store: Redis
     await until(lambda: scheduler.fired == 1, scheduler)
     call = (await quick_store.load("c1")).call
     assert call is not None and call.state == "failed" and call.failure == TIMEOUT
-    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert channel.texts() == [load_callflow(SAMPLE_FLOW).prompts["transfer_retry"].text]
     assert channel.sent[0][0] == REFERENCE % "c1"
     for _ in range(5):
         await scheduler.poll()
@@ -135,14 +136,14 @@ async def test_a_timer_for_an_attempt_that_ended_does_nothing(quick_store: Redis
     # The first attempt's watchdog, claimed now by a slow instance:
     seconds, micros = await quick_store.redis.time()
     now_ms = seconds * 1000 + micros // 1000
-    await scheduler._watchdog(
-        DueItem(WATCHDOG, "c1", "", Keyspace.locate("c1")[0], Due.watchdog("c1"), now_ms)
+    await scheduler._timer(
+        DueItem(TIMER, "c1", "", Keyspace.locate("c1")[0], Due.timer("c1"), now_ms)
     )
     after = (await quick_store.load("c1")).call
     assert after is not None and after.state == "transferring" and after.version == second.version
     assert scheduler.fired == 0 and channel.sent == []
     assert (
-        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.watchdog("c1"))
+        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.timer("c1"))
         == second.deadline_ms
     )
 
@@ -151,10 +152,10 @@ async def test_a_lapsed_lease_is_claimed_again_and_released_work_at_once(quick_s
     engine = Engine(quick_store, flow(timeout=60))
     await transfer(engine, "c1")
     due = quick_store.keys.due_for("c1")
-    await quick_store.redis.zadd(due, {Due.watchdog("c1"): 0})  # due now
+    await quick_store.redis.zadd(due, {Due.timer("c1"): 0})  # due now
     claimed_items = await quick_store.claim_due(10, lease_ms=300)
     claimed = members(claimed_items)
-    assert claimed == [("watchdog", "c1", Due.watchdog("c1"))]
+    assert claimed == [("timer", "c1", Due.timer("c1"))]
     assert await quick_store.claim_due(10, lease_ms=300) == []  # leased to the first claimer
     await asyncio.sleep(0.4)  # the claimer died; its lease lapses
     again = await quick_store.claim_due(10, lease_ms=60_000)
@@ -173,7 +174,7 @@ async def test_replies_in_the_outbox_never_acknowledged_are_sent_again(quick_sto
     assert turn is not None and turn.outbox_key == "s1"  # in the outbox with the commit
     # ... and the instance died before sending: nobody acknowledges.
     await until(lambda: scheduler.resent == 1, scheduler)
-    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert channel.texts() == [load_callflow(SAMPLE_FLOW).prompts["transfer_retry"].text]
     assert await quick_store.redis.hlen(quick_store.keys.call("c1").outbox) == 0
     assert await quick_store.redis.zcard(quick_store.keys.due_for("c1")) == 0
 
@@ -236,7 +237,7 @@ async def test_a_bad_shard_or_an_unreadable_member_does_not_stop_the_others(
     unreadable = '["reminder"]'  # written by some future version
     await quick_store.redis.zadd(quick_store.keys.due(shard), {unreadable: 0})
     await until(lambda: scheduler.fired == 1, scheduler)
-    assert channel.texts() == [load_callflow().prompts["transfer_retry"].text]
+    assert channel.texts() == [load_callflow(SAMPLE_FLOW).prompts["transfer_retry"].text]
     assert await quick_store.redis.zscore(quick_store.keys.due(shard), unreadable) is not None  # left alone
     await quick_store.redis.delete(quick_store.keys.due(other))
 

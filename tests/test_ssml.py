@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.ssml import SSML_NAMESPACE, clean_text, speak, xml_text
+from tests.conftest import SAMPLE_FLOW
 
 SPEAK_TAG = f"{{{SSML_NAMESPACE}}}speak"
 VOICE_TAG = f"{{{SSML_NAMESPACE}}}voice"
@@ -44,7 +45,7 @@ HOSTILE = {
 
 @pytest.fixture(scope="module")
 def flow() -> CallFlow:
-    return load_callflow()
+    return load_callflow(SAMPLE_FLOW)
 
 
 def assert_whitespace_between_elements(ssml: str) -> None:

@@ -127,7 +127,7 @@ async def test_the_watchdog_deadline_comes_from_redis_time(
     store: RedisCallStore, redis_client: Redis
 ) -> None:
     turn = turn_for(Call(id="c1"), state=State.TRANSFERRING)
-    turn.watchdog_seconds = 30
+    turn.timer_seconds = 30
     receipt = await store.commit(turn, "a1")
     seconds, micros = await redis_client.time()
     now_ms = seconds * 1000 + micros // 1000

@@ -18,14 +18,15 @@ from orchestrator.events import (
     InvalidStatus,
     status_from_value,
 )
-from orchestrator.turn import TELEPHONY_TRANSFERRED, Handoff, Say, Turn, TurnRunner
+from orchestrator.turn import TELEPHONY_TRANSFERRED, Handoff, Speak, Turn, TurnRunner
 from states import TRANSITIONS, State, Trigger, build_machine
 from states.call import callback_names
+from tests.conftest import SAMPLE_FLOW
 
 
 @pytest.fixture(scope="module")
 def runner() -> TurnRunner:
-    return TurnRunner(load_callflow())
+    return TurnRunner(load_callflow(SAMPLE_FLOW))
 
 
 def run(runner: TurnRunner, call: Call, event: Event) -> Turn:
@@ -35,18 +36,18 @@ def run(runner: TurnRunner, call: Call, event: Event) -> Turn:
 
 
 def flow_with_transfer(**changes: object) -> CallFlow:
-    data = load_callflow().model_dump()
+    data = load_callflow(SAMPLE_FLOW).model_dump()
     data["transfer"].update(changes)
     return CallFlow.model_validate(data)
 
 
 def said(turn: Turn) -> list[str]:
-    return [e.prompt.name if isinstance(e, Say) else f"transfer:{e.target}" for e in turn.effects]
+    return [e.prompt.name if isinstance(e, Speak) else f"transfer:{e.target}" for e in turn.effects]
 
 
 def test_definition_names_the_contract_states_and_no_auto_transitions() -> None:
     assert [s.value for s in State] == ["bot", "transferring", "accepted", "failed", "ended"]
-    model = TurnRunner(load_callflow())
+    model = TurnRunner(load_callflow(SAMPLE_FLOW))
     assert not any(name.startswith("to_") for name in model.machine.events)
     assert set(model.machine.events) == {t.value for t in Trigger}
 
@@ -80,10 +81,10 @@ def test_welcome_billing_and_echo(runner: TurnRunner) -> None:
     turn = run(runner, turn.call, CallerInput(" One "))
     assert said(turn) == ["billing"]
     prompt = turn.effects[0]
-    assert isinstance(prompt, Say) and "en-US-JessaNeural" in prompt.prompt.ssml
+    assert isinstance(prompt, Speak) and "en-US-JessaNeural" in prompt.prompt.ssml
     turn = run(runner, turn.call, CallerInput('<b> & "'))
     echo = turn.effects[0]
-    assert isinstance(echo, Say) and echo.prompt.text == 'What I heard was "<b> & ""'
+    assert isinstance(echo, Speak) and echo.prompt.text == 'What I heard was "<b> & ""'
     assert "&lt;b&gt; &amp; &quot;" in echo.prompt.ssml and "en-US-GuyNeural" in echo.prompt.ssml
     assert [(line.role, line.text) for line in turn.call.transcript][-2:] == [
         ("caller", '<b> & "'),
@@ -102,7 +103,7 @@ def test_asking_for_an_agent_transfers_to_the_first_target(runner: TurnRunner, t
     turn = run(runner, Call(id="c"), CallerInput(text))
     assert turn.call.state == State.TRANSFERRING
     assert turn.effects == [Handoff("+14251231234", 1)]
-    assert turn.call.attempts == 1 and turn.watchdog_seconds == 60
+    assert turn.call.attempts == 1 and turn.timer_seconds == 60
     assert [(s.trigger, s.source, s.dest) for s in turn.steps] == [("request_agent", "bot", "transferring")]
 
 
@@ -111,7 +112,7 @@ def test_failed_retry_prompt_then_next_target_then_final_prompt() -> None:
     call = run(runner, Call(id="c"), CallerInput("agent")).call
     turn = run(runner, call, HandoffStatus("failed", "busy"))
     assert turn.call.state == State.FAILED and turn.call.failure == "busy"
-    assert said(turn) == ["transfer_retry"] and turn.watchdog_seconds == 0
+    assert said(turn) == ["transfer_retry"] and turn.timer_seconds == 0
     turn = run(runner, turn.call, CallerInput("agent"))
     assert said(turn) == ["transfer:+14255550100"] and turn.call.attempts == 2
     turn = run(runner, turn.call, HandoffStatus("failed", "no answer"))
@@ -156,7 +157,7 @@ def test_telephony_hang_up_while_transferring_is_recorded_as_accepted_then_ended
         ("accept", "transferring", "accepted", TELEPHONY_TRANSFERRED),
         ("hang_up", "accepted", "ended", "caller hung up"),
     ]
-    assert turn.call.deadline_ms == 0 and turn.watchdog_seconds == 0
+    assert turn.call.deadline_ms == 0 and turn.timer_seconds == 0
 
 
 @pytest.mark.parametrize("state", ["bot", "accepted", "failed"])
@@ -217,7 +218,7 @@ def test_status_values_are_read_defensively(value: object, expected: Event) -> N
 
 
 def test_the_transcript_is_capped() -> None:
-    runner = TurnRunner(load_callflow(), transcript_max=5)
+    runner = TurnRunner(load_callflow(SAMPLE_FLOW), transcript_max=5)
     call = Call(id="c")
     for i in range(10):
         call = run(runner, call, CallerInput(f"said {i}")).call
