@@ -158,7 +158,9 @@ class SimulatedCall:
         await self.send(self.caller.say(text))
 
     async def press(self, digits: str) -> None:
-        await self.send(self.caller.press(digits))
+        """One post per key, each answered before the next, as a caller pressing them."""
+        for activity in self.caller.press(digits):
+            await self.send(activity)
 
     async def hang_up(self) -> None:
         await self.send(self.caller.hang_up())

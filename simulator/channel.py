@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+KEYPAD = "0123456789*#"  # the keys of a phone, each sent as a message of its own
+
 
 class ChannelStandIn:
     """The channel's ``serviceUrl``: records every activity the bot sends, per conversation.
@@ -143,14 +145,27 @@ class Caller:
         )
 
     def say(self, text: str) -> dict[str, Any]:
+        """Speech: a message with no DTMF entity, which is how a bot tells it from a key."""
         return self._base("message", text=text)
 
-    def press(self, digits: str) -> dict[str, Any]:
-        """Keypad tones: the Telephony channel sends them as a message of the digits."""
-        return self._base("message", text=digits)
+    def press(self, digits: str) -> list[dict[str, Any]]:
+        """Keypad tones as the Telephony channel sends them: one message per key, its text
+        the key, tagged with a ``DTMF`` entity (docs/research/telephony-channel.md)."""
+        return [self._base("message", text=key, entities=[{"type": "DTMF"}]) for key in check_keys(digits)]
 
     def status(self, value: Any) -> dict[str, Any]:
         return self._base("event", name="handoff.status", value=value)
 
     def hang_up(self) -> dict[str, Any]:
         return self._base("endOfConversation", code="completedSuccessfully")
+
+
+def check_keys(keys: str) -> str:
+    """``keys`` when all are keys of a phone's keypad; a ValueError that says why not, so
+    a typo is refused before anything is sent."""
+    if not keys:
+        raise ValueError("no key to press: 0-9, * or #")
+    wrong = sorted({key for key in keys if key not in KEYPAD})
+    if wrong:
+        raise ValueError(f"a keypad has 0-9, * and #; not {''.join(wrong)!r} (in {keys!r})")
+    return keys

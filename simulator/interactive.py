@@ -33,17 +33,16 @@ from simulator.call import (
     transcript_of,
     voice_of,
 )
-from simulator.channel import ChannelStandIn
+from simulator.channel import ChannelStandIn, check_keys
 from simulator.cli import wired
 
 HISTORY_FILE = Path("~/.cache/cc-orchestrator/simulate_history")
-KEYPAD = set("0123456789*#")
 AGENT_HINT = "the agent side: accept | fail [MESSAGE] | noanswer | complete"
 
 # word -> (arguments, what it does); the order is the order of `help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "say": ("TEXT", "the caller says TEXT (any line that is not a command is said too)"),
-    "press": ("DIGITS", "keypad tones: 0-9, * and #"),
+    "press": ("DIGITS", "keypad tones: 0-9, * and #, one message per key"),
     "accept": ("", "the agent answers (telephony: the call ends for the bot; generic: status accepted)"),
     "fail": ("[MESSAGE]", "the transfer fails: handoff.status failed"),
     "noanswer": ("", "nobody picks up: the channel redials and tells the bot nothing"),
@@ -453,9 +452,10 @@ class _Session:
         if word == "say":
             await self.send(call.say(rest))
         elif word == "press":
-            digits = rest.replace(" ", "")
-            if not set(digits) <= KEYPAD:
-                self.error(f"a keypad has 0-9, * and #; not {rest!r}")
+            try:
+                digits = check_keys(rest.replace(" ", ""))
+            except ValueError as e:
+                self.error(str(e))
                 return
             await self.send(call.press(digits))
         elif word in ("accept", "fail", "noanswer"):

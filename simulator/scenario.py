@@ -6,7 +6,7 @@
     steps:
       - start                    # the call starts (conversationUpdate)
       - expect_prompt: {contains: "For the billing department"}
-      - press: "0"
+      - press: "0"               # keys 0-9 * #: one message per key, as the channel sends them
       - expect_transfer: {target: "+14251231234"}
       - agent: accept            # accept | fail | no_answer | complete (+ message)
       - expect_nothing: 1        # seconds of silence
@@ -26,8 +26,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from simulator.call import Bots, Mismatch, Protocol, SimulatedCall, Transport, describe
-from simulator.channel import ChannelStandIn
+from simulator.call import (
+    Bots,
+    Mismatch,
+    Protocol,
+    SimulatedCall,
+    Transport,
+    describe,
+)
+from simulator.channel import ChannelStandIn, check_keys
 
 SHIPPED = Path(__file__).parent / "scenarios"
 
@@ -74,6 +81,12 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
 }
 
 
+# What a step's argument must also be, beyond its type: a mistake is a load error, not a crash.
+_CHECKS: dict[str, Callable[[Any], object]] = {
+    "press": check_keys,
+}
+
+
 class Step(_Strict):
     kind: str
     arg: Any = None
@@ -114,7 +127,12 @@ def _step(number: int, item: Any) -> Step:
     if shape in (str, float):
         if value is None or isinstance(value, dict | list) or (shape is float and isinstance(value, str)):
             raise ValueError(f"step {number}: {kind} takes a {'number' if shape is float else 'text'}")
-        return Step(kind=kind, arg=shape(value))
+        arg = shape(value)
+        try:
+            _CHECKS.get(kind, lambda _: None)(arg)
+        except ValueError as e:
+            raise ValueError(f"step {number}: {kind}: {e}") from None
+        return Step(kind=kind, arg=arg)
     if kind == "agent" and isinstance(value, str):
         value = {"answer": value}
     try:

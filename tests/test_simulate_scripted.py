@@ -1,25 +1,33 @@
 """The simulator's scripted mode: every shipped scenario passes against the bot, a wrong
-expectation or an unexpected reply fails, and bad scenario files are clear errors."""
+expectation or an unexpected reply fails, and bad scenario files are clear errors. The
+keypad is checked against a stub bot of the test's own,
+which records what reaches it as the Telephony channel would send it."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from rich.console import Console
 
+from adapters.framing import CONTENT_TYPE, Request, Response, new_id
+from adapters.streaming import StreamingConnection
 from app import create_app
 from orchestrator.config import load_settings
 from simulator import scenario as scenarios
 from simulator.call import Transport
-from simulator.cli import run_scripted
+from simulator.channel import Caller
+from simulator.cli import run_scripted, wired
 from tests.process import ROOT
 
 DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
@@ -149,6 +157,12 @@ async def test_a_bot_that_cannot_be_reached_fails_clearly(tmp_path: Path) -> Non
         ({"name": "x", "steps": [{"say": "a", "press": "1"}]}, "one key per step"),
         ({"name": "x", "steps": [{"agent": "dance"}]}, "step 1: agent.answer"),
         ({"name": "x", "steps": [{"wait": "soon"}]}, "step 1: wait takes a number"),
+        (
+            {"name": "x", "steps": ["start", {"press": "12a"}]},
+            "step 2: press: a keypad has 0-9, * and #; not 'a'",
+        ),
+        ({"name": "x", "steps": [{"press": "1 2"}]}, "step 1: press: a keypad has 0-9, * and #; not ' '"),
+        ({"name": "x", "steps": [{"press": ""}]}, "step 1: press: no key to press"),
         ({"name": "x", "steps": ["start"], "protocol": "sip"}, "protocol"),
         ({"steps": ["start"]}, "name"),
         (["start"], "a scenario is a mapping"),
@@ -186,3 +200,154 @@ async def test_a_refused_post_says_why(bot_url: str) -> None:
     screen, out = console()
     code = await run_scripted([bot_url + "elsewhere"], [scenarios.shipped()[0]], "127.0.0.1:0", screen)
     assert code == 1 and "with HTTP 404: 404: Not Found" in out.getvalue(), out.getvalue()
+
+
+def test_the_keypad_step_reads_as_documented() -> None:
+    scenario = scenarios.Scenario.model_validate({"name": "x", "steps": [{"press": "0*#"}]})
+    assert [str(step) for step in scenario.steps] == [
+        "press: 0*#",
+    ]
+
+
+def test_a_caller_presses_one_message_per_key() -> None:
+    caller = Caller("http://channel.invalid/")
+    keys = caller.press("0*#")
+    assert [key["text"] for key in keys] == ["0", "*", "#"]
+    assert all(key["type"] == "message" and key["entities"] == [{"type": "DTMF"}] for key in keys)
+    assert len({key["id"] for key in keys}) == 3
+    assert "entities" not in caller.say("zero")  # speech carries no DTMF entity
+    for wrong in ("1a", "", "12 3"):
+        with pytest.raises(ValueError, match=r"no key to press|a keypad has 0-9, \* and #"):
+            caller.press(wrong)
+
+
+# --- a stub bot: what reaches it, and what it says back --------------------------------
+
+Answer = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+def label(activity: dict[str, Any]) -> str:
+    return f"{activity['type']} {activity.get('text') or ''}".strip()
+
+
+class StubBot:
+    """A bot of the test's own, over POSTs (replying to the serviceUrl) and over the
+    streaming socket (replying on it). ``answer`` gives its replies to each activity; a
+    reply with ``after`` is sent that many seconds later, on its own. ``events`` is what
+    reached it and what it sent, in order."""
+
+    def __init__(self) -> None:
+        self.answer: Answer = lambda _: []
+        self.received: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self.sockets: dict[str, StreamingConnection] = {}  # conversation -> the socket it came on
+        self.later: set[asyncio.Task[None]] = set()
+        self.url = ""
+
+    async def start(self) -> StubBot:
+        app = web.Application()
+        app.router.add_post("/api/messages", self._post)
+        app.router.add_get("/api/messages", self._socket)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        self.session = aiohttp.ClientSession()
+        self.url = str(self.server.make_url("/"))
+        return self
+
+    async def close(self) -> None:
+        for task in self.later:
+            task.cancel()
+        await asyncio.gather(*self.later, return_exceptions=True)
+        await self.session.close()
+        await self.server.close()
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [a for a in self.received if a["type"] == "message"]
+
+    async def _post(self, request: web.Request) -> web.Response:
+        await self._take(await request.json())
+        return web.Response(status=200)
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400)  # the simulator's check that a bot is there
+        await ws.prepare(request)
+        await StreamingConnection(ws, self._streamed, name="stub").run()
+        return ws
+
+    async def _streamed(self, connection: StreamingConnection, request: Request) -> Response:
+        activity = json.loads(request.body or b"{}")
+        self.sockets[activity["conversation"]["id"]] = connection
+        await self._take(activity)
+        return Response(request.id, 200)
+
+    async def _take(self, activity: dict[str, Any]) -> None:
+        self.received.append(activity)
+        self.events.append(f"got {label(activity)}")
+        await asyncio.sleep(0.01)  # a turn takes a while: a key posted meanwhile would show here
+        for reply in self.answer(activity):
+            if "after" in reply:
+                task = asyncio.create_task(self._later(activity, reply))
+                self.later.add(task)
+                task.add_done_callback(self.later.discard)
+            else:
+                await self.send(activity, reply)
+        self.events.append(f"answered {label(activity)}")
+
+    async def _later(self, to: dict[str, Any], reply: dict[str, Any]) -> None:
+        await asyncio.sleep(reply.pop("after"))
+        await self.send(to, reply)
+
+    async def send(self, to: dict[str, Any], reply: dict[str, Any]) -> None:
+        conversation = to["conversation"]["id"]
+        activity = {"type": "message", **reply, "conversation": {"id": conversation}, "replyToId": to["id"]}
+        self.events.append(f"sent {label(activity)}")
+        path = f"v3/conversations/{conversation}/activities"
+        body = json.dumps(activity).encode()
+        if to["serviceUrl"].startswith("http"):
+            headers = {"Content-Type": "application/json"}
+            async with self.session.post(to["serviceUrl"] + path, data=body, headers=headers) as response:
+                assert response.status == 200
+        else:
+            request = Request(new_id(), "POST", f"/{path}", body, CONTENT_TYPE)
+            assert (await self.sockets[conversation].request(request, 10)).status == 200
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[StubBot]:
+    bot = await StubBot().start()
+    yield bot
+    await bot.close()
+
+
+@pytest.fixture(params=["http", "websocket"])
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """The new behaviour over both of the channel's transports."""
+    return request.param  # type: ignore[no-any-return]
+
+
+async def play(bot: StubBot, steps: list[Any], transport: Transport) -> scenarios.Result:
+    """Run ``steps`` as one call against ``bot``."""
+    scenario = scenarios.Scenario.model_validate({"name": "stub", "steps": steps})
+    async with wired([bot.url], "127.0.0.1:0", transport=transport) as (bots, channel):
+        return await scenarios.run(scenario, bots, channel)
+
+
+def says(text: str, **more: Any) -> dict[str, Any]:
+    return {"type": "message", "text": text, **more}
+
+
+async def test_press_posts_one_dtmf_message_per_key_each_answered_first(
+    stub: StubBot, transport: Transport
+) -> None:
+    result = await play(stub, ["start", {"press": "12#*"}, {"say": "one"}], transport)
+    assert result.passed, result.reason
+    keys, speech = stub.messages()[:4], stub.messages()[4]
+    assert [key["text"] for key in keys] == ["1", "2", "#", "*"]
+    assert all(key["entities"] == [{"type": "DTMF"}] for key in keys)
+    assert speech["text"] == "one" and "entities" not in speech
+    assert len({a["id"] for a in stub.received}) == len(stub.received) == 6
+    # Each key is posted once the bot has answered the one before, as a caller presses them.
+    turns = ["conversationUpdate", "message 1", "message 2", "message #", "message *", "message one"]
+    assert stub.events == [event for turn in turns for event in (f"got {turn}", f"answered {turn}")]
