@@ -8,6 +8,7 @@ bot said, and anything never read is what the bot sent that nobody expected.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import xml.etree.ElementTree as ET
@@ -23,6 +24,7 @@ from simulator.channel import Caller, ChannelStandIn
 Protocol = Literal["telephony", "generic"]
 Transport = Literal["http", "websocket"]  # POSTs, or the Telephony channel's streaming socket
 TURN_SECONDS = 15.0  # the channel gives a bot this long to answer a post
+MAX_SILENCE = 120.0  # the longest a caller may stay silent in one step
 
 
 class Mismatch(AssertionError):
@@ -162,6 +164,11 @@ class SimulatedCall:
         for activity in self.caller.press(digits):
             await self.send(activity)
 
+    async def silence(self, seconds: float) -> None:
+        """The caller says and presses nothing for ``seconds``; whatever the bot says
+        meanwhile is left for the ``expect_*`` after it to read."""
+        await asyncio.sleep(check_silence(seconds))
+
     async def hang_up(self) -> None:
         await self.send(self.caller.hang_up())
 
@@ -248,3 +255,10 @@ class SimulatedCall:
     def unread(self) -> list[dict[str, Any]]:
         """What the bot sent on this call that nobody has read."""
         return self.channel.for_conversation(self.id)[self.cursor :]
+
+
+def check_silence(seconds: float) -> float:
+    """``seconds`` when it is a silence a caller can keep; a ValueError that says why not."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_SILENCE:
+        raise ValueError(f"seconds above 0, at most {MAX_SILENCE:g}; not {seconds!r}")
+    return float(seconds)

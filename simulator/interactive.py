@@ -22,11 +22,13 @@ from rich.console import Console
 from rich.text import Text
 
 from simulator.call import (
+    MAX_SILENCE,
     Bots,
     Mismatch,
     Protocol,
     SimulatedCall,
     Transport,
+    check_silence,
     describe,
     is_transfer,
     target_of,
@@ -43,6 +45,7 @@ AGENT_HINT = "the agent side: accept | fail [MESSAGE] | noanswer | complete"
 COMMANDS: dict[str, tuple[str, str]] = {
     "say": ("TEXT", "the caller says TEXT (any line that is not a command is said too)"),
     "press": ("DIGITS", "keypad tones: 0-9, * and #, one message per key"),
+    "silence": ("SECONDS", f"the caller does nothing this long (at most {MAX_SILENCE:g}); the bot may speak"),
     "accept": ("", "the agent answers (telephony: the call ends for the bot; generic: status accepted)"),
     "fail": ("[MESSAGE]", "the transfer fails: handoff.status failed"),
     "noanswer": ("", "nobody picks up: the channel redials and tells the bot nothing"),
@@ -438,10 +441,10 @@ class _Session:
             await self.start_call()
         elif COMMANDS[word][0] == "" and rest:
             self.error(f"{word} takes nothing; to say it: say {line}")
-        elif COMMANDS[word][0].split()[:1] in (["TEXT"], ["DIGITS"], ["STATE"]) and not rest:
+        elif COMMANDS[word][0].split()[:1] in (["TEXT"], ["DIGITS"], ["STATE"], ["SECONDS"]) and not rest:
             self.error(f"usage: {word} {COMMANDS[word][0]}")
         else:
-            if self.ended and word != "late":
+            if self.ended and word not in ("late", "silence"):
                 self.note("", "this call has ended (new starts another); sent all the same", "")
             await self.command(word, rest)
         return True
@@ -458,6 +461,14 @@ class _Session:
                 self.error(str(e))
                 return
             await self.send(call.press(digits))
+        elif word == "silence":
+            try:
+                seconds = check_silence(float(rest))
+            except ValueError:
+                self.error(f"silence takes seconds above 0, at most {MAX_SILENCE:g}; not {rest!r}")
+                return
+            self.note("caller", f"says nothing for {seconds:g} s")
+            await call.silence(seconds)  # not send(): what the bot says now, it says on its own
         elif word in ("accept", "fail", "noanswer"):
             await self.agent(word, rest or None)
         elif word == "complete":

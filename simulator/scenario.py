@@ -10,6 +10,7 @@
       - expect_transfer: {target: "+14251231234"}
       - agent: accept            # accept | fail | no_answer | complete (+ message)
       - expect_nothing: 1        # seconds of silence
+      - silence: 6               # the caller does nothing this long (above 0, at most 120 s)
 
 Every ``expect_*`` reads the bot's next activity on the call, in order; whatever the
 bot sent and no step read is unexpected and fails the scenario.
@@ -32,6 +33,7 @@ from simulator.call import (
     Protocol,
     SimulatedCall,
     Transport,
+    check_silence,
     describe,
 )
 from simulator.channel import ChannelStandIn, check_keys
@@ -73,6 +75,7 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
     "say": str,
     "press": str,
     "wait": float,
+    "silence": float,
     "expect_nothing": float,
     "expect_prompt": ExpectPrompt,
     "expect_transfer": ExpectTransfer,
@@ -84,6 +87,7 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
 # What a step's argument must also be, beyond its type: a mistake is a load error, not a crash.
 _CHECKS: dict[str, Callable[[Any], object]] = {
     "press": check_keys,
+    "silence": check_silence,
 }
 
 
@@ -125,7 +129,11 @@ def _step(number: int, item: Any) -> Step:
             raise ValueError(f"step {number}: {kind} takes nothing")
         return Step(kind=kind)
     if shape in (str, float):
-        if value is None or isinstance(value, dict | list) or (shape is float and isinstance(value, str)):
+        if (
+            value is None
+            or isinstance(value, dict | list)
+            or (shape is float and isinstance(value, str | bool))
+        ):
             raise ValueError(f"step {number}: {kind} takes a {'number' if shape is float else 'text'}")
         arg = shape(value)
         try:
@@ -202,6 +210,7 @@ _ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
     "say": lambda call, text: call.say(text),
     "press": lambda call, digits: call.press(digits),
     "wait": lambda call, seconds: asyncio.sleep(seconds),
+    "silence": lambda call, seconds: call.silence(seconds),
     "expect_nothing": lambda call, seconds: call.expect_nothing(seconds),
     "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within),
     "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within, e.transcript_contains),

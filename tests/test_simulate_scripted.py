@@ -1,6 +1,6 @@
 """The simulator's scripted mode: every shipped scenario passes against the bot, a wrong
 expectation or an unexpected reply fails, and bad scenario files are clear errors. The
-keypad is checked against a stub bot of the test's own,
+keypad and silence are checked against a stub bot of the test's own,
 which records what reaches it as the Telephony channel would send it."""
 
 from __future__ import annotations
@@ -163,6 +163,10 @@ async def test_a_bot_that_cannot_be_reached_fails_clearly(tmp_path: Path) -> Non
         ),
         ({"name": "x", "steps": [{"press": "1 2"}]}, "step 1: press: a keypad has 0-9, * and #; not ' '"),
         ({"name": "x", "steps": [{"press": ""}]}, "step 1: press: no key to press"),
+        ({"name": "x", "steps": [{"silence": 0}]}, "step 1: silence: seconds above 0, at most 120; not 0"),
+        ({"name": "x", "steps": [{"silence": 121}]}, "step 1: silence: seconds above 0, at most 120"),
+        ({"name": "x", "steps": [{"silence": "long"}]}, "step 1: silence takes a number"),
+        ({"name": "x", "steps": ["silence"]}, "step 1: silence takes a number"),
         ({"name": "x", "steps": ["start"], "protocol": "sip"}, "protocol"),
         ({"steps": ["start"]}, "name"),
         (["start"], "a scenario is a mapping"),
@@ -202,10 +206,11 @@ async def test_a_refused_post_says_why(bot_url: str) -> None:
     assert code == 1 and "with HTTP 404: 404: Not Found" in out.getvalue(), out.getvalue()
 
 
-def test_the_keypad_step_reads_as_documented() -> None:
-    scenario = scenarios.Scenario.model_validate({"name": "x", "steps": [{"press": "0*#"}]})
+def test_the_keypad_and_silence_steps_read_as_documented() -> None:
+    scenario = scenarios.Scenario.model_validate({"name": "x", "steps": [{"press": "0*#"}, {"silence": 6}]})
     assert [str(step) for step in scenario.steps] == [
         "press: 0*#",
+        "silence: 6.0",
     ]
 
 
@@ -351,3 +356,34 @@ async def test_press_posts_one_dtmf_message_per_key_each_answered_first(
     # Each key is posted once the bot has answered the one before, as a caller presses them.
     turns = ["conversationUpdate", "message 1", "message 2", "message #", "message *", "message one"]
     assert stub.events == [event for turn in turns for event in (f"got {turn}", f"answered {turn}")]
+
+
+async def test_silence_lets_the_bot_speak_before_the_caller_goes_on(
+    stub: StubBot, transport: Transport
+) -> None:
+    def answer(activity: dict[str, Any]) -> list[dict[str, Any]]:
+        if activity["type"] == "conversationUpdate":
+            return [says("Welcome"), says("Are you still there?", after=0.01)]  # a no-input prompt
+        return [says(f"You said {activity['text']}")]
+
+    stub.answer = answer
+    steps = [
+        "start",
+        {"expect_prompt": {"contains": "Welcome"}},
+        {"silence": 0.5},
+        {"say": "yes"},
+        {"expect_prompt": {"contains": "still there"}},  # said during the silence, read after it
+        {"expect_prompt": {"contains": "You said yes"}},
+    ]
+    result = await play(stub, steps, transport)
+    assert result.passed, result.reason
+    # The caller said nothing until the bot had spoken on its own.
+    assert stub.events == [
+        "got conversationUpdate",
+        "sent message Welcome",
+        "answered conversationUpdate",
+        "sent message Are you still there?",
+        "got message yes",
+        "sent message You said yes",
+        "answered message yes",
+    ]
