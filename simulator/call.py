@@ -24,6 +24,7 @@ from simulator.channel import Caller, ChannelStandIn
 Protocol = Literal["telephony", "generic"]
 Transport = Literal["http", "websocket"]  # POSTs, or the Telephony channel's streaming socket
 TURN_SECONDS = 15.0  # the channel gives a bot this long to answer a post
+EXPECT_SECONDS = 5.0  # how long an expect_* waits for the bot's next activity, unless told
 MAX_SILENCE = 120.0  # the longest a caller may stay silent in one step
 
 
@@ -104,6 +105,10 @@ def is_transfer(activity: dict[str, Any]) -> bool:
     return activity.get("type") == "event" and activity.get("name") == "handoff.initiate"
 
 
+def is_hangup(activity: dict[str, Any]) -> bool:
+    return activity.get("type") == "endOfConversation"
+
+
 def target_of(activity: dict[str, Any]) -> str:
     value = activity.get("value")
     return str(value.get("TargetPhoneNumber", "")) if isinstance(value, dict) else ""
@@ -120,6 +125,8 @@ def describe(activity: dict[str, Any]) -> str:
     """What the bot did, for people: a prompt and its voice, or a transfer and its target."""
     if is_transfer(activity):
         return f"transfer to {target_of(activity)} ({len(transcript_of(activity))} transcript lines)"
+    if is_hangup(activity):
+        return "a hang-up (endOfConversation)"
     if activity.get("type") == "message":
         voice = voice_of(activity)
         return f'"{activity.get("text", "")}"' + (f" [{voice}]" if voice else "")
@@ -218,7 +225,7 @@ class SimulatedCall:
         return activity
 
     async def expect_prompt(
-        self, contains: str | None = None, voice: str | None = None, within: float = 5
+        self, contains: str | None = None, voice: str | None = None, within: float = EXPECT_SECONDS
     ) -> dict[str, Any]:
         activity = await self.next_activity(within)
         if activity is None:
@@ -233,7 +240,10 @@ class SimulatedCall:
         return activity
 
     async def expect_transfer(
-        self, target: str | None = None, within: float = 5, transcript_contains: str | None = None
+        self,
+        target: str | None = None,
+        within: float = EXPECT_SECONDS,
+        transcript_contains: str | None = None,
     ) -> dict[str, Any]:
         activity = await self.next_activity(within)
         if activity is None:
@@ -245,6 +255,20 @@ class SimulatedCall:
         said = [str(line.get("text", "")) for line in transcript_of(activity) if isinstance(line, dict)]
         if transcript_contains is not None and not any(transcript_contains in text for text in said):
             raise Mismatch(f"the transcript handed over lacks {transcript_contains!r}: {said}")
+        return activity
+
+    async def expect_hangup(self, within: float = EXPECT_SECONDS) -> dict[str, Any]:
+        """The bot's next activity ends the call (``endOfConversation``); the caller may
+        still send after it, as a channel would post what was already on its way."""
+        activity = await self.next_activity(within)
+        if activity is None:
+            raise Mismatch(
+                f"expected the bot to hang up (endOfConversation); it sent nothing within {within:g} s"
+            )
+        if not is_hangup(activity):
+            raise Mismatch(
+                f"expected the bot to hang up (endOfConversation), the bot sent {describe(activity)}"
+            )
         return activity
 
     async def expect_nothing(self, seconds: float) -> None:

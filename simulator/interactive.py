@@ -30,6 +30,7 @@ from simulator.call import (
     Transport,
     check_silence,
     describe,
+    is_hangup,
     is_transfer,
     target_of,
     transcript_of,
@@ -318,6 +319,12 @@ class _Session:
             )
             self.emit(_row(self.console, "bot", body, "bold green"))
             self.note("", AGENT_HINT)
+        elif is_hangup(activity):
+            self.ended, self.ringing = True, False
+            self.emit(
+                _row(self.console, "bot", Text("[the bot hung up]", style="bold") + suffix, "bold green")
+            )
+            self.note("", "the call has ended: new starts another, quit leaves", "")
         elif activity.get("type") == "message":
             self.ringing = False  # the bot speaks again: whatever transfer there was is settled
             body = Text(f'"{activity.get("text", "")}"')

@@ -11,6 +11,7 @@
       - agent: accept            # accept | fail | no_answer | complete (+ message)
       - expect_nothing: 1        # seconds of silence
       - silence: 6               # the caller does nothing this long (above 0, at most 120 s)
+      - expect_hangup            # the bot ends the call; or expect_hangup: 10 (seconds to wait)
 
 Every ``expect_*`` reads the bot's next activity on the call, in order; whatever the
 bot sent and no step read is unexpected and fails the scenario.
@@ -28,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from simulator.call import (
+    EXPECT_SECONDS,
     Bots,
     Mismatch,
     Protocol,
@@ -39,6 +41,7 @@ from simulator.call import (
 from simulator.channel import ChannelStandIn, check_keys
 
 SHIPPED = Path(__file__).parent / "scenarios"
+MAX_WITHIN = 600  # the longest an expect_* step may wait, in seconds
 
 
 class _Strict(BaseModel):
@@ -48,13 +51,13 @@ class _Strict(BaseModel):
 class ExpectPrompt(_Strict):
     contains: str | None = None
     voice: str | None = None
-    within: float = Field(5, gt=0, le=600)
+    within: float = Field(EXPECT_SECONDS, gt=0, le=MAX_WITHIN)
 
 
 class ExpectTransfer(_Strict):
     target: str | None = None
     transcript_contains: str | None = None  # something the caller said, handed to the agent
-    within: float = Field(5, gt=0, le=600)
+    within: float = Field(EXPECT_SECONDS, gt=0, le=MAX_WITHIN)
 
 
 class Status(_Strict):
@@ -77,6 +80,7 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
     "wait": float,
     "silence": float,
     "expect_nothing": float,
+    "expect_hangup": float,  # bare: waits EXPECT_SECONDS
     "expect_prompt": ExpectPrompt,
     "expect_transfer": ExpectTransfer,
     "status": Status,
@@ -84,10 +88,16 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
 }
 
 
+def _check_within(seconds: float) -> None:
+    if not 0 < seconds <= MAX_WITHIN:
+        raise ValueError(f"seconds above 0, at most {MAX_WITHIN}; not {seconds:g}")
+
+
 # What a step's argument must also be, beyond its type: a mistake is a load error, not a crash.
 _CHECKS: dict[str, Callable[[Any], object]] = {
     "press": check_keys,
     "silence": check_silence,
+    "expect_hangup": _check_within,
 }
 
 
@@ -124,6 +134,8 @@ def _step(number: int, item: Any) -> Step:
     if kind not in STEP_KINDS:
         raise ValueError(f"step {number}: unknown step {kind!r}; known: {', '.join(STEP_KINDS)}")
     shape = STEP_KINDS[kind]
+    if kind == "expect_hangup" and value in (None, {}):
+        return Step(kind=kind)
     if shape is None:
         if value not in (None, {}):
             raise ValueError(f"step {number}: {kind} takes nothing")
@@ -212,6 +224,7 @@ _ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
     "wait": lambda call, seconds: asyncio.sleep(seconds),
     "silence": lambda call, seconds: call.silence(seconds),
     "expect_nothing": lambda call, seconds: call.expect_nothing(seconds),
+    "expect_hangup": lambda call, seconds: call.expect_hangup(EXPECT_SECONDS if seconds is None else seconds),
     "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within),
     "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within, e.transcript_contains),
     "status": lambda call, s: call.status(s.state, s.message),

@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from simulator.call import Protocol, Transport
 from simulator.interactive import run_interactive
 from tests.conftest import BOT_ENVIRONMENT
 from tests.process import ROOT, BotProcess, free_port
+from tests.test_simulate_scripted import StubBot, says
 
 DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
 FIRST, SECOND = "+14251231234", "+14255550100"
@@ -287,3 +289,67 @@ async def test_python_m_cli_simulate_reads_its_commands_from_stdin(
     assert re.search(rf"TRANSFER to \{FIRST} handoff\.initiate with a transcript of \d+ lines", seen)
     assert f"{RETRY}" in seen.split("caller> noanswer")[1]
     assert "\x1b[" not in seen  # not a terminal: no colour codes
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[StubBot]:
+    bot = await StubBot().start()
+    yield bot
+    await bot.close()
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+async def test_keys_silence_and_the_bot_hanging_up(stub: StubBot, transport: Transport) -> None:
+    """Against a stub bot: a message per key, a silence the bot speaks into, and the bot
+    ending the call, after which the caller may still send, and quit."""
+
+    def answer(activity: dict[str, Any]) -> list[dict[str, Any]]:
+        if activity.get("text") == "wait for it":
+            return [says("Are you still there?", after=0.01)]  # a no-input prompt, on its own
+        if activity.get("text") == "bye":
+            return [says("Goodbye"), {"type": "endOfConversation"}]
+        return []
+
+    stub.answer = answer
+    commands = [
+        "help",
+        "press 1 2#",
+        "press 12a",
+        "silence",
+        "silence soon",
+        "silence 500",
+        "say wait for it",
+        "silence 0.5",
+        "say bye",
+        "say hello?",
+        "quit",
+    ]
+
+    async def script(out: io.StringIO) -> AsyncIterator[str]:
+        for command in commands:
+            yield command
+
+    code, text = await interactive(stub.url, script, transport=transport)
+    assert code == 0, text
+    assert "silence SECONDS" in after(text, "help")
+
+    keys = [m for m in stub.messages() if m.get("entities")]
+    assert [(k["text"], k["entities"]) for k in keys] == [(key, [{"type": "DTMF"}]) for key in "12#"]
+    assert "a keypad has 0-9, * and #; not 'a'" in after(text, "press 12a")
+    assert "usage: silence SECONDS" in after(text, "silence")
+    assert "silence takes seconds above 0, at most 120; not 'soon'" in after(text, "silence soon")
+    assert "not '500'" in after(text, "silence 500")
+
+    # The caller kept quiet: the bot's prompt came during the silence, before the next line.
+    silent = flat(after(text, "silence 0.5"))
+    assert silent == 'caller says nothing for 0.5 s bot "Are you still there?" (on its own)', silent
+    assert stub.events.index("sent message Are you still there?") < stub.events.index("got message bye")
+
+    hung_up = flat(after(text, "say bye"))
+    assert (
+        hung_up == 'bot "Goodbye" bot [the bot hung up] the call has ended: new starts another, quit leaves'
+    )
+    assert "this call has ended (new starts another); sent all the same" in after(text, "say hello?")
+    assert after(text, "quit").strip() == ""  # the bot ended the call: the caller does not hang up
+    assert [a["type"] for a in stub.received].count("endOfConversation") == 0
+    assert [m["text"] for m in stub.messages()][-2:] == ["bye", "hello?"]

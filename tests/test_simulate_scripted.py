@@ -1,6 +1,6 @@
 """The simulator's scripted mode: every shipped scenario passes against the bot, a wrong
 expectation or an unexpected reply fails, and bad scenario files are clear errors. The
-keypad and silence are checked against a stub bot of the test's own,
+keypad, silence and the bot hanging up are checked against a stub bot of the test's own,
 which records what reaches it as the Telephony channel would send it."""
 
 from __future__ import annotations
@@ -167,6 +167,11 @@ async def test_a_bot_that_cannot_be_reached_fails_clearly(tmp_path: Path) -> Non
         ({"name": "x", "steps": [{"silence": 121}]}, "step 1: silence: seconds above 0, at most 120"),
         ({"name": "x", "steps": [{"silence": "long"}]}, "step 1: silence takes a number"),
         ({"name": "x", "steps": ["silence"]}, "step 1: silence takes a number"),
+        ({"name": "x", "steps": [{"expect_hangup": "soon"}]}, "step 1: expect_hangup takes a number"),
+        (
+            {"name": "x", "steps": [{"expect_hangup": 0}]},
+            "step 1: expect_hangup: seconds above 0, at most 600",
+        ),
         ({"name": "x", "steps": ["start"], "protocol": "sip"}, "protocol"),
         ({"steps": ["start"]}, "name"),
         (["start"], "a scenario is a mapping"),
@@ -206,11 +211,15 @@ async def test_a_refused_post_says_why(bot_url: str) -> None:
     assert code == 1 and "with HTTP 404: 404: Not Found" in out.getvalue(), out.getvalue()
 
 
-def test_the_keypad_and_silence_steps_read_as_documented() -> None:
-    scenario = scenarios.Scenario.model_validate({"name": "x", "steps": [{"press": "0*#"}, {"silence": 6}]})
+def test_the_keypad_silence_and_hangup_steps_read_as_documented() -> None:
+    scenario = scenarios.Scenario.model_validate(
+        {"name": "x", "steps": [{"press": "0*#"}, {"silence": 6}, "expect_hangup", {"expect_hangup": 10}]}
+    )
     assert [str(step) for step in scenario.steps] == [
         "press: 0*#",
         "silence: 6.0",
+        "expect_hangup",
+        "expect_hangup: 10.0",
     ]
 
 
@@ -387,3 +396,62 @@ async def test_silence_lets_the_bot_speak_before_the_caller_goes_on(
         "sent message You said yes",
         "answered message yes",
     ]
+
+
+def hangs_up_on_bye(activity: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bot that ends the call when the caller says bye, as the real one will."""
+    if activity.get("text") == "bye":
+        return [says("Goodbye"), {"type": "endOfConversation"}]
+    return []
+
+
+async def test_expect_hangup_passes_on_an_end_of_conversation(stub: StubBot, transport: Transport) -> None:
+    stub.answer = hangs_up_on_bye
+    steps = [
+        "start",
+        {"say": "bye"},
+        {"expect_prompt": {"contains": "Goodbye"}},
+        "expect_hangup",
+        {"say": "hello?"},  # the caller may still send after the bot hung up
+        {"press": "1"},
+        {"expect_nothing": 0.2},
+    ]
+    result = await play(stub, steps, transport)
+    assert result.passed, result.reason
+    assert [m["text"] for m in stub.messages()] == ["bye", "hello?", "1"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "step", "reason"),
+    [
+        (
+            ["start", {"say": "bye"}, "expect_hangup"],
+            3,
+            'expect_hangup: expected the bot to hang up (endOfConversation), the bot sent "Goodbye"',
+        ),
+        (
+            ["start", {"expect_hangup": 0.2}],
+            2,
+            "expect_hangup: 0.2: expected the bot to hang up (endOfConversation); "
+            "it sent nothing within 0.2 s",
+        ),
+        (  # a hang-up is never skipped over where a prompt is expected
+            ["start", {"say": "bye"}, {"expect_prompt": {"contains": "Goodbye"}}, {"expect_prompt": {}}],
+            4,
+            "expected a prompt, the bot sent a hang-up (endOfConversation)",
+        ),
+    ],
+)
+async def test_expect_hangup_and_a_hang_up_where_a_prompt_was_expected_fail_clearly(
+    stub: StubBot, transport: Transport, steps: list[Any], step: int, reason: str
+) -> None:
+    stub.answer = hangs_up_on_bye
+    result = await play(stub, steps, transport)
+    assert not result.passed and result.step == step
+    assert reason in result.reason, result.reason
+
+
+async def test_a_hang_up_nobody_expected_is_named(stub: StubBot) -> None:
+    stub.answer = hangs_up_on_bye
+    result = await play(stub, ["start", {"say": "bye"}, {"expect_prompt": {"contains": "Goodbye"}}], "http")
+    assert not result.passed and result.unexpected == ("a hang-up (endOfConversation)",)
