@@ -35,6 +35,7 @@ class FeedEntry:
     dest: str
     reason: str
     target: str
+    node: str = ""  # on a move through the call flow: the node reached
 
     @property
     def at_ms(self) -> int:
@@ -225,4 +226,5 @@ def _entry(raw: tuple[str, dict[str, str]]) -> FeedEntry:
         f.get(FeedField.TO, ""),
         f.get(FeedField.REASON, ""),
         f.get(FeedField.TARGET, ""),
+        f.get(FeedField.NODE, ""),
     )

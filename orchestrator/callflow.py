@@ -560,6 +560,17 @@ class CallFlow(_Strict):
                     seen.add(target)
                     todo.append(target)
 
+    @cached_property
+    def first_stop(self) -> str:
+        """The node a call first waits at: ``start``, past any ``say`` nodes."""
+        name = self.start
+        for _ in self.nodes:
+            node = self.nodes[name]
+            if not isinstance(node, Say):
+                break
+            name = node.next
+        return name
+
     @property
     def collects_variables(self) -> bool:
         """Whether calls collect values (gathers, actions' ``sets``): they are sealed in Redis."""
@@ -610,7 +621,7 @@ class CallFlow(_Strict):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy without the caches: pydantic copies ``__dict__``, where they live."""
         copied = super().model_copy(update=update, deep=deep)
-        for cache in ("_global_routes", "_node_routes", "_renderings", "redact"):
+        for cache in ("_global_routes", "_node_routes", "_renderings", "redact", "first_stop"):
             copied.__dict__.pop(cache, None)
         return copied
 
@@ -713,6 +724,8 @@ def parse_callflow(raw: str, label: str = "callflow") -> CallFlow:
     """Parse flow YAML text; errors name ``label`` and the field."""
     try:
         data = yaml.safe_load(raw)
+    except ValueError as e:  # YAML read an impossible date (2026-02-30) and said only that
+        raise ConfigError(label, f"not valid YAML: {e}") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label

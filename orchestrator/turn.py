@@ -336,6 +336,8 @@ class TurnRunner:
         if call.state == State.ENDED:
             self._ignore("caller_input", "the call has ended")
             return
+        if not call.node:  # input before the call started (or its start was lost)
+            call.node = self.flow.first_stop
         node = self.flow.nodes.get(call.node)
         gathering = isinstance(node, Gather) and call.state in (State.BOT, State.FAILED)
         # Redacted here, once: the transcript, the echo, the history and everything that
@@ -661,6 +663,9 @@ class TurnRunner:
 
     def _current_queue(self) -> Queue:
         queue = self.flow.queues.get(self._turn.call.queue)
+        if queue is None and self.flow.queues:  # a call from before queues (or edited by hand)
+            self._turn.call.queue = next(iter(self.flow.queues))
+            queue = self.flow.queues[self._turn.call.queue]
         if queue is None:
             raise RuntimeError(f"call {self._turn.call.id}: no queue {self._turn.call.queue!r} in the flow")
         return queue

@@ -20,13 +20,21 @@ from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore, Retention
-from orchestrator.callflow import SAMPLE_CALLFLOW, shipped_flow
+from orchestrator.callflow import SAMPLE_CALLFLOW, CallFlow, shipped_flow
 from simulator.channel import ChannelStandIn
 from tests.servers import IN_CI, REAL_REDIS_URL, RedisClusterServers
 
 __all__ = ["IN_CI", "REAL_REDIS_URL"]
 
 SAMPLE_FLOW = shipped_flow(SAMPLE_CALLFLOW)
+
+
+def with_agents(flow: CallFlow, **changes: Any) -> CallFlow:
+    """``flow`` with its queue ``agents`` (the sample flow's one queue) changed."""
+    queue = flow.queues["agents"].model_copy(update=changes)
+    return flow.model_copy(update={"queues": {**flow.queues, "agents": queue}})
+
+
 os.environ.setdefault("CALLFLOW_FILE", str(SAMPLE_FLOW))  # bot processes the tests start inherit it
 
 

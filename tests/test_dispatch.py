@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.call import BOT, CALLER, Call, Line
-from orchestrator.callflow import INPUT_PLACEHOLDER, CallFlow, SpokenPrompt, load_callflow
+from orchestrator.callflow import BARGE_IN_HINTS, CallFlow, SpokenPrompt, load_callflow
 from orchestrator.events import (
     CallEnded,
     CallerInput,
@@ -36,13 +36,13 @@ NOW = "2026-11-23T10:00:00.000Z"
 
 def flow_with(**transfer: object) -> CallFlow:
     data = load_callflow(SAMPLE_FLOW).model_dump()
-    data["transfer"].update(transfer)
+    data["queues"]["agents"].update(transfer)
     return CallFlow.model_validate(data)
 
 
 FLOWS = [
     load_callflow(SAMPLE_FLOW),
-    flow_with(targets=["+14251231234", "+14255550100"], max_attempts=2, announce_prompt="handback"),
+    flow_with(targets=["+14251231234", "+14255550100"], max_attempts=2, announce="handback"),
     flow_with(max_attempts=1, timeout_seconds=5),
 ]
 # One shared (fast) runner per flow, as the engine keeps one: state must not leak between turns.
@@ -163,18 +163,18 @@ def render_from_scratch(flow: CallFlow, name: str, caller_input: str) -> SpokenP
     """``CallFlow.render`` as it was before it cached anything."""
     prompt = flow.prompts[name]
     text, ssml_text = clean_text(prompt.text), xml_text(prompt.text)
-    if INPUT_PLACEHOLDER in prompt.text:
-        text = text.replace(INPUT_PLACEHOLDER, clean_text(caller_input))
-        ssml_text = ssml_text.replace(INPUT_PLACEHOLDER, xml_text(caller_input))
+    if "{input}" in prompt.text:
+        text = text.replace("{input}", clean_text(caller_input))
+        ssml_text = ssml_text.replace("{input}", xml_text(caller_input))
     ssml = speak(ssml_text, prompt.voice or flow.voice, prompt.locale or flow.locale)
-    return SpokenPrompt(name=name, text=text, ssml=ssml)
+    return SpokenPrompt(name=name, text=text, ssml=ssml, hint=BARGE_IN_HINTS[prompt.barge_in])
 
 
 @settings(max_examples=200, deadline=None)
 @given(name=st.sampled_from(sorted(FLOWS[0].prompts)), caller_input=st.text(max_size=30))
 def test_cached_rendering_matches_rendering_from_scratch(name: str, caller_input: str) -> None:
     for flow in FLOWS:
-        assert flow.render(name, caller_input) == render_from_scratch(flow, name, caller_input)
+        assert flow.render(name, {"input": caller_input}) == render_from_scratch(flow, name, caller_input)
 
 
 def test_copy_call_copies_every_field_and_not_the_transcript_list() -> None:
@@ -186,8 +186,10 @@ def test_copy_call_copies_every_field_and_not_the_transcript_list() -> None:
 
 def test_a_copied_flow_does_not_keep_the_originals_caches() -> None:
     flow = load_callflow(SAMPLE_FLOW)
-    assert flow.route_for("1") is not None and flow.render("welcome").text.startswith("Thank you")
+    assert flow.route_for("main", "1", keypad=True) is not None and flow.render("welcome").text.startswith(
+        "Thank you"
+    )
     prompts = {**flow.prompts, "welcome": flow.prompts["handback"]}
     copied = flow.model_copy(update={"prompts": prompts, "routes": []})
-    assert copied.route_for("1") is None
+    assert copied.route_for("main", "1", keypad=True) is None
     assert copied.render("welcome").text == flow.render("handback").text

@@ -19,7 +19,7 @@ from tests.conftest import SAMPLE_FLOW
 
 def generous_flow() -> CallFlow:
     data = load_callflow(SAMPLE_FLOW).model_dump()
-    data["transfer"]["max_attempts"] = 20
+    data["queues"]["agents"]["max_attempts"] = 20
     return CallFlow.model_validate(data)
 
 

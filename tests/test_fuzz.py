@@ -172,7 +172,7 @@ RUNNER = TurnRunner(FLOW)
 def test_the_echo_reply_on_the_wire_says_what_the_caller_said(text: str) -> None:
     """The real turn (machine and rendering) and the real reply (``adapters.bot.replies``),
     serialised as the channel client sends it."""
-    assume(FLOW.route_for(text) is None)  # a route says its own prompt, or transfers
+    assume(FLOW.route_for("main", text, keypad=False) is None)  # a route says its own prompt, or transfers
     turn = RUNNER.run(Call(id="c"), CallerInput(text), now=NOW)
     assert [type(e) for e in turn.effects] == [Speak]
     (reply,) = replies(turn, None)
@@ -203,7 +203,7 @@ async def bot(
     """The bot, with nothing of its own to do while a property runs: no watchdog or re-send
     comes due (either would change the known call between two requests)."""
     flow = FLOW.model_dump(mode="json")
-    flow["transfer"]["timeout_seconds"] = 3600
+    flow["queues"]["agents"]["timeout_seconds"] = 3600
     flow_file = tmp_path / "callflow.yaml"
     flow_file.write_text(yaml.safe_dump(flow))
     settings = load_settings(
@@ -476,7 +476,7 @@ async def test_what_a_caller_says_over_http_is_echoed_and_kept_as_said(
     assert call is not None
     said = heard(text, caller.number)  # control characters and all: it is not SSML
     assert call.transcript[0] == Line(CALLER, said[:LINE_MAX_CHARS], call.transcript[0].at)
-    if FLOW.route_for(text) is not None:
+    if FLOW.route_for("main", text, keypad=False) is not None:
         return
     (reply,) = channel.for_conversation(cid)
     echo = ECHO.format(clean_text(said))

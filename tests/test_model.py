@@ -18,12 +18,13 @@ from redis.asyncio import Redis
 
 from adapters.bot import as_replies
 from adapters.keys import Due, Keyspace
+from adapters.sealing import Sealer
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.engine import Engine, Replies
 from orchestrator.events import CallEnded, CallerInput, Event, HandoffStatus, InvalidStatus
 from orchestrator.scheduler import TIMER, DueItem, Scheduler
-from orchestrator.turn import Speak, Turn
+from orchestrator.turn import EndCall, Speak, Turn
 from states import State
 from tests.conftest import REAL_REDIS_URL, SAMPLE_FLOW, require_real_redis_sync
 from tests.test_scheduler import RecordingChannel
@@ -36,7 +37,9 @@ STATES = {s.value for s in State}
 
 def flow() -> CallFlow:
     data = load_callflow(SAMPLE_FLOW).model_dump()
-    data["transfer"].update(targets=["+14251231234", "+14255550100"], max_attempts=3, timeout_seconds=30)
+    data["queues"]["agents"].update(
+        targets=["+14251231234", "+14255550100"], max_attempts=3, timeout_seconds=30
+    )
     return CallFlow.model_validate(data)
 
 
@@ -52,7 +55,9 @@ def render(turn: Turn) -> Replies:
             if isinstance(e, Speak)
             else Activity(type="event", name="handoff.initiate", value={"TargetPhoneNumber": e.target})
             for e in turn.effects
+            if not isinstance(e, EndCall)
         ],
+        Sealer.from_setting(None),
     )
 
 

@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from adapters.activity_json import activity_from_json
 from adapters.bot import caller_id, conversation_reference, rendered
 from adapters.http import STORE_KEY
+from adapters.sealing import Sealer
 from adapters.store import RedisCallStore
 from app import create_app
 from cli import cli
@@ -36,7 +37,7 @@ from orchestrator.turn import LINE_MAX_CHARS, TurnRunner
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import SAMPLE_FLOW, delete_prefix
 
-DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "flows" / "transfer-sample.yaml"
 CALLER_ID = "+14255550123"
 CARD = "4111 1111 1111 1111"
 SAID = f"my card is {CARD} and call me on 425-555-0123"
@@ -369,7 +370,7 @@ async def test_no_raw_caller_words_anywhere_in_redis(store: RedisCallStore, key_
             activity_id=incoming.id,
             reference=conversation_reference(incoming),
             caller=caller_id(incoming),
-            render=lambda turn: rendered(turn, context),
+            render=lambda turn: rendered(turn, context, Sealer.from_setting(None)),
         )
 
     await turn(caller.start(), CallStarted())

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from adapters.bot import as_replies
 from adapters.keys import Keyspace
+from adapters.sealing import Sealer
 from adapters.store import RedisCallStore, Retention
 from orchestrator.callflow import load_callflow
 from orchestrator.engine import Engine, Replies
@@ -30,8 +31,13 @@ def store(redis_client: Redis, key_prefix: str) -> RedisCallStore:
     return RedisCallStore(redis_client, Keyspace(key_prefix), retention)
 
 
+SEALER = Sealer.from_setting(None)
+
+
 def render(turn: Turn) -> Replies:
-    return as_replies(turn, [Activity(type=ActivityTypes.message, text="reply") for _ in turn.effects])
+    return as_replies(
+        turn, [Activity(type=ActivityTypes.message, text="reply") for _ in turn.effects], SEALER
+    )
 
 
 async def ttls(store: RedisCallStore) -> dict[str, int]:
@@ -131,5 +137,6 @@ async def test_old_feed_entries_go(store: RedisCallStore) -> None:
     await store.redis.xadd(feed, {"call": "old"}, id="1000-0")  # from 1970: long past the retention
     await engine.handle(CID, CallerInput("agent"), activity_id="a1")  # a step: written to the feed
     entries: list[tuple[str, dict[str, str]]] = await store.redis.xrange(feed)  # type: ignore[assignment]
-    assert [fields["call"] for _, fields in entries] == [CID]
+    triggers = [(fields["call"], fields["trigger"]) for _, fields in entries]
+    assert triggers == [(CID, "move"), (CID, "request_agent")]
     assert 0 < await store.redis.ttl(feed) <= store.retention.feed_seconds

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from adapters.bot import from_outbox, outbox_payload, rendered
 from adapters.keys import Due, Keyspace
+from adapters.sealing import Sealer
 from adapters.store import RedisCallStore, Retention
 from orchestrator import scheduler as scheduler_module
 from orchestrator.callflow import CallFlow, load_callflow
@@ -37,7 +38,8 @@ class RecordingChannel:
     async def send(self, reference: str, replies: list[Any]) -> None:
         self.sent.append((reference, replies))
 
-    from_outbox = staticmethod(from_outbox)
+    def from_outbox(self, payload: str, version: int, *, ended: bool = False) -> list[Any]:
+        return from_outbox(payload, version, ended=ended)
 
     def texts(self) -> list[str]:
         return [reply.text for _, replies in self.sent for reply in replies]
@@ -45,7 +47,7 @@ class RecordingChannel:
 
 def flow(timeout: float = 1, max_attempts: int = 5) -> CallFlow:
     data = load_callflow(SAMPLE_FLOW).model_dump()
-    data["transfer"].update(timeout_seconds=timeout, max_attempts=max_attempts)
+    data["queues"]["agents"].update(timeout_seconds=timeout, max_attempts=max_attempts)
     return CallFlow.model_validate(data)
 
 
@@ -136,15 +138,12 @@ async def test_a_timer_for_an_attempt_that_ended_does_nothing(quick_store: Redis
     # The first attempt's watchdog, claimed now by a slow instance:
     seconds, micros = await quick_store.redis.time()
     now_ms = seconds * 1000 + micros // 1000
-    await scheduler._timer(
-        DueItem(TIMER, "c1", "", Keyspace.locate("c1")[0], Due.timer("c1"), now_ms)
-    )
+    await scheduler._timer(DueItem(TIMER, "c1", "", Keyspace.locate("c1")[0], Due.timer("c1"), now_ms))
     after = (await quick_store.load("c1")).call
     assert after is not None and after.state == "transferring" and after.version == second.version
     assert scheduler.fired == 0 and channel.sent == []
     assert (
-        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.timer("c1"))
-        == second.deadline_ms
+        await quick_store.redis.zscore(quick_store.keys.due_for("c1"), Due.timer("c1")) == second.deadline_ms
     )
 
 

@@ -67,7 +67,7 @@ def parse_speak(ssml: str) -> tuple[ET.Element, ET.Element]:
 
 @pytest.mark.parametrize("caller_input", list(HOSTILE.values()), ids=list(HOSTILE))
 def test_echo_of_hostile_input_is_well_formed(flow: CallFlow, caller_input: str) -> None:
-    spoken = flow.render("echo", caller_input)
+    spoken = flow.render("echo", {"input": caller_input})
     expected = 'What I heard was "' + clean_text(caller_input) + '"'
 
     root, voice = parse_speak(spoken.ssml)
@@ -134,4 +134,4 @@ def test_every_default_prompt_renders_well_formed(flow: CallFlow, name: str) -> 
 
 
 def test_input_ignored_by_prompt_without_placeholder(flow: CallFlow) -> None:
-    assert flow.render("billing", "<evil>").text == flow.render("billing").text
+    assert flow.render("billing", {"input": "<evil>"}).text == flow.render("billing").text

@@ -232,6 +232,7 @@ async def test_history_entries_are_compact_json_arrays(store: RedisCallStore, re
         "activity": "a1",
         "version": 1,
         "target": "+14251231234",
+        "node": "",
     }
     seconds, micros = await redis_client.time()
     assert 0 <= seconds * 1000 + micros // 1000 - at < 5000  # Redis time, in ms

@@ -37,12 +37,19 @@ def run(runner: TurnRunner, call: Call, event: Event) -> Turn:
 
 def flow_with_transfer(**changes: object) -> CallFlow:
     data = load_callflow(SAMPLE_FLOW).model_dump()
-    data["transfer"].update(changes)
+    data["queues"]["agents"].update(changes)
     return CallFlow.model_validate(data)
 
 
 def said(turn: Turn) -> list[str]:
-    return [e.prompt.name if isinstance(e, Speak) else f"transfer:{e.target}" for e in turn.effects]
+    return [
+        e.prompt.name
+        if isinstance(e, Speak)
+        else f"transfer:{e.target}"
+        if isinstance(e, Handoff)
+        else "hang up"
+        for e in turn.effects
+    ]
 
 
 def test_definition_names_the_contract_states_and_no_auto_transitions() -> None:
@@ -102,9 +109,12 @@ def test_a_repeated_call_start_is_recorded_and_silent(runner: TurnRunner) -> Non
 def test_asking_for_an_agent_transfers_to_the_first_target(runner: TurnRunner, text: str) -> None:
     turn = run(runner, Call(id="c"), CallerInput(text))
     assert turn.call.state == State.TRANSFERRING
-    assert turn.effects == [Handoff("+14251231234", 1)]
+    assert turn.effects == [Handoff("+14251231234", 1, "agents")]
     assert turn.call.attempts == 1 and turn.timer_seconds == 60
-    assert [(s.trigger, s.source, s.dest) for s in turn.steps] == [("request_agent", "bot", "transferring")]
+    assert [(s.trigger, s.source, s.dest, s.node) for s in turn.steps] == [
+        ("move", "bot", "bot", "agent"),  # through the flow's transfer node
+        ("request_agent", "bot", "transferring", ""),
+    ]
 
 
 def test_failed_retry_prompt_then_next_target_then_final_prompt() -> None:
@@ -119,7 +129,7 @@ def test_failed_retry_prompt_then_next_target_then_final_prompt() -> None:
     assert said(turn) == ["transfer_final"] and turn.call.state == State.FAILED
     turn = run(runner, turn.call, CallerInput("agent"))
     assert said(turn) == ["transfer_final"] and turn.call.state == State.FAILED
-    assert turn.steps[0].reason == "ignored: no transfer attempts left"
+    assert turn.steps[-1].reason == "ignored: no transfer attempts left"
     turn = run(runner, turn.call, CallerInput("1"))
     assert said(turn) == ["billing"] and turn.call.state == State.BOT
 
