@@ -25,7 +25,7 @@ from tests.conftest import BOT_ENVIRONMENT
 from tests.process import ROOT, BotProcess, free_port
 from tests.test_simulate_scripted import StubBot, says
 
-DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 FIRST, SECOND = "+14251231234", "+14255550100"
 WELCOME = "For the billing department, press 1"
 RETRY = "Sorry, the agent could not take your call"
@@ -35,9 +35,9 @@ WITHIN = 30.0  # generous: only a bot that never answers reaches it; no timing i
 
 @pytest.fixture
 def flow_file(tmp_path: Path) -> Path:
-    """The default flow with two agent numbers, two attempts, and a 2 s no-answer watchdog."""
-    data = yaml.safe_load(DEFAULT_FLOW.read_text())
-    data["transfer"].update(targets=[FIRST, SECOND], timeout_seconds=2, max_attempts=2)
+    """The transfer sample flow with two agent numbers, two attempts, and a 2 s no-answer watchdog."""
+    data = yaml.safe_load(SAMPLE_FLOW.read_text())
+    data["queues"]["agents"].update(targets=[FIRST, SECOND], timeout_seconds=2, max_attempts=2)
     path = tmp_path / "callflow.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

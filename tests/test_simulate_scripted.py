@@ -30,17 +30,17 @@ from simulator.channel import Caller
 from simulator.cli import run_scripted, wired
 from tests.process import ROOT
 
-DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"  # what the shipped scenarios play
 
 
 @pytest.fixture
 async def bot_url(tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    """The bot as `make run` starts it (embedded Redis, default flow), but with a 2 s
+    """The bot as `make run` starts it (embedded Redis), on the transfer sample flow with a 2 s
     no-answer watchdog so the no-answer scenario ends quickly; on a loopback port."""
     for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"):
         monkeypatch.delenv(name, raising=False)
-    flow = yaml.safe_load(DEFAULT_FLOW.read_text())
-    flow["transfer"]["timeout_seconds"] = 2
+    flow = yaml.safe_load(SAMPLE_FLOW.read_text())
+    flow["queues"]["agents"]["timeout_seconds"] = 2
     (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
     settings = load_settings(
         REDIS_URL=None,
