@@ -199,8 +199,8 @@ class Retry(_Strict):
 
     @model_validator(mode="after")
     def _then(self) -> Self:
-        if self.max is not None and self.then is None:
-            raise ValueError("'max' needs 'then: <node>', where the call goes after that many")
+        if (self.max is None) != (self.then is None):
+            raise ValueError("'max' and 'then' go together: after that many, the call goes to 'then'")
         return self
 
 
@@ -304,6 +304,7 @@ class Action(_Node):
 
 Node = Annotated[Menu | Say | Gather | TransferTo | HangUp | CheckHours | Action, Field(discriminator="type")]
 WAITING = (Menu, Gather)
+NODE_TYPES = ("menu", "say", "gather", "transfer", "hang_up", "hours", "action")
 
 
 class Queue(_Strict):
@@ -437,6 +438,9 @@ class CallFlow(_Strict):
             where = f"nodes.{name}"
             for prompt in node.say:
                 yield f"{where}.say", "prompt", prompt
+            for i, route in enumerate(getattr(node, "routes", ())):
+                if route.to is not None:
+                    yield f"{where}.routes.{i}.to", "node", route.to
             for field, kind, value in _node_links(node):
                 yield f"{where}.{field}", kind, value
             for field in ("no_input", "no_match"):
@@ -495,8 +499,10 @@ class CallFlow(_Strict):
                 )
 
     def _check_loops(self) -> None:
-        """A cycle of nodes that never wait for the caller would spin for ever."""
-        passing = {name for name, node in self.nodes.items() if isinstance(node, Say | CheckHours | Action)}
+        """A cycle of nodes that never wait for the caller would spin for ever (a transfer
+        passes a call on too: to its queue's ``closed`` node, or ``after_final``)."""
+        kinds = Say | CheckHours | Action | TransferTo
+        passing = {name for name, node in self.nodes.items() if isinstance(node, kinds)}
         visiting: list[str] = []
         done: set[str] = set()
 
@@ -507,9 +513,15 @@ class CallFlow(_Strict):
                 loop = [*visiting[visiting.index(name) :], name]
                 raise ValueError(f"nodes.{name}: a loop with no input: {' -> '.join(loop)}")
             visiting.append(name)
-            for _, kind, target in _node_links(self.nodes[name]):
+            node = self.nodes[name]
+            for _, kind, target in _node_links(node):
                 if kind == "node":
                     visit(target)
+            if isinstance(node, TransferTo):
+                queue = self.queues[node.queue]
+                for target in (queue.closed, queue.after_final):
+                    if target is not None:
+                        visit(target)
             visiting.pop()
             done.add(name)
 
@@ -531,7 +543,9 @@ class CallFlow(_Strict):
                 yield field, target
         if isinstance(node, WAITING):
             routes = list(node.routes) if isinstance(node, Menu) else []
-            if not isinstance(node, Menu) or node.global_routes:
+            if isinstance(node, Gather):  # keys pressed there are digits: only speech routes
+                routes += [route for route in self.routes if route.phrases]
+            elif node.global_routes:
                 routes += self.routes
             for route in routes:
                 if route.to is not None:
@@ -736,7 +750,12 @@ def parse_callflow(raw: str, label: str = "callflow") -> CallFlow:
     try:
         return CallFlow.model_validate(data)
     except ValidationError as e:
-        where, problem = describe_validation(dict(e.errors()[0]))
+        error = dict(e.errors()[0])
+        loc = list(error.get("loc") or ())
+        if len(loc) > 2 and loc[0] == "nodes" and loc[2] in NODE_TYPES:
+            del loc[2]  # pydantic names the node's type in the path: the user wrote no such field
+        error["loc"] = tuple(loc)
+        where, problem = describe_validation(error)
         # A whole-flow check names its own place: "nodes.billing.routes.0.key: ..."
         if not where and re.match(r"^[\w.-]+: ", problem):
             where, _, problem = problem.partition(": ")

@@ -718,7 +718,7 @@ ERROR_CASES: dict[str, tuple[Mutation, str, str]] = {
         "not a regular expression",
     ),
     "gather-bad-into": (_set("nodes.account.into", "Account"), "nodes.account.<gather>.into", "pattern"),
-    "max-without-then": (_set("defaults.no_match", {"max": 2}), "defaults.no_match", "'max' needs 'then"),
+    "max-without-then": (_set("defaults.no_match", {"max": 2}), "defaults.no_match", "'max' and 'then' go"),
     "say-without-next": (_drop("nodes.notice.next"), "nodes.notice.<say>.next", "Field required"),
     # prompts
     "unknown-variable": (
@@ -789,20 +789,13 @@ def test_nodes_reached_only_through_global_routes_a_menu_turned_off() -> None:
     assert doc_error(doc) == "flow.yaml: nodes.agent: unreachable: no route, next or other node leads to it"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="callflow bug: a menu route's 'to' is not among the checked references, so "
-    "_check_reachable looks the missing node up and raises KeyError instead of a ConfigError",
-)
 def test_a_menu_route_to_an_unknown_node() -> None:
     doc = default_doc()
     doc["nodes"]["main"]["routes"][0]["to"] = "nowhere"
     assert_names(doc_error(doc), "nodes.main.routes.0.to")
 
 
-# Flows the validation accepts though no call can run them as written (callflow bugs,
-# reported): each test passes once the validation refuses them.
+# Flows no call could run as written: the validation refuses them.
 LOOP_THROUGH_A_CLOSED_QUEUE = """
 prompts: {p: {text: Hello.}}
 start: s
@@ -843,12 +836,6 @@ nodes:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callflow bug: _check_loops ignores transfer nodes, so a queue's 'closed' (or "
-    "'after_final') leading back to the transfer is accepted; the turn then recurses "
-    "_go -> _transfer -> _go until RecursionError",
-)
 @pytest.mark.parametrize(
     "raw", [LOOP_THROUGH_A_CLOSED_QUEUE, LOOP_THROUGH_AFTER_FINAL], ids=["closed", "after_final"]
 )
@@ -856,14 +843,14 @@ def test_a_loop_through_a_queue_is_refused(raw: str) -> None:
     assert "loop" in str(config_error(raw))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callflow gap: edges() counts a retry's 'then' without 'max' (never taken), and "
-    "key-only global routes at a gather (keys there are digits), so x passes as reachable",
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [(THEN_WITHOUT_MAX, "defaults.no_match"), (KEY_ONLY_ROUTE_AT_A_GATHER, "nodes.x")],
+    ids=["then", "gather-key"],
 )
-@pytest.mark.parametrize("raw", [THEN_WITHOUT_MAX, KEY_ONLY_ROUTE_AT_A_GATHER], ids=["then", "gather-key"])
-def test_a_node_only_a_link_never_taken_leads_to_is_refused(raw: str) -> None:
-    assert "nodes.x" in str(config_error(raw))
+def test_a_node_only_a_link_never_taken_leads_to_is_refused(raw: str, named: str) -> None:
+    """A retry's ``then`` without ``max`` is never taken; keys at a gather are digits."""
+    assert named in str(config_error(raw))
 
 
 @pytest.mark.parametrize("text", [DEFAULT_TEXT, SAMPLE_TEXT], ids=["default", "sample"])

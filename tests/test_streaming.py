@@ -30,7 +30,7 @@ from simulator.streaming import SERVICE_URL, SocketBots
 from tests.jspeer import Event, JsChannel
 from tests.process import ROOT
 
-DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 WATCHDOG_SECONDS = 1
 
 
@@ -38,7 +38,7 @@ WATCHDOG_SECONDS = 1
 async def bot(bot_redis: dict[str, Any], tmp_path: Path, key_prefix: str) -> AsyncIterator[TestServer]:
     """The bot in this process on a loopback port, with a 1 s no-answer watchdog."""
     flow = yaml.safe_load(DEFAULT_FLOW.read_text())
-    flow["transfer"]["timeout_seconds"] = WATCHDOG_SECONDS
+    flow["queues"]["agents"]["timeout_seconds"] = WATCHDOG_SECONDS
     (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
     settings = load_settings(
         **bot_redis,
@@ -114,10 +114,10 @@ async def test_a_whole_call_over_the_js_channel(bot: TestServer, js: JsChannel) 
         f"/v3/conversations/{cid}/activities"
     )  # a leading slash, as .NET and JS
 
-    assert (await js.send(socket, caller.press("1")))["status"] == 200
+    assert (await js.send(socket, caller.press("1")[0]))["status"] == 200
     assert "billing" in (await said(js, cid, 2))[1]["text"]
 
-    assert (await js.send(socket, caller.press("0")))["status"] == 200
+    assert (await js.send(socket, caller.press("0")[0]))["status"] == 200
     handoff = (await said(js, cid, 3))[2]
     assert handoff["name"] == "handoff.initiate" and handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
     lines = handoff["attachments"][0]["content"]["activities"]
@@ -129,7 +129,7 @@ async def test_a_whole_call_over_the_js_channel(bot: TestServer, js: JsChannel) 
     assert "try again" in retry["text"].lower()
     assert (await state_of(bot, cid))["state"] == "failed"
 
-    assert (await js.send(socket, caller.press("0")))["status"] == 200
+    assert (await js.send(socket, caller.press("0")[0]))["status"] == 200
     second = (await said(js, cid, 5))[4]
     assert second["name"] == "handoff.initiate"
     watchdog = (await said(js, cid, 6, within=WATCHDOG_SECONDS + 10))[5]  # nobody answers
@@ -212,7 +212,7 @@ async def test_a_provisional_202_is_awaited_past(bot: TestServer, js: JsChannel)
     await js.answer(socket, provisional=202, delay_ms=300)
     caller = Caller(SERVICE_URL)
     assert (await js.send(socket, caller.start()))["status"] == 200
-    assert (await js.send(socket, caller.press("0")))["status"] == 200
+    assert (await js.send(socket, caller.press("0")[0]))["status"] == 200
     sent = await said(js, caller.conversation_id, 2)
     assert sent[1]["name"] == "handoff.initiate"
     # Acknowledged once the final answer came: nothing is kept, so nothing is sent twice.
@@ -229,7 +229,7 @@ async def test_a_send_the_channel_never_answers_fails_after_its_bound_and_stays_
     caller = Caller(SERVICE_URL)
     await js.send(socket, caller.start())
     await js.answer(socket, silent=True)
-    answer = await js.send(socket, caller.press("0"))
+    answer = await js.send(socket, caller.press("0")[0])
     assert answer["status"] == 200  # the turn committed; its handoff is kept, not lost
     assert connections.failures["timeout"] >= 1
     await js.answer(socket, status=200)
@@ -324,7 +324,7 @@ async def test_closed_and_cut_sockets_leave_nothing_behind(
         caller = Caller(SERVICE_URL)
         await js.send(socket, caller.start())
         await js.answer(socket, silent=True)  # a send of the bot's is waiting when the socket goes
-        pending = asyncio.create_task(js.send(socket, caller.press("0")))
+        pending = asyncio.create_task(js.send(socket, caller.press("0")[0]))
         await js.wait_requests(len(js.requests()) + 1)
         await end(socket)
         await js.wait_disconnected(socket)

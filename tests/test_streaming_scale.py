@@ -287,7 +287,7 @@ async def test_every_reply_reaches_its_calls_socket_whichever_instance_sends_it(
                 socket = carrier[caller.conversation_id]
                 async with gate:
                     await send(channel, socket, caller.start(), bots)
-                    await send(channel, socket, caller.press("0"), bots)
+                    await send(channel, socket, caller.press("0")[0], bots)
 
             await asyncio.gather(*(place(c) for c in callers))
 
@@ -404,15 +404,15 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
             await until(got(everyone, "welcome"), 20, "every welcome", bots)
 
             # Transfers under way on A, their watchdogs pending.
-            await each(groups["gap"] + groups["after"], "a", lambda c: c.press("0"))
+            await each(groups["gap"] + groups["after"], "a", lambda c: c.press("0")[0])
             await until(got(groups["gap"] + groups["after"], f"handoff {FIRST}", "a"), 20, "handoffs", bots)
             # The channel refuses the next transfers: kept in the outbox.
             await channel.answer("a-refusing", status=503)
-            await each(groups["refused"], "a-refusing", lambda c: c.press("0"))
+            await each(groups["refused"], "a-refusing", lambda c: c.press("0")[0])
             # The channel says nothing to the last ones: A is waiting for its answer ...
             await channel.answer("a-silent", silent=True)
             silent_mark = len(channel.requests("a-silent"))
-            cut_presses = [c.press("0") for c in groups["cut"]]
+            cut_presses = [c.press("0")[0] for c in groups["cut"]]
             cut_off = [asyncio.create_task(channel.send("a-silent", p, timeout=30)) for p in cut_presses]
             waiting = (await channel.wait_requests(silent_mark + per_group, "a-silent", within=20))[
                 silent_mark:
@@ -455,13 +455,13 @@ async def test_calls_on_a_killed_instance_carry_on_over_a_new_socket_elsewhere(
                 if kind(r) == "retry" and conversation(r) in gap_ids
             ]
             assert early == [], early
-            await each(groups["gap"], "b", lambda c: c.press("0"))
+            await each(groups["gap"], "b", lambda c: c.press("0")[0])
             await until(
                 got(groups["gap"], "retry", "b"), 30, "the prompts kept while nobody held the calls", bots
             )
 
             # Every call is where it was: one attempt used, so pressing 0 dials the second target.
-            await each(groups["after"] + groups["refused"] + groups["cut"], "b", lambda c: c.press("0"))
+            await each(groups["after"] + groups["refused"] + groups["cut"], "b", lambda c: c.press("0")[0])
             await until(got(everyone, f"handoff {SECOND}", "b"), 30, "second handoffs", bots)
             await each(everyone, "b", Caller.hang_up)
             cids = [c.conversation_id for c in everyone]
@@ -532,12 +532,12 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
             for caller in everyone:
                 await send(channel, "a", caller.start(), bots)
             for caller in pending:
-                await send(channel, "a", caller.press("0"), bots)
+                await send(channel, "a", caller.press("0")[0], bots)
             await channel.wait_requests(len(everyone) + len(pending), "a")
             # The channel is slow to answer: the turns' replies are still being sent ...
             await channel.answer("a", delay_ms=1500)
             mark = len(channel.requests("a"))
-            turns = [asyncio.create_task(channel.send("a", c.press("0"), timeout=30)) for c in in_flight]
+            turns = [asyncio.create_task(channel.send("a", c.press("0")[0], timeout=30)) for c in in_flight]
             await channel.wait_requests(mark + len(in_flight), "a")
             assert a.proc is not None
             a.proc.terminate()  # ... when SIGTERM arrives
