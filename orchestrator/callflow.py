@@ -519,9 +519,9 @@ class CallFlow(_Strict):
                     visit(target)
             if isinstance(node, TransferTo):
                 queue = self.queues[node.queue]
-                for target in (queue.closed, queue.after_final):
-                    if target is not None:
-                        visit(target)
+                for then in (queue.closed, queue.after_final):
+                    if then is not None:
+                        visit(then)
             visiting.pop()
             done.add(name)
 
@@ -750,12 +750,11 @@ def parse_callflow(raw: str, label: str = "callflow") -> CallFlow:
     try:
         return CallFlow.model_validate(data)
     except ValidationError as e:
-        error = dict(e.errors()[0])
-        loc = list(error.get("loc") or ())
+        first = e.errors()[0]
+        loc = list(first["loc"])
         if len(loc) > 2 and loc[0] == "nodes" and loc[2] in NODE_TYPES:
             del loc[2]  # pydantic names the node's type in the path: the user wrote no such field
-        error["loc"] = tuple(loc)
-        where, problem = describe_validation(error)
+        where, problem = describe_validation({**first, "loc": tuple(loc)})
         # A whole-flow check names its own place: "nodes.billing.routes.0.key: ..."
         if not where and re.match(r"^[\w.-]+: ", problem):
             where, _, problem = problem.partition(": ")
