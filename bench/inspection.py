@@ -69,7 +69,8 @@ ACCEPTED = HandoffStatus("accepted")
 def bench_flow() -> CallFlow:
     """The default call flow with three transfer targets."""
     flow = load_callflow(shipped_flow(SAMPLE_CALLFLOW))
-    return flow.model_copy(update={"transfer": flow.transfer.model_copy(update={"targets": list(TARGETS)})})
+    agents = flow.queues["agents"].model_copy(update={"targets": list(TARGETS)})
+    return flow.model_copy(update={"queues": {**flow.queues, "agents": agents}})
 
 
 def script(i: int) -> list[Event]:

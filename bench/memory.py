@@ -4,7 +4,8 @@ Makes M calls through the real write path: the app (``app.create_app``) in-proce
 loopback port, on the real Redis under a prefix of its own, each call posted over HTTP
 as the channel would: a conversationUpdate, 9 caller messages, "talk to agent", a
 ``handoff.status`` failed (the call is back in ``bot`` after the next message), 10 more
-messages: 20 caller turns, a 41-line transcript, 3 history entries, 22 activities seen.
+messages: 20 caller turns, a 41-line transcript, 7 history entries (3 transitions, 4 moves
+through the call flow), 22 activities seen.
 Every tenth call's retry prompt is refused by the channel, so its reply stays kept in
 the outbox (the scheduler, which would re-send it, is stopped): an outbox exists only
 while replies are unacknowledged. Then ``MEMORY USAGE <key> SAMPLES 0`` (exact) and
@@ -169,7 +170,7 @@ async def measure(redis_url: str, smoke: bool, say: Callable[[str], None]) -> di
         "every_post_accepted": all(200 <= status < 300 for status in statuses),
         "every_call_live_in_bot": lengths["states"] == ["bot"] * calls,
         "transcripts_hold_every_line": lengths["transcript"] == [lines] * calls,
-        "history_has_the_three_steps": lengths["history"] == [3] * calls,
+        "history_has_the_seven_steps": lengths["history"] == [7] * calls,
         "seen_holds_every_activity": lengths["seen"] == [before + after + 3] * calls,
         "outbox_only_where_kept": {i for i, n in enumerate(lengths["outbox"]) if n} == kept,
         "every_key_kind_measured": all(k["calls_holding_it"] > 0 for k in per_kind.values()),

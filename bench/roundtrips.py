@@ -43,6 +43,7 @@ from bench.inspection import conversation_id, delete_prefix
 from bench.report import main as bench_main
 from bench.report import row, unique_prefix
 from bench.wire import ServerTap, Wire, command_stats, count_round_trips
+from orchestrator.callflow import SAMPLE_CALLFLOW, shipped_flow
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
 
@@ -77,6 +78,7 @@ async def start_instance(redis_url: str, prefix: str) -> Instance:
     settings = load_settings(
         REDIS_URL=redis_url,
         REDIS_KEY_PREFIX=prefix,
+        CALLFLOW_FILE=shipped_flow(SAMPLE_CALLFLOW),  # what it counts: the how-to's echo and transfer
         SCHEDULER_POLL_SECONDS=10,
         OPERATOR_TOKEN=None,
         MicrosoftAppId="",

@@ -139,8 +139,10 @@ class FillStandIn(ChannelStandIn):
 
 def flow_file(directory: Path) -> Path:
     """The default call flow with the longest transfer timeout, for the bots and the fill."""
-    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text(encoding="utf-8"))
-    data["transfer"]["timeout_seconds"] = TRANSFER_TIMEOUT_SECONDS
+    data = yaml.safe_load(
+        (ROOT / "orchestrator" / "flows" / "transfer-sample.yaml").read_text(encoding="utf-8")
+    )
+    data["queues"]["agents"]["timeout_seconds"] = TRANSFER_TIMEOUT_SECONDS
     path = directory / "callflow.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path

@@ -57,6 +57,7 @@ from rich.table import Table
 
 from bench.inspection import delete_prefix, glob_escape
 from orchestrator.call import timestamp
+from orchestrator.callflow import SAMPLE_CALLFLOW, shipped_flow
 from simulator.channel import Caller, ChannelStandIn
 from simulator.load import percentile
 from simulator.streaming import SERVICE_URL, SocketBots
@@ -107,6 +108,7 @@ class Server:
     async def start(self, session: aiohttp.ClientSession, within: float = 30) -> Server:
         env = {k: v for k, v in os.environ.items() if k not in UNSET}
         env.update(self.env, HOST="127.0.0.1", PORT=str(self.port), LOG_LEVEL="WARNING")
+        env.setdefault("CALLFLOW_FILE", str(shipped_flow(SAMPLE_CALLFLOW)))  # the how-to's echo
         argv = [arg.replace("{port}", str(self.port)) for arg in self.argv]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block

@@ -588,8 +588,9 @@ class TurnRunner:
             assert queue.closed is not None
             self._go(queue.closed, f"queue {name} closed")
             return
-        if call.queue != name:  # attempts count per queue
-            call.queue, call.attempts = name, 0
+        if call.queue != name:  # attempts count per queue ("": a call from before queues)
+            call.attempts = call.attempts if not call.queue else 0
+            call.queue = name
         self._fire(Trigger.REQUEST_AGENT, reason=f"transfer to {name}")
         self._follow()
 
