@@ -40,8 +40,8 @@ def run_bench(module: str, args: list[str], output: Path, timeout: float = 110) 
 
 def flow_file(tmp_path: Path, **transfer: Any) -> str:
     """The default call flow with these ``transfer`` settings, as a file for CALLFLOW_FILE."""
-    data = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
-    data["transfer"].update(transfer)
+    data = yaml.safe_load((ROOT / "orchestrator" / "flows" / "transfer-sample.yaml").read_text())
+    data["queues"]["agents"].update(transfer)
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)

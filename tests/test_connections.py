@@ -25,7 +25,7 @@ from simulator.streaming import SERVICE_URL
 from tests.jspeer import JsChannel
 from tests.process import ROOT
 
-DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 
 two_instances = pytest.mark.parametrize("bot_redis", ["real", "cluster"], indirect=True)
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.real_redis
 TOKEN = "t0ken-dashboard-3f9a"
 TOKEN_KEY = "cc-operator-token"  # the page's sessionStorage key
 TARGET = "+14251231234"
-DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "flows" / "transfer-sample.yaml"
 # Caller-controlled text that would run script if the page ever parsed it as HTML.
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"> busy"
 
@@ -41,7 +41,7 @@ async def bot(
         monkeypatch.delenv(name, raising=False)
     await (await real_redis_or_skip()).aclose()
     flow = yaml.safe_load(DEFAULT_FLOW.read_text())
-    flow["transfer"]["timeout_seconds"] = 3600  # no watchdog may move a call mid-test
+    flow["queues"]["agents"]["timeout_seconds"] = 3600  # no watchdog may move a call mid-test
     flow_file = tmp_path / "callflow.yaml"
     flow_file.write_text(yaml.safe_dump(flow))
     settings = load_settings(

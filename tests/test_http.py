@@ -26,7 +26,7 @@ from simulator.call import voice_of
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import delete_prefix
 
-DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "flows" / "transfer-sample.yaml"
 SECOND_TARGET = "+14255550100"
 
 
@@ -39,8 +39,8 @@ def transfer_timeout() -> float:
 def flow_file(tmp_path: Path, transfer_timeout: float) -> Path:
     """The default flow with a second agent number."""
     data = yaml.safe_load(DEFAULT_FLOW.read_text())
-    data["transfer"]["targets"] = ["+14251231234", SECOND_TARGET]
-    data["transfer"]["timeout_seconds"] = transfer_timeout
+    data["queues"]["agents"]["targets"] = ["+14251231234", SECOND_TARGET]
+    data["queues"]["agents"]["timeout_seconds"] = transfer_timeout
     path = tmp_path / "callflow.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

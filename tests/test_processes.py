@@ -82,8 +82,8 @@ async def test_two_processes_apply_every_activity_exactly_once(
     """Each call gets transfer requests, failed statuses and plain messages, every one
     delivered twice to either process, all in flight at once. Serial semantics must
     hold: the history is one unbroken chain and every count agrees with it."""
-    flow = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
-    flow["transfer"]["max_attempts"] = 20
+    flow = yaml.safe_load((ROOT / "orchestrator" / "flows" / "transfer-sample.yaml").read_text())
+    flow["queues"]["agents"]["max_attempts"] = 20
     (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
     env = {**bot_env, "CALLFLOW_FILE": str(tmp_path / "flow.yaml")}
     calls, each = 8, 8

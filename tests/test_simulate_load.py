@@ -34,8 +34,8 @@ async def bots(key_prefix: str, tmp_path: Path) -> AsyncIterator[list[BotProcess
     flow but a 2 s no-answer watchdog (so the no-answer scenario ends quickly); their keys
     are deleted once they have stopped."""
     require_real_redis_sync()
-    flow = yaml.safe_load((ROOT / "orchestrator" / "callflow.default.yaml").read_text())
-    flow["transfer"]["timeout_seconds"] = 2
+    flow = yaml.safe_load((ROOT / "orchestrator" / "flows" / "transfer-sample.yaml").read_text())
+    flow["queues"]["agents"]["timeout_seconds"] = 2
     (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
     env = {
         "REDIS_URL": REAL_REDIS_URL,

@@ -12,7 +12,7 @@ import yaml
 
 from tests.process import ROOT
 
-DEFAULT_FLOW = ROOT / "orchestrator" / "callflow.default.yaml"
+DEFAULT_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 
 
 def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -24,7 +24,7 @@ def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def bad_flow(tmp_path: Path, **transfer: object) -> str:
     data = yaml.safe_load(DEFAULT_FLOW.read_text())
-    data["transfer"].update(transfer)
+    data["queues"]["agents"].update(transfer)
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
