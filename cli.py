@@ -13,7 +13,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -321,7 +322,7 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
             await store.redis.aclose()
 
     try:
-        return asyncio.run(go())
+        return _run_loop(go())
     except (StoreUnavailable, NoPermissionError) as e:
         refused = e if isinstance(e, NoPermissionError) else e.__cause__
         if isinstance(refused, NoPermissionError) and settings is not None:
@@ -339,6 +340,42 @@ def _run(options: dict[str, Any], action: Callable[[CallInspector], Awaitable[T]
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+
+
+class _ClosingLoop(asyncio.SelectorEventLoop):
+    """An event loop that knows the connections it opened, to close them before it ends.
+
+    redis-py closes a connection that failed mid-command (a refused AUTH, a timeout) without
+    waiting for the close. Over TLS that close is a round trip (close_notify, then the
+    server's answer), which asyncio.run does not wait for: the loop ended first now and
+    then, and left the socket open for the garbage collector to find."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connections: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super().create_connection(*args, **kwargs)
+        self.connections.add(transport)
+        return transport, protocol
+
+    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super().create_unix_connection(*args, **kwargs)
+        self.connections.add(transport)
+        return transport, protocol
+
+
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, and no connection outlives the loop: what is still open or
+    closing when ``main`` is done is aborted (a no-op for a connection already closed), and
+    the sockets close as the runner shuts the loop down."""
+    loop = _ClosingLoop()
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
+        try:
+            return runner.run(main)
+        finally:
+            for transport in list(loop.connections):
+                transport.abort()
 
 
 cli.add_command(simulate)
