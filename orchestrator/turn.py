@@ -31,6 +31,7 @@ from orchestrator.callflow import (
     HangUp,
     Menu,
     Queue,
+    Retry,
     Say,
     SpokenPrompt,
     TransferTo,
@@ -385,18 +386,26 @@ class TurnRunner:
             self._fire(Trigger.RESUME, reason="caller carried on with the bot")
 
     def _no_match(self, node: Menu, said: str) -> None:
-        call = self._turn.call
         retry = self.flow.retry_of(node, "no_match")
         assert retry is not None
-        call.tries += 1
-        if retry.max is not None and call.tries > retry.max:
-            self._step(NO_MATCH, f"no route took it, {call.tries} times")
+        self._turn.call.tries += 1
+        self._retry(node, retry, NO_MATCH, self._turn.call.tries, said)
+
+    def _retry(self, node: Menu | Gather, retry: Retry, trigger: str, count: int, said: str = "") -> None:
+        """The ``count``-th miss (no match, no input) at ``node``: past ``retry.max`` the call
+        goes to ``retry.then``; before, its prompts, then the node's own again."""
+        call = self._turn.call
+        if retry.max is not None and count > retry.max:
+            self._step(trigger, f"{trigger.replace('_', ' ')}, {count} times")
             assert retry.then is not None
-            self._go(retry.then, "no match")
+            self._go(retry.then, trigger.replace("_", " "))
             return
         for prompt in retry.say:
             self._say(prompt, said)
         if retry.repeat:
+            if isinstance(node, Gather) and call.confirming:
+                self._confirm(node)
+                return
             self._repeat(node, wait=False)
         self._wait(call.node)
 
@@ -501,25 +510,14 @@ class TurnRunner:
             self._no_input(node)
 
     def _no_input(self, node: Menu | Gather) -> None:
-        call = self._turn.call
         retry = self.flow.no_input_of(node)
         if retry is None:
             return
+        call = self._turn.call
         call.silences += 1
-        if retry.max is not None and call.silences > retry.max:
-            self._step(NO_INPUT, f"no input, {call.silences} times")
-            assert retry.then is not None
-            self._go(retry.then, "no input")
-            return
-        self._step(NO_INPUT, f"no input ({call.silences})")
-        for prompt in retry.say:
-            self._say(prompt)
-        if retry.repeat:
-            if isinstance(node, Gather) and call.confirming:
-                self._confirm(node)
-                return
-            self._repeat(node, wait=False)
-        self._wait(call.node)
+        if retry.max is None or call.silences <= retry.max:
+            self._step(NO_INPUT, f"no input ({call.silences})")
+        self._retry(node, retry, NO_INPUT, call.silences)
 
     def _wait(self, name: str) -> None:
         """The call rests at a waiting node: arm its no-input timer, counted from when this
