@@ -339,9 +339,9 @@ class RedisCallStore:
             await self.redis.zrem(self.keys.due(item.shard), item.member)
 
     async def reschedule_timer(self, conversation_id: str) -> None:
-        """Schedule the call's watchdog at its deadline if it is transferring, else drop it."""
+        """Schedule the call's timer at its deadline while it has one, else drop it."""
         keys = [self.keys.call(conversation_id).call, self.keys.due_for(conversation_id)]
-        with unavailable_while("rescheduling a watchdog"):
+        with unavailable_while("rescheduling a call's timer"):
             await self._reschedule(keys=keys, args=[Due.timer(conversation_id)])
 
     def _commit_keys(self, turn: Turn, now_s: int) -> list[str]:
@@ -371,9 +371,7 @@ class RedisCallStore:
             CallField.TRIES: str(call.tries),
             CallField.SILENCES: str(call.silences),
             CallField.VARIABLES: self._sealed_variables(call),
-            CallField.SHOWN: json.dumps(call.shown, ensure_ascii=False, separators=_COMPACT)
-            if call.shown
-            else "",
+            CallField.SHOWN: _compact(call.shown) if call.shown else "",
         }
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
@@ -411,14 +409,14 @@ class RedisCallStore:
             "feed_max": keep.feed_max,
             "feed_seconds": keep.feed_seconds,
         }
-        return [json.dumps(args, ensure_ascii=False, separators=_COMPACT)]
+        return [_compact(args)]
 
     def _sealed_variables(self, call: Call) -> str:
         """The call's variables and a gather's entry so far, sealed ("" when there are none)."""
         if not (call.variables or call.entry):
             return ""
         data = {"variables": call.variables, "entry": call.entry, "confirming": call.confirming}
-        return self.sealer.seal(json.dumps(data, ensure_ascii=False, separators=_COMPACT))
+        return self.sealer.seal(_compact(data))
 
     def _call_from(self, conversation_id: str, record: dict[str, str], lines: list[str]) -> Call:
         state = record.get(CallField.STATE, State.BOT.value)
@@ -487,6 +485,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COMPACT = (",", ":")
 
 
+def _compact(value: Any) -> str:
+    """JSON as stored: no spaces, and text as it is (not \\u-escaped)."""
+    return json.dumps(value, ensure_ascii=False, separators=_COMPACT)
+
+
 @functools.lru_cache(maxsize=4096)
 def _second(epoch_seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_seconds))
@@ -511,7 +514,7 @@ def _epoch_ms(at: str) -> int | str:
 def encode_line(line: Line) -> str:
     """``[role initial, epoch ms, text]``; other roles, and times that do not round-trip, whole."""
     role = _ROLE_INITIALS.get(line.role, line.role)
-    return json.dumps([role, _epoch_ms(line.at), line.text], ensure_ascii=False, separators=_COMPACT)
+    return _compact([role, _epoch_ms(line.at), line.text])
 
 
 def decode_line(raw: str) -> Line:
@@ -550,7 +553,7 @@ def encode_step(step: Step, activity: str, version: int, target: str) -> str:
         entry.append(target)
     if step.node:
         entry.append(step.node)
-    return json.dumps(entry, ensure_ascii=False, separators=_COMPACT)
+    return _compact(entry)
 
 
 def decode_step(raw: str) -> HistoryEntry:
