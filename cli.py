@@ -159,10 +159,16 @@ def show(options: dict[str, Any], conversation_id: str, as_json: bool) -> None:
     for line in call["transcript"]:
         transcript.add_row(line["at"], line["role"], line["text"])
     console.print(transcript)
-    timeline = Table("at", "trigger", "from", "to", "reason", "target", title="history")
+    timeline = Table("at", "trigger", "from", "to", "node", "reason", "target", title="history")
     for step in call["history"]:
         timeline.add_row(
-            step["at"], step["trigger"], step["from"], step["to"], step["reason"], step["target"]
+            step["at"],
+            step["trigger"],
+            step["from"],
+            step["to"],
+            step["node"],
+            step["reason"],
+            step["target"],
         )
     console.print(timeline)
 
@@ -188,9 +194,10 @@ def watch(options: dict[str, Any], state: str | None, as_json: bool, count: int 
                     click.echo(json.dumps(row, ensure_ascii=False))
                 else:
                     reason = f"  ({row['reason']})" if row["reason"] else ""
+                    node = f"  @{row['node']}" if row["node"] else ""
                     console.print(
                         f"{row['at']}  [bold]{row['call']}[/bold]  {row['trigger']}  "
-                        f"{row['from']} -> [bold]{row['to']}[/bold]{reason}  {row['target']}",
+                        f"{row['from']} -> [bold]{row['to']}[/bold]{node}{reason}  {row['target']}",
                         markup=True,
                     )
                 shown += 1

@@ -120,6 +120,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
                 "to": step.dest,
                 "reason": redact(step.reason),
                 "target": step.target,
+                "node": step.node,  # on a move through the call flow: the node reached
             }
             for at_ms, step in history
         ],
@@ -148,6 +149,7 @@ def transition_row(entry: FeedEntry) -> dict[str, Any]:
         "to": entry.dest,
         "reason": redact(entry.reason),
         "target": entry.target,
+        "node": entry.node,
     }
 
 

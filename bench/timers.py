@@ -9,7 +9,7 @@ polling makes every watchdog due at one instant T. Each fired watchdog is a real
 proactively to the stand-in. Measured: when each prompt arrived (lateness = arrival - T),
 the drain time (last arrival - T), duplicates (same call and ``replyKey`` twice), the
 calls' records and histories (every call ``failed`` by exactly one timeout step, and when
-that step was committed), each instance's ``cc_watchdogs_fired``, and the CPU seconds
+that step was committed), each instance's ``cc_timers_fired``, and the CPU seconds
 the bots, Redis and this process spent during the drain. Every key under the bench's
 prefix is deleted and every bot stopped at the end.
 
@@ -302,7 +302,7 @@ def code_version() -> dict[str, Any]:
 
 
 Samples = dict[str, dict[str, float]]  # metric -> label value ("" unlabelled) -> value
-COUNTERS = ("cc_watchdogs_fired", "cc_streaming_sends", "cc_streaming_send_failures")
+COUNTERS = ("cc_timers_fired", "cc_streaming_sends", "cc_streaming_send_failures")
 GAUGES = ("cc_streaming_connections", "cc_streaming_calls")
 
 
@@ -552,7 +552,7 @@ async def run_variant(
         for pid, before, after, cpu_was, cpu_is in zip(
             pids, metrics_before, metrics_after, cpu_before, cpu_after, strict=True
         ):
-            fired = counted(after, before, "cc_watchdogs_fired")
+            fired = counted(after, before, "cc_timers_fired")
             variant["instances"].append(
                 {
                     "pid": pid,

@@ -77,12 +77,13 @@ def test_calls_show_json_has_the_whole_call_redacted(call_in_redis: str) -> None
     assert "5550123" not in result.output and "555 0123" not in result.output
     said = [line["text"] for line in call["transcript"] if line["role"] == "caller"]
     assert said == ["my card is ************1111", "agent"]
-    assert [(s["trigger"], s["from"], s["to"]) for s in call["history"]] == [
-        ("request_agent", "bot", "transferring"),
-        ("fail", "transferring", "failed"),
+    assert [(s["trigger"], s["from"], s["to"], s["node"]) for s in call["history"]] == [
+        ("move", "bot", "bot", "agent"),  # through the flow's transfer node
+        ("request_agent", "bot", "transferring", ""),
+        ("fail", "transferring", "failed", ""),
     ]
     assert all(s["at"].endswith("Z") for s in call["history"])
-    assert call["targets_tried"] == ["+14251231234"] and call["history"][0]["target"] == "+14251231234"
+    assert call["targets_tried"] == ["+14251231234"] and call["history"][1]["target"] == "+14251231234"
 
 
 def test_calls_show_for_people(call_in_redis: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,7 +237,12 @@ def test_calls_watch_shows_steps_committed_after_it_started(call_in_redis: str) 
     assert not watcher.is_alive()
     rows = [json.loads(line) for line in result[0].output.splitlines()]
     assert len(rows) == 2
-    assert all(r["trigger"] == "request_agent" and r["to"] == "transferring" for r in rows)
+    # Each call's two steps: the move to the flow's transfer node, then into transferring.
+    assert all(
+        (r["trigger"], r["to"], r["node"])
+        in {("move", "bot", "agent"), ("request_agent", "transferring", "")}
+        for r in rows
+    )
     assert {r["call"] for r in rows} <= {f"w{n}" for n in range(made)}  # never call-42's older steps
 
 

@@ -85,9 +85,11 @@ async def test_calls_by_state_and_one_call_whole(bot: TestClient[Any, Any], call
     assert call["record"]["state"] == "failed" and call["record"]["failure"] == "busy"
     said = [line["text"] for line in call["transcript"] if line["role"] == "caller"]
     assert said == ["my card is ************1111", "agent"]
-    assert [(h["from"], h["to"]) for h in call["history"]] == [
-        ("bot", "transferring"),
-        ("transferring", "failed"),
+    assert [(h["from"], h["to"], h["node"]) for h in call["history"]] == [
+        ("bot", "bot", "main"),  # the call starts at the flow's first node
+        ("bot", "bot", "agent"),  # the move to the flow's transfer node
+        ("bot", "transferring", ""),
+        ("transferring", "failed", ""),
     ]
     assert call["targets_tried"] == [TARGET]
     # The caller's number (their account in the reference) is masked like a digit run.
@@ -225,7 +227,7 @@ async def test_metrics(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> N
     assert value('cc_transfer_outcome_seconds_count{outcome="failed"}') == 1
     assert value("cc_turn_seconds_count") == 10  # 8 turns of the calls fixture, then 2
     assert value("cc_duplicate_activities_total") == 1
-    assert value("cc_commit_conflicts_total") == 0 and value("cc_watchdogs_fired_total") == 0
+    assert value("cc_commit_conflicts_total") == 0 and value("cc_timers_fired_total") == 0
 
 
 async def test_the_dashboard_page_is_served_locked_down(bot: TestClient[Any, Any]) -> None:

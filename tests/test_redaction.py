@@ -236,7 +236,7 @@ def test_a_turn_stores_and_echoes_only_redacted_words() -> None:
 
 def test_routes_match_the_words_as_said() -> None:
     data = yaml.safe_load(DEFAULT_FLOW.read_text())
-    data["routes"].append({"match": ["12345678"], "say": "billing"})
+    data["routes"].append({"phrases": ["12345678"], "to": "billing"})
     runner = TurnRunner(CallFlow.model_validate(data))
     turn = runner.run(_new(), CallerInput("12345678"), now="t", caller=CALLER_ID)
     assert turn.effects[0].prompt.name == "billing"  # type: ignore[union-attr]

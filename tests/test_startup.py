@@ -58,5 +58,5 @@ def test_a_bad_call_flow_stops_start_up_naming_the_field(tmp_path: Path) -> None
     result = start({"CALLFLOW_FILE": path})
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"configuration error: {path}: transfer.targets.0: '+1 425-123-1234'"), last
+    assert last.startswith(f"configuration error: {path}: queues.agents.targets.0: '+1 425-123-1234'"), last
     assert "Traceback" not in result.stderr
