@@ -21,10 +21,11 @@ from adapters.http import STORE_KEY
 from adapters.keys import Due
 from adapters.store import RedisCallStore
 from app import create_app
+from orchestrator.callflow import load_callflow
 from orchestrator.config import load_settings
 from simulator.call import voice_of
 from simulator.channel import Caller, ChannelStandIn
-from tests.conftest import delete_prefix
+from tests.conftest import SAMPLE_FLOW, delete_prefix
 
 DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "flows" / "transfer-sample.yaml"
 SECOND_TARGET = "+14255550100"
@@ -115,7 +116,7 @@ async def test_a_whole_call(bot: TestClient[Any, Any], channel: ChannelStandIn) 
     assert await post(bot, ask) == 201
     handoff = sent(cid)[-1]
     assert (handoff["type"], handoff["name"]) == ("event", "handoff.initiate")
-    assert handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
+    assert handoff["value"] == {"TargetPhoneNumber": "+14251231234", "Queue": "agents"}
     assert handoff["replyToId"] == ask["id"] and handoff["relatesTo"]["conversation"]["id"] == cid
     assert handoff["entities"] == []
     # EventFactory gives the event an id, which the adapter clears on send: C#'s
@@ -139,7 +140,7 @@ async def test_a_whole_call(bot: TestClient[Any, Any], channel: ChannelStandIn) 
     assert await state_of(bot, cid) == "failed"
 
     assert await post(bot, caller.say("agent")) == 201
-    assert sent(cid)[-1]["value"] == {"TargetPhoneNumber": SECOND_TARGET}
+    assert sent(cid)[-1]["value"] == {"TargetPhoneNumber": SECOND_TARGET, "Queue": "agents"}
 
     before = len(sent(cid))
     assert await post(bot, caller.status({"state": "accepted"})) == 201
@@ -152,12 +153,19 @@ async def test_a_whole_call(bot: TestClient[Any, Any], channel: ChannelStandIn) 
     assert await state_of(bot, cid) == "bot"
 
     assert await post(bot, caller.say("0")) == 201
-    assert sent(cid)[-1]["value"] == {"TargetPhoneNumber": "+14251231234"}  # attempt 3 wraps around
+    assert sent(cid)[-1]["value"] == {
+        "TargetPhoneNumber": "+14251231234",
+        "Queue": "agents",
+    }  # attempt 3 wraps around
     assert await post(bot, caller.hang_up()) == 201
     assert await state_of(bot, cid) == "ended"
 
     store: RedisCallStore = bot.app[STORE_KEY]
-    history = [(s.trigger, s.source, s.dest) for _, s in await store.history(cid)]
+    steps = [s for _, s in await store.history(cid)]
+    # Moves through the call flow name their node (every one the sample flow has); the rest
+    # are the machine's transitions.
+    assert {s.node for s in steps if s.trigger == "move"} <= set(load_callflow(SAMPLE_FLOW).nodes)
+    history = [(s.trigger, s.source, s.dest) for s in steps if s.trigger != "move"]
     assert history == [
         ("request_agent", "bot", "transferring"),
         ("fail", "transferring", "failed"),
@@ -416,7 +424,10 @@ async def test_replies_the_channel_refused_are_delivered_later(
     assert channel.for_conversation(cid) == []
     await channel.wait_for(1, cid)  # re-sent by the scheduler after the grace period
     (handoff,) = channel.for_conversation(cid)
-    assert handoff["name"] == "handoff.initiate" and handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
+    assert handoff["name"] == "handoff.initiate" and handoff["value"] == {
+        "TargetPhoneNumber": "+14251231234",
+        "Queue": "agents",
+    }
     assert handoff["attachments"][0]["content"]["activities"][0]["text"] == "agent"
     store: RedisCallStore = bot.app[STORE_KEY]
     async with asyncio.timeout(10):  # acknowledged once the channel took it

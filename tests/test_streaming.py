@@ -119,7 +119,10 @@ async def test_a_whole_call_over_the_js_channel(bot: TestServer, js: JsChannel) 
 
     assert (await js.send(socket, caller.press("0")[0]))["status"] == 200
     handoff = (await said(js, cid, 3))[2]
-    assert handoff["name"] == "handoff.initiate" and handoff["value"] == {"TargetPhoneNumber": "+14251231234"}
+    assert handoff["name"] == "handoff.initiate" and handoff["value"] == {
+        "TargetPhoneNumber": "+14251231234",
+        "Queue": "agents",
+    }
     lines = handoff["attachments"][0]["content"]["activities"]
     assert any(line.get("text") == "1" for line in lines)
     assert (await state_of(bot, cid))["state"] == "transferring"
