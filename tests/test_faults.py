@@ -19,6 +19,7 @@ from adapters.store import COMMIT_SCRIPT, RedisCallStore, decode_line
 from app import create_app
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
+from tests.conftest import SAMPLE_FLOW
 from tests.proxy import ReplyDroppingProxy
 from tests.servers import RedisServer
 
@@ -41,6 +42,7 @@ async def bot_on(
         monkeypatch.delenv(name, raising=False)
     settings = load_settings(
         REDIS_URL=redis_url,
+        CALLFLOW_FILE=SAMPLE_FLOW,
         REDIS_TIMEOUT_SECONDS=redis_timeout,
         OUTBOX_GRACE_SECONDS=1,
         SCHEDULER_POLL_SECONDS=0.05,
@@ -75,7 +77,8 @@ async def test_a_lost_commit_reply_is_not_applied_twice(
     call = (await bot.app[STORE_KEY].load(caller.conversation_id)).call
     assert call is not None and call.version == 1 and call.attempts == 1
     assert [a["name"] for a in channel.for_conversation(caller.conversation_id)] == ["handoff.initiate"]
-    assert len(await bot.app[STORE_KEY].history(caller.conversation_id)) == 1
+    steps = [step.trigger for _, step in await bot.app[STORE_KEY].history(caller.conversation_id)]
+    assert steps == ["move", "request_agent"]  # one commit's steps, once
 
 
 async def test_a_commit_whose_every_reply_is_lost_is_answered_once_after_all(

@@ -82,8 +82,12 @@ async def start_bots(env: dict[str, str], tmp_path: Path, count: int = 3) -> lis
 
 
 def history(client: Any, keys: Keyspace, conversation_id: str) -> list[tuple[str, str, str]]:
+    """The call's steps (trigger, from, to); a move through the call flow as ("move", node, "")."""
     entries = map(decode_step, client.lrange(keys.call(conversation_id).history, 0, -1))
-    return [(f["trigger"], f["from"], f["to"]) for f in entries]
+    return [
+        (f["trigger"], f["node"], "") if f["trigger"] == "move" else (f["trigger"], f["from"], f["to"])
+        for f in entries
+    ]
 
 
 @pytest.mark.parametrize(
@@ -151,8 +155,12 @@ async def test_calls_spread_over_three_instances_survive_one_being_killed(
     )
     keys = Keyspace(env["REDIS_KEY_PREFIX"])
     expected = [
+        ("move", "main", ""),
+        ("move", "billing", ""),
+        ("move", "agent", ""),
         ("request_agent", "bot", "transferring"),
         ("fail", "transferring", "failed"),
+        ("move", "agent", ""),
         ("request_agent", "failed", "transferring"),
         ("accept", "transferring", "accepted"),
         ("hang_up", "accepted", "ended"),
