@@ -177,7 +177,7 @@ class Engine:
             while turn.action:  # the flow runs the user's code: outside the commit, bounded
                 node = self.runner.flow.nodes[turn.action]
                 assert isinstance(node, Action)
-                turn = self.runner.resume(turn, await run_action(self.actions[node.action], node, turn))
+                turn = self.runner.after_action(turn, await run_action(self.actions[node.action], node, turn))
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             outbox = ""

@@ -185,10 +185,10 @@ class Turn:
     reference_changed: bool = False
     replies: list[Any] = field(default_factory=list)  # the effects as the bot side sends them
     outbox_key: str = ""  # where the replies wait in the outbox until acknowledged ("" if not kept)
-    action: str = ""  # an action node the turn stopped at: the engine runs it, then ``resume``
+    action: str = ""  # an action node the turn stopped at: the engine runs it, then ``after_action``
     secret: bool = False  # its replies carry collected values: the outbox keeps them sealed
     caller_input: str = ""  # what the caller said this turn, as redacted (for an action)
-    now: str = ""  # when the turn ran (ISO 8601), and the caller's id: for ``resume``
+    now: str = ""  # when the turn ran (ISO 8601), and the caller's id: for ``after_action``
     caller: str = ""
 
     @property
@@ -300,7 +300,7 @@ class TurnRunner:
                 self._fire(Trigger.HANG_UP, reason=CALLER_HUNG_UP)
         return self._finish()
 
-    def resume(self, turn: Turn, outcome: ActionOutcome) -> Turn:
+    def after_action(self, turn: Turn, outcome: ActionOutcome) -> Turn:
         """Carry on a turn that stopped at an action node, with what the action returned."""
         self._turn, self._now, self._caller = turn, turn.now, turn.caller
         node = self.flow.nodes[turn.action]
