@@ -47,7 +47,7 @@ _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _TRAILING_PUNCTUATION = ".,!?;: "
 # {name}, or {name:digits} (one digit at a time, for a read-back: "1 2 3 4")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:digits)?\}")
-SPEAKING_CHARS_PER_SECOND = 14.0  # about 150 words a minute: how long a prompt takes to say
+SPEAKING_RATE = 14.0  # characters a second, about 150 words a minute: how long a prompt takes to say
 
 
 def normalize_input(text: str) -> str:
@@ -142,15 +142,11 @@ class SpokenPrompt(_Strict):
     ssml: str
     hint: str = "acceptingInput"
     shown: str = ""
+    seconds: float = 0.0  # about how long it takes to say (the channel does not report playback)
 
     @property
     def transcript_text(self) -> str:
         return self.shown or self.text
-
-    @property
-    def seconds(self) -> float:
-        """About how long the prompt takes to say (the channel does not report playback)."""
-        return len(self.text) / SPEAKING_CHARS_PER_SECOND
 
 
 class _Rendering(NamedTuple):
@@ -394,6 +390,8 @@ class CallFlow(_Strict):
 
     voice: Voice = "en-US-JennyNeural"
     locale: Locale = "en-US"
+    # Characters a second the voices say: no-input is counted from the estimated end of the prompt.
+    speaking_rate: float = Field(SPEAKING_RATE, gt=0, le=1000)
     prompts: dict[Name, Prompt]
     start: Name
     defaults: Defaults = Defaults()
@@ -628,7 +626,9 @@ class CallFlow(_Strict):
             hint = BARGE_IN_HINTS[prompt.barge_in]
             whole = None
             if not prompt.variables:
-                whole = SpokenPrompt(name=name, text=text, ssml=head + ssml_text + tail, hint=hint)
+                whole = SpokenPrompt(
+                    name=name, text=text, ssml=head + ssml_text + tail, hint=hint, seconds=self._saying(text)
+                )
             renderings[name] = _Rendering(whole, text, head, ssml_text, tail, hint)
         return renderings
 
@@ -681,8 +681,16 @@ class CallFlow(_Strict):
         ssml = rendering.ssml_head + fill(rendering.ssml_text, xml_text, values) + rendering.ssml_tail
         masked = fill(rendering.text, clean_text, {**values, **(shown or {})})
         return SpokenPrompt(
-            name=name, text=text, ssml=ssml, hint=rendering.hint, shown=masked if masked != text else ""
+            name=name,
+            text=text,
+            ssml=ssml,
+            hint=rendering.hint,
+            shown=masked if masked != text else "",
+            seconds=self._saying(text),
         )
+
+    def _saying(self, text: str) -> float:
+        return len(text) / self.speaking_rate
 
 
 def _route_label(route: Route) -> str:

@@ -109,9 +109,14 @@ def is_hangup(activity: dict[str, Any]) -> bool:
     return activity.get("type") == "endOfConversation"
 
 
-def target_of(activity: dict[str, Any]) -> str:
+def handoff_context(activity: dict[str, Any]) -> dict[str, Any]:
+    """What a ``handoff.initiate`` tells the agent hub: target, queue, collected variables."""
     value = activity.get("value")
-    return str(value.get("TargetPhoneNumber", "")) if isinstance(value, dict) else ""
+    return value if isinstance(value, dict) else {}
+
+
+def target_of(activity: dict[str, Any]) -> str:
+    return str(handoff_context(activity).get("TargetPhoneNumber", ""))
 
 
 def transcript_of(activity: dict[str, Any]) -> list[Any]:
@@ -225,8 +230,14 @@ class SimulatedCall:
         return activity
 
     async def expect_prompt(
-        self, contains: str | None = None, voice: str | None = None, within: float = EXPECT_SECONDS
+        self,
+        contains: str | None = None,
+        voice: str | None = None,
+        within: float = EXPECT_SECONDS,
+        hint: str | None = None,
     ) -> dict[str, Any]:
+        """The bot's next activity is a prompt: containing ``contains``, in ``voice``, with
+        the input hint ``hint`` (what may interrupt it), each when given."""
         activity = await self.next_activity(within)
         if activity is None:
             raise Mismatch(f"no prompt within {within:g} s (expected one containing {contains!r})")
@@ -237,6 +248,9 @@ class SimulatedCall:
             raise Mismatch(f"expected a prompt containing {contains!r}, the bot said {describe(activity)}")
         if voice is not None and voice_of(activity) != voice:
             raise Mismatch(f"expected voice {voice}, the bot said {describe(activity)}")
+        if hint is not None and activity.get("inputHint") != hint:
+            said = activity.get("inputHint") or "no input hint"
+            raise Mismatch(f"expected input hint {hint}, the bot sent {said} with {describe(activity)}")
         return activity
 
     async def expect_transfer(
@@ -244,7 +258,11 @@ class SimulatedCall:
         target: str | None = None,
         within: float = EXPECT_SECONDS,
         transcript_contains: str | None = None,
+        queue: str | None = None,
+        variables: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """The bot's next activity is a ``handoff.initiate``: to ``target``, for ``queue``,
+        carrying ``variables`` and a transcript with ``transcript_contains``, each when given."""
         activity = await self.next_activity(within)
         if activity is None:
             raise Mismatch(f"no transfer within {within:g} s")
@@ -255,6 +273,12 @@ class SimulatedCall:
         said = [str(line.get("text", "")) for line in transcript_of(activity) if isinstance(line, dict)]
         if transcript_contains is not None and not any(transcript_contains in text for text in said):
             raise Mismatch(f"the transcript handed over lacks {transcript_contains!r}: {said}")
+        context = handoff_context(activity)
+        named, carried = context.get("Queue"), context.get("Variables", {})
+        if queue is not None and named != queue:
+            raise Mismatch(f"expected a transfer for queue {queue}, the context names {named!r}")
+        if variables is not None and carried != variables:
+            raise Mismatch(f"expected the transfer to carry {variables}, it carries {carried}")
         return activity
 
     async def expect_hangup(self, within: float = EXPECT_SECONDS) -> dict[str, Any]:

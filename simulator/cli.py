@@ -8,12 +8,14 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import click
 from rich.console import Console
 
+from orchestrator.callflow import load_callflow, shipped_flow
 from simulator import scenario as scenarios
 from simulator.call import Bots, Protocol, Tally, Transport
 from simulator.channel import ChannelStandIn
@@ -47,33 +49,66 @@ async def wired(
 
 
 async def run_scripted(
-    urls: list[str], files: list[Path], listen: str, console: Console, transport: Transport = "http"
+    urls: list[str],
+    files: list[Path],
+    listen: str,
+    console: Console,
+    transport: Transport = "http",
+    hours: scenarios.BotHours | None = None,
 ) -> int:
     """Run each scenario file as one call, over its own transport or ``transport``; print
-    a pass/fail report; 0 only if all pass."""
+    a pass/fail report; 0 only if none fails. With ``hours``, a scenario that needs the
+    flow's hours otherwise is skipped and says why."""
     loaded = [scenarios.load(path) for path in files]
+    skips = {id(s): hours.skip_reason(s) if hours else "" for s in loaded}
+    runnable = [s for s in loaded if not skips[id(s)]]
     async with contextlib.AsyncExitStack() as stack:
         links = {
             kind: await stack.enter_async_context(wired(urls, listen, transport=kind))
-            for kind in {scenario.transport or transport for scenario in loaded}
+            for kind in {scenario.transport or transport for scenario in runnable}
         }
         # Each scenario is a call of its own: run them all at once, report in file order.
-        results = await asyncio.gather(
-            *(scenarios.run(scenario, *links[scenario.transport or transport]) for scenario in loaded)
+        ran = await asyncio.gather(
+            *(scenarios.run(scenario, *links[scenario.transport or transport]) for scenario in runnable)
         )
-        for result in results:
-            scenario = result.scenario
-            mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
-            console.print(f"{mark}  {Path(scenario.source).name}: {scenario.name}")
-            if not result.passed:
-                where = f"step {result.step}" if result.step else "after the last step"
-                console.print(f"      {where}: {result.reason}", markup=False)
-                for activity in result.unexpected:
-                    console.print(f"      unexpected: {activity}", markup=False)
+    by_scenario = {id(r.scenario): r for r in ran}
+    results = [
+        by_scenario.get(id(s)) or scenarios.Result(s, True, reason=skips[id(s)], skipped=True) for s in loaded
+    ]
+    for result in results:
+        scenario = result.scenario
+        mark = (
+            "[yellow]SKIP[/yellow]"
+            if result.skipped
+            else ("[green]PASS[/green]" if result.passed else "[red]FAIL[/red]")
+        )
+        console.print(f"{mark}  {Path(scenario.source).name}: {scenario.name}")
+        if result.skipped:
+            console.print(f"      {result.reason}", markup=False)
+        elif not result.passed:
+            where = f"step {result.step}" if result.step else "after the last step"
+            console.print(f"      {where}: {result.reason}", markup=False)
+            for activity in result.unexpected:
+                console.print(f"      unexpected: {activity}", markup=False)
     failed = sum(not r.passed for r in results)
+    skipped = sum(r.skipped for r in results)
     colour = "red" if failed else "green"
-    console.print(f"[{colour}]{len(results) - failed} passed, {failed} failed[/{colour}]")
+    tail = f", {skipped} skipped" if skipped else ""
+    console.print(f"[{colour}]{len(ran) - failed} passed, {failed} failed{tail}[/{colour}]")
     return 1 if failed else 0
+
+
+def _clock(_context: click.Context, _param: click.Parameter, value: str | None) -> datetime:
+    """--clock: an ISO 8601 moment with its zone (the bot's HOURS_CLOCK); unset: now."""
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date and time") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no zone: add one, such as -05:00 or Z")
+    return moment
 
 
 @click.command()
@@ -93,7 +128,19 @@ async def run_scripted(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Run this scenario file (again for more). Scripted mode.",
 )
-@click.option("--shipped", is_flag=True, help="Run every scenario shipped with the simulator.")
+@click.option("--shipped", is_flag=True, help="Run every scenario shipped for the bot's flow (--flow).")
+@click.option(
+    "--flow",
+    type=click.Choice(scenarios.shipped_flows()),
+    help=f"The shipped flow the bot runs (its CALLFLOW_FILE): whose scenarios --shipped runs, and whose "
+    f"opening hours say which of them can run. Default: {scenarios.DEFAULT_FLOW}.",
+)
+@click.option(
+    "--clock",
+    callback=_clock,
+    metavar="ISO-8601",
+    help="The bot's clock for opening hours (its HOURS_CLOCK, if pinned). Default: now.",
+)
 @click.option("--calls", type=click.IntRange(1), help="Load mode: this many simulated callers ...")
 @click.option(
     "--rate", type=click.FloatRange(min=0.01), default=10, show_default=True, help="... started per second."
@@ -124,6 +171,8 @@ def simulate(
     more_bots: tuple[str, ...],
     files: tuple[Path, ...],
     shipped: bool,
+    flow: str | None,
+    clock: datetime,
     calls: int | None,
     rate: float,
     protocol: Protocol,
@@ -138,16 +187,23 @@ def simulate(
     """
     urls = [*bots, *more_bots]
     console = Console(highlight=False)
-    chosen = [*files, *(scenarios.shipped() if shipped else [])]
+    name = flow or scenarios.DEFAULT_FLOW
+    if calls is not None and not files:
+        shipped = True  # a load with no scenario named plays the flow's shipped mix
+    chosen = [*files, *(scenarios.shipped(name) if shipped else [])]
+    # Shipped scenarios are for a known flow: its hours decide which can run at the bot's clock.
+    known = shipped or flow is not None
+    hours = scenarios.BotHours.of(load_callflow(shipped_flow(f"{name}.yaml")), clock) if known else None
     try:
         if calls is not None:
             from simulator.load import run_load
 
-            code = asyncio.run(
-                run_load(urls, chosen or scenarios.shipped(), calls, rate, listen, console, transport)
-            )
+            mix = [p for p in chosen if hours is None or not hours.skip_reason(scenarios.load(p))]
+            if not mix:
+                raise click.ClickException(f"no scenario can run at this clock: {hours}")
+            code = asyncio.run(run_load(urls, mix, calls, rate, listen, console, transport))
         elif chosen:
-            code = asyncio.run(run_scripted(urls, chosen, listen, console, transport))
+            code = asyncio.run(run_scripted(urls, chosen, listen, console, transport, hours))
         else:
             from simulator.interactive import run_interactive
 

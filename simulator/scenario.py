@@ -3,11 +3,12 @@
     name: a caller asks for an agent and gets one
     protocol: telephony          # or generic: the accepted transfer as handoff.status
     transport: websocket         # optional: http or websocket (the streaming socket)
+    hours: open                  # optional: runs only when the flow's opening hours say so
     steps:
       - start                    # the call starts (conversationUpdate)
-      - expect_prompt: {contains: "For the billing department"}
+      - expect_prompt: {contains: "may be recorded", barge_in: none}
       - press: "0"               # keys 0-9 * #: one message per key, as the channel sends them
-      - expect_transfer: {target: "+14251231234"}
+      - expect_transfer: {target: "+14251231234", queue: reception}
       - agent: accept            # accept | fail | no_answer | complete (+ message)
       - expect_nothing: 1        # seconds of silence
       - silence: 6               # the caller does nothing this long (above 0, at most 120 s)
@@ -22,12 +23,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.callflow import BARGE_IN_HINTS, CallFlow
 from simulator.call import (
     EXPECT_SECONDS,
     Bots,
@@ -40,7 +43,8 @@ from simulator.call import (
 )
 from simulator.channel import ChannelStandIn, check_keys
 
-SHIPPED = Path(__file__).parent / "scenarios"
+SHIPPED = Path(__file__).parent / "scenarios"  # one folder per shipped flow, named for its file
+DEFAULT_FLOW = "default"  # the flow `make run` starts
 MAX_WITHIN = 600  # the longest an expect_* step may wait, in seconds
 
 
@@ -48,14 +52,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+BargeIn = Literal["any", "keys", "speech", "none"]  # as a flow's prompt says it
+
+
 class ExpectPrompt(_Strict):
     contains: str | None = None
     voice: str | None = None
+    barge_in: BargeIn | None = None  # what may interrupt it: the input hint it carries
     within: float = Field(EXPECT_SECONDS, gt=0, le=MAX_WITHIN)
+
+    @property
+    def hint(self) -> str | None:
+        return None if self.barge_in is None else BARGE_IN_HINTS[self.barge_in]
 
 
 class ExpectTransfer(_Strict):
     target: str | None = None
+    queue: str | None = None
+    variables: dict[str, str] | None = None  # what the flow collected, in the handoff's context
     transcript_contains: str | None = None  # something the caller said, handed to the agent
     within: float = Field(EXPECT_SECONDS, gt=0, le=MAX_WITHIN)
 
@@ -113,6 +127,7 @@ class Scenario(_Strict):
     name: str
     protocol: Protocol = "telephony"
     transport: Transport | None = None  # http or websocket; unset: the run's (--transport)
+    hours: Literal["open", "closed"] | None = None  # the flow's opening hours it needs
     caller: str = "+14255550123"
     steps: list[Step] = Field(min_length=1)
     source: str = ""
@@ -184,9 +199,38 @@ def load(path: Path) -> Scenario:
         raise ScenarioError(f"{path}: {where}: {message}") from None
 
 
-def shipped() -> list[Path]:
-    """The scenario files that come with the simulator, one per documented behaviour."""
-    return sorted(SHIPPED.glob("*.yaml"))
+def shipped_flows() -> list[str]:
+    """The flows scenarios are shipped for: the names of their files in orchestrator/flows."""
+    return sorted(path.name for path in SHIPPED.iterdir() if path.is_dir())
+
+
+def shipped(flow: str = DEFAULT_FLOW) -> list[Path]:
+    """The scenario files shipped for ``flow``, one per documented behaviour."""
+    return sorted((SHIPPED / flow).glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class BotHours:
+    """What the opening hours of the bot's flow say at the bot's clock: a scenario that
+    needs them open (or closed) runs only when they are."""
+
+    said: str | None  # "open" or "closed" by every hours of the flow; None: none, or they differ
+    at: datetime
+
+    @classmethod
+    def of(cls, flow: CallFlow, at: datetime) -> BotHours:
+        said = {hours.is_open(at) for hours in flow.hours.values()}
+        return cls(None if len(said) != 1 else ("open" if said.pop() else "closed"), at)
+
+    def skip_reason(self, scenario: Scenario) -> str:
+        """Why ``scenario`` cannot run against this bot ("": it can)."""
+        if scenario.hours is None or scenario.hours == self.said:
+            return ""
+        return (
+            f"needs the flow's hours {scenario.hours}; at {self.at.isoformat(timespec='minutes')} "
+            f"they are {self.said or 'not all the same'} (pin the bot's clock with HOURS_CLOCK "
+            "and pass the same --clock)"
+        )
 
 
 @dataclass(frozen=True)
@@ -196,6 +240,7 @@ class Result:
     step: int = 0  # the failing step, 1-based (0: after the last step)
     reason: str = ""
     unexpected: tuple[str, ...] = ()
+    skipped: bool = False
 
 
 async def run(scenario: Scenario, bots: Bots, channel: ChannelStandIn) -> Result:
@@ -225,8 +270,10 @@ _ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
     "silence": lambda call, seconds: call.silence(seconds),
     "expect_nothing": lambda call, seconds: call.expect_nothing(seconds),
     "expect_hangup": lambda call, seconds: call.expect_hangup(EXPECT_SECONDS if seconds is None else seconds),
-    "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within),
-    "expect_transfer": lambda call, e: call.expect_transfer(e.target, e.within, e.transcript_contains),
+    "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within, e.hint),
+    "expect_transfer": lambda call, e: call.expect_transfer(
+        e.target, e.within, e.transcript_contains, e.queue, e.variables
+    ),
     "status": lambda call, s: call.status(s.state, s.message),
     "agent": lambda call, a: call.agent(a.answer, a.message),
 }

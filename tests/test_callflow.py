@@ -132,7 +132,7 @@ def test_default_flow_loads(flow: CallFlow) -> None:
     assert flow.queues["billing"].hours == "office" and flow.queues["billing"].closed == "closed"
     assert set(flow.hours) == {"office"}
     assert flow.defaults.no_input is not None and flow.defaults.no_input.then == "goodbye"
-    assert flow.defaults.no_match.max == 3 and flow.defaults.no_match.then == "agent"
+    assert flow.defaults.no_match.max == 2 and flow.defaults.no_match.then == "agent"
     assert [route.key for route in flow.routes] == ["0", "*", "9", None]
     assert set(flow.reachable()) == set(flow.nodes)
     assert flow.collects_variables  # the account gather
@@ -355,6 +355,15 @@ def test_a_fixed_prompt_is_rendered_once(flow: CallFlow) -> None:
     assert ssml_text(spoken.ssml) == ("en-US", "en-US-JennyNeural", f" {spoken.text} ")
     assert flow.render("goodbye", {"input": "ignored"}) is spoken
     assert spoken.seconds == pytest.approx(len(spoken.text) / 14.0)
+
+
+def test_the_speaking_rate_times_every_prompt(flow: CallFlow) -> None:
+    """A flow's voices may speak slower or faster: no-input counts from the estimated end."""
+    slower = flow.model_copy(update={"speaking_rate": 7.0})
+    fixed, filled = slower.render("goodbye"), slower.render("confirm_account", {"account": "123456"})
+    assert fixed.seconds == pytest.approx(2 * flow.render("goodbye").seconds)
+    assert filled.seconds == pytest.approx(len(filled.text) / 7.0) and "1 2 3 4 5 6" in filled.text
+    assert "speaking_rate" in doc_error({**default_doc(), "speaking_rate": 0})
 
 
 def test_a_prompt_in_its_own_voice(flow: CallFlow) -> None:

@@ -109,7 +109,7 @@ def test_percentiles_are_nearest_rank() -> None:
 async def test_load_over_two_bots_counts_every_call_turn_and_transfer(
     bots: list[BotProcess], unexpected_reply: Path, wrong_prompt: Path
 ) -> None:
-    files = [*scenarios.shipped(), unexpected_reply, wrong_prompt]
+    files = [*scenarios.shipped("transfer-sample"), unexpected_reply, wrong_prompt]
     mix = [scenarios.load(path) for path in files]
     calls = 40
     summary = await load([bot.url for bot in bots], files, calls=calls, rate=20)
@@ -185,7 +185,7 @@ async def test_the_cli_runs_a_load_and_prints_the_summary(
     bots: list[BotProcess], unexpected_reply: Path
 ) -> None:
     urls = [bot.url for bot in bots]
-    accepted = str(scenarios.SHIPPED / "transfer-accepted.yaml")
+    accepted = str(scenarios.SHIPPED / "transfer-sample" / "transfer-accepted.yaml")
     code, out = await simulate("--bot", *urls, "--calls", "10", "--rate", "20", "--scenario", accepted)
     assert code == 0, out
     assert "Load summary" in out
@@ -208,7 +208,7 @@ async def test_the_cli_runs_a_load_and_prints_the_summary(
 async def test_load_over_streaming_sockets_to_two_bots(bots: list[BotProcess]) -> None:
     """The load mode as the Telephony channel would bring it: every call over a socket,
     sockets to both bots, the watchdog's prompts sent over them too."""
-    files = scenarios.shipped()
+    files = scenarios.shipped("transfer-sample")
     calls = 2 * len(files)
     summary = await load([bot.url for bot in bots], files, calls=calls, rate=20, transport="websocket")
     assert (summary.calls, summary.passed, summary.failed) == (calls, calls, 0), summary.failures

@@ -10,6 +10,7 @@ import io
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from rich.console import Console
 from adapters.framing import CONTENT_TYPE, Request, Response, new_id
 from adapters.streaming import StreamingConnection
 from app import create_app
+from orchestrator.callflow import load_callflow, shipped_flow
 from orchestrator.config import load_settings
 from simulator import scenario as scenarios
 from simulator.call import Transport
@@ -30,7 +32,11 @@ from simulator.channel import Caller
 from simulator.cli import run_scripted, wired
 from tests.process import ROOT
 
-SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"  # what the shipped scenarios play
+SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
+SAMPLE = "transfer-sample"  # its scenarios, which most tests here play
+# The default flow's hours are Monday to Friday, 8 to 18 in New York.
+OPEN = datetime.fromisoformat("2026-12-07T10:00-05:00")  # a Monday morning
+CLOSED = datetime.fromisoformat("2026-12-05T10:00-05:00")  # a Saturday
 
 
 @pytest.fixture
@@ -54,13 +60,62 @@ async def bot_url(tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPat
     await server.close()
 
 
+def quick(flow: dict[str, Any]) -> dict[str, Any]:
+    """The default flow with its waits shortened (prompts said at once, short timers), so
+    its scenarios, written for the real timings, run in seconds."""
+    flow["speaking_rate"] = 1000
+    flow["defaults"]["no_input"]["seconds"] = 3
+    flow["nodes"]["account"]["inter_digit_seconds"] = 2
+    for queue in flow["queues"].values():
+        queue["timeout_seconds"] = 3
+    return flow
+
+
+@pytest.fixture(params=[OPEN, CLOSED], ids=["open", "closed"])
+async def default_bot(
+    request: pytest.FixtureRequest, tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, datetime]]:
+    """The bot on the default flow with its clock pinned (HOURS_CLOCK) in or out of opening
+    hours: (its URL, its clock)."""
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    flow = quick(yaml.safe_load(shipped_flow("default.yaml").read_text()))
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
+    settings = load_settings(
+        REDIS_URL=None,
+        REDIS_KEY_PREFIX=key_prefix,
+        CALLFLOW_FILE=tmp_path / "flow.yaml",
+        SCHEDULER_POLL_SECONDS=0.1,
+        HOURS_CLOCK=request.param,
+    )
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/")), request.param
+    await server.close()
+
+
 def console() -> tuple[Console, io.StringIO]:
     out = io.StringIO()
     return Console(file=out, width=200, highlight=False), out
 
 
 def test_a_scenario_for_every_documented_behaviour_is_shipped() -> None:
-    names = {path.stem for path in scenarios.shipped()}
+    assert scenarios.shipped_flows() == ["default", SAMPLE]
+    assert {path.stem for path in scenarios.shipped()} == {
+        "notice-menu-and-goodbye",
+        "billing-current-customer",
+        "account-number-retries",
+        "billing-new-customer-retry",
+        "support-next-agent",
+        "agent-final-failure-goodbye",
+        "agent-no-answer",
+        "not-understood-then-agent",
+        "silence-then-goodbye",
+        "closed",
+        "handback",
+        "caller-hangs-up",
+    }
+    names = {path.stem for path in scenarios.shipped(SAMPLE)}
     assert {
         "welcome-and-billing",
         "echo",
@@ -74,19 +129,42 @@ def test_a_scenario_for_every_documented_behaviour_is_shipped() -> None:
         "speech-and-redelivery",
         "unknown-call",
     } <= names
-    for path in scenarios.shipped():
-        assert scenarios.load(path).steps  # every one parses
+    for flow in scenarios.shipped_flows():
+        for path in scenarios.shipped(flow):
+            assert scenarios.load(path).steps  # every one parses
 
 
 @pytest.mark.parametrize("transport", ["http", "websocket"])
 async def test_every_shipped_scenario_passes(bot_url: str, transport: Transport) -> None:
     """Over POSTs and over the Telephony channel's streaming socket alike."""
     screen, out = console()
-    code = await run_scripted([bot_url], scenarios.shipped(), "127.0.0.1:0", screen, transport)
+    code = await run_scripted([bot_url], scenarios.shipped(SAMPLE), "127.0.0.1:0", screen, transport)
     report = out.getvalue()
     assert code == 0, report
-    assert f"{len(scenarios.shipped())} passed, 0 failed" in report
-    assert report.count("PASS") == len(scenarios.shipped())
+    assert f"{len(scenarios.shipped(SAMPLE))} passed, 0 failed" in report
+    assert report.count("PASS") == len(scenarios.shipped(SAMPLE))
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+async def test_the_default_flows_scenarios_pass_at_the_bots_clock(
+    default_bot: tuple[str, datetime], transport: Transport
+) -> None:
+    """Open, every scenario but the closed one runs and passes; closed, the closed one and
+    those that need no hours; the others are skipped, saying why."""
+    url, clock = default_bot
+    hours = scenarios.BotHours.of(load_callflow(shipped_flow("default.yaml")), clock)
+    files = scenarios.shipped()
+    needs = {path.stem: scenarios.load(path).hours for path in files}
+    runnable = [name for name, need in needs.items() if need in (None, hours.said)]
+    screen, out = console()
+    code = await run_scripted([url], files, "127.0.0.1:0", screen, transport, hours)
+    report = out.getvalue()
+    assert code == 0, report
+    skipped = len(files) - len(runnable)
+    assert f"{len(runnable)} passed, 0 failed, {skipped} skipped" in report
+    assert report.count("PASS") == len(runnable) and report.count("SKIP") == skipped > 0
+    assert "(pin the bot's clock with HOURS_CLOCK and pass the same --clock)" in report
+    assert ("closed" in runnable) is (clock == CLOSED)
 
 
 def write(tmp_path: Path, name: str, data: dict[str, Any]) -> Path:
@@ -146,7 +224,7 @@ async def test_what_no_step_expected_fails_the_scenario(bot_url: str, tmp_path: 
 
 async def test_a_bot_that_cannot_be_reached_fails_clearly(tmp_path: Path) -> None:
     screen, out = console()
-    code = await run_scripted(["http://127.0.0.1:9"], [scenarios.shipped()[0]], "127.0.0.1:0", screen)
+    code = await run_scripted(["http://127.0.0.1:9"], [scenarios.shipped(SAMPLE)[0]], "127.0.0.1:0", screen)
     assert code == 1 and "HTTP no answer" in out.getvalue()
 
 
@@ -189,7 +267,7 @@ async def test_the_command_line_runs_scenarios_and_exits_by_the_result(bot_url: 
     failing = write(tmp_path, "failing", {"name": "wrong", "steps": ["start", {"expect_transfer": {}}]})
     base = [sys.executable, "-m", "cli", "simulate", "--bot", bot_url]
     runs = {
-        "shipped": [*base, "--shipped"],
+        "shipped": [*base, "--shipped", "--flow", SAMPLE],
         "failing": [*base, "--scenario", str(failing)],
         "bad file": [*base, "--scenario", str(write(tmp_path, "bad", {"name": "x", "steps": [{"jump": 1}]}))],
     }
@@ -205,9 +283,37 @@ async def test_the_command_line_runs_scenarios_and_exits_by_the_result(bot_url: 
     assert done["bad file"][0] == 1 and "unknown step 'jump'" in done["bad file"][1]
 
 
+async def test_the_command_line_plays_the_default_flow_at_the_bots_clock(
+    default_bot: tuple[str, datetime],
+) -> None:
+    """`--shipped` plays the default flow's scenarios; `--clock` says what the bot's clock is."""
+    url, clock = default_bot
+    base = [sys.executable, "-m", "cli", "simulate", "--bot", url, "--shipped"]
+    runs = {
+        "at its clock": [*base, "--clock", clock.isoformat()],
+        "no zone": [*base, "--clock", "2026-12-07T10:00"],
+        "unknown flow": [*base, "--flow", "nonesuch"],
+    }
+    done = {}
+    for name, command in runs.items():
+        process = await asyncio.create_subprocess_exec(
+            *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 120)
+        done[name] = (process.returncode, output.decode())
+    code, report = done["at its clock"]
+    assert code == 0 and " 0 failed, " in report and "skipped" in report, report
+    assert ("PASS  closed.yaml" in report) is (clock == CLOSED), report
+    assert done["no zone"][0] == 2 and "has no zone" in done["no zone"][1]
+    assert (
+        done["unknown flow"][0] == 2
+        and "'nonesuch' is not one of 'default', 'transfer-sample'" in (done["unknown flow"][1])
+    )
+
+
 async def test_a_refused_post_says_why(bot_url: str) -> None:
     screen, out = console()
-    code = await run_scripted([bot_url + "elsewhere"], [scenarios.shipped()[0]], "127.0.0.1:0", screen)
+    code = await run_scripted([bot_url + "elsewhere"], [scenarios.shipped(SAMPLE)[0]], "127.0.0.1:0", screen)
     assert code == 1 and "with HTTP 404: 404: Not Found" in out.getvalue(), out.getvalue()
 
 
