@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).parents[1]
 
@@ -38,13 +39,24 @@ def run_bench(module: str, args: list[str], output: Path, timeout: float = 110) 
     return done.stdout, json.loads(output.read_text())
 
 
-def flow_file(tmp_path: Path, **transfer: Any) -> str:
-    """The default call flow with these ``transfer`` settings, as a file for CALLFLOW_FILE."""
-    data = yaml.safe_load((ROOT / "orchestrator" / "flows" / "transfer-sample.yaml").read_text())
-    data["queues"]["agents"].update(transfer)
+def flow_doc(name: str = "transfer-sample.yaml") -> dict[str, Any]:
+    """A shipped call flow as a document to change (``default.yaml``: the product's IVR)."""
+    data: dict[str, Any] = yaml.safe_load((ROOT / "orchestrator" / "flows" / name).read_text())
+    return data
+
+
+def write_flow(tmp_path: Path, data: dict[str, Any]) -> str:
+    """``data`` as a flow file for CALLFLOW_FILE."""
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def flow_file(tmp_path: Path, **transfer: Any) -> str:
+    """The sample call flow with these ``transfer`` settings, as a file for CALLFLOW_FILE."""
+    data = flow_doc()
+    data["queues"]["agents"].update(transfer)
+    return write_flow(tmp_path, data)
 
 
 class BotProcess:
@@ -100,3 +112,20 @@ class BotProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def metric(self, name: str, token: str) -> float:
+        """The instance's own ``name`` from its /metrics (needs OPERATOR_TOKEN ``token``),
+        summed over its labels."""
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.url}/metrics", headers=headers) as response,
+        ):
+            text = await response.text()
+            assert response.status == 200, text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        )

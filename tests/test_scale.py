@@ -23,6 +23,7 @@ from adapters.store import decode_step
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, require_real_redis_sync
 from tests.process import BotProcess, flow_file
+from tests.silent_callers import END, KINDS, TOKEN, kind_of, said, script, timers_settings
 
 pytestmark = pytest.mark.real_redis
 
@@ -235,3 +236,68 @@ async def test_watchdogs_fire_once_each_across_instances_with_one_killed(
         f"{channel.repeats()} repeated prompts, {lb.cut_off} requests cut off by the kill"
     )
     client.close()
+
+
+@pytest.mark.parametrize(
+    "calls", [90, pytest.param(900, marks=[pytest.mark.heavy, pytest.mark.timeout(600)])]
+)
+async def test_no_input_and_inter_digit_timers_fire_once_each_across_instances(
+    calls: int, env: dict[str, str], tmp_path: Path, channel: ChannelStandIn, session: aiohttp.ClientSession
+) -> None:
+    """Callers going quiet on the default flow (tests/silent_callers.py), their activities
+    round-robin over three instances: every no-input, inter-digit and hang-up timer fires
+    once, on whichever instance claims it, and each of its prompts reaches the channel once."""
+    env = {**env, **timers_settings(tmp_path)}
+    bots = await start_bots(env, tmp_path)
+    lb = LoadBalancer(session, bots)
+    callers = {Caller(channel.url): kind_of(i) for i in range(calls)}
+    gate = asyncio.Semaphore(16)  # callers typing at once: each key well within its 1 s
+
+    async def call(caller: Caller, kind: str) -> None:
+        async with gate:
+            for activity in script(caller, kind):
+                assert await lb.post(activity) == 201
+
+    def ended(caller: Caller) -> bool:
+        return any(said(a) == END for a in channel.for_conversation(caller.conversation_id))
+
+    try:
+        await asyncio.gather(*(call(c, kind) for c, kind in callers.items()))
+        async with asyncio.timeout(60):
+            while not all(map(ended, callers)):  # noqa: ASYNC110 - waiting on other processes
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(2.5)  # longer than a lease: anything that would fire twice has
+        fired = [int(await bot.metric("cc_timers_fired_total", TOKEN)) for bot in bots]
+    finally:
+        for bot in bots:
+            bot.stop()
+
+    client = redis.Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    keys = Keyspace(env["REDIS_KEY_PREFIX"])
+    wrong: dict[str, Any] = {}
+    committed_by_timers = 0
+    for caller, kind in callers.items():
+        cid, expected = caller.conversation_id, KINDS[kind]
+        replies = [said(a) for a in channel.deliveries(cid).values()]
+        steps = history(client, keys, cid)
+        # A turn no activity started (a timer's) is committed under a key of its own: "~...".
+        by_timer = sum(str(key).startswith("~") for key in client.hkeys(keys.call(cid).seen))
+        committed_by_timers += by_timer
+        state = client.hget(keys.call(cid).call, "state")
+        if (replies, steps, by_timer, state) != (expected.said, expected.steps, expected.timers, "ended"):
+            wrong[cid] = (kind, replies, steps, by_timer, state)
+    due = sum(client.zcard(keys.due(shard)) for shard in range(SHARDS))
+    kept = sum(client.hlen(keys.call(c.conversation_id).outbox) for c in callers)
+    client.close()
+    expected_fired = sum(KINDS[kind].timers for kind in callers.values())
+    received = len(channel.activities)
+    lost = sum(len(KINDS[kind].said) for kind in callers.values()) - (received - channel.repeats())
+    print(
+        f"\n{calls} quiet calls over 3 instances: {sum(fired)} timers fired (expected {expected_fired}; "
+        f"per instance {fired}), {received} replies received, duplicates {channel.repeats()}, lost {lost}"
+    )
+    assert wrong == {}
+    assert (channel.repeats(), lost) == (0, 0)
+    assert sum(fired) == committed_by_timers == expected_fired
+    assert all(fired), fired  # every instance claimed some: the timers are spread
+    assert (due, kept) == (0, 0)  # nothing left to fire or to send

@@ -42,6 +42,7 @@ from simulator.streaming import SERVICE_URL
 from tests.conftest import BOT_ENVIRONMENT, REAL_REDIS_URL, require_real_redis_sync
 from tests.jspeer import Event, JsChannel
 from tests.process import BotProcess, flow_file
+from tests.silent_callers import END, KINDS, kind_of, said, script, timers_settings
 
 pytestmark = pytest.mark.real_redis
 
@@ -608,3 +609,80 @@ async def test_sigterm_answers_turns_in_flight_then_closes_the_socket_for_the_ch
         "kept (sent again on B): A did not read the channel's answers after SIGTERM",
         not_delivered,
     )
+
+
+# --- 4. quiet callers: each timer's prompts reach the call's socket once ----------------
+
+
+@pytest.mark.parametrize(
+    "calls", [90, pytest.param(900, marks=[pytest.mark.heavy, pytest.mark.timeout(600)])]
+)
+async def test_no_input_and_inter_digit_prompts_reach_the_calls_socket_once_each(
+    calls: int, env: dict[str, str], store: Redis, tmp_path: Path
+) -> None:
+    """Callers going quiet on the default flow (tests/silent_callers.py) on sockets to three
+    instances: every no-input, inter-digit and hang-up timer fires once, on whichever
+    instance claims it, and its prompts arrive once, on the socket that carries the call."""
+    env = {**env, **timers_settings(tmp_path)}
+    keys = Keyspace(env["REDIS_KEY_PREFIX"])
+    bots = await start_bots(env, tmp_path, ["bot0", "bot1", "bot2"])
+    try:
+        async with JsChannel() as channel:
+            sockets = [(f"s{b}.{k}", bot) for b, bot in enumerate(bots) for k in range(2)]
+            await asyncio.gather(*(connect(channel, name, bot) for name, bot in sockets))
+            callers = {Caller(SERVICE_URL, f"quiet:{i}"): kind_of(i) for i in range(calls)}
+            carrier = {c.conversation_id: sockets[i % len(sockets)][0] for i, c in enumerate(callers)}
+            gate = asyncio.Semaphore(16)  # callers typing at once: each key well within its 1 s
+
+            async def call(caller: Caller, kind: str) -> None:
+                async with gate:
+                    for activity in script(caller, kind):
+                        await send(channel, carrier[caller.conversation_id], activity, bots)
+
+            await asyncio.gather(*(call(c, kind) for c, kind in callers.items()))
+
+            async def all_ended() -> bool:
+                return {conversation(r) for r in delivered(channel) if said(r["body"]) == END} >= set(carrier)
+
+            await until(all_ended, 60, f"{calls} hang-ups", bots)
+            await asyncio.sleep(2.5)  # longer than a lease: anything that would fire twice has
+            fired = [int(await bot.metric("cc_timers_fired_total", TOKEN)) for bot in bots]
+            received = delivered(channel)
+            requests = channel.requests()
+    finally:
+        for bot in bots:
+            bot.stop()
+
+    calls_seen = by_call(received)
+    wrong: dict[str, Any] = {}
+    committed_by_timers = 0
+    for caller, kind in callers.items():
+        cid, expected = caller.conversation_id, KINDS[kind]
+        replies = once_each(calls_seen.get(cid, []))
+        sockets_used = {r["socket"] for r in replies}
+        # A turn no activity started (a timer's) is committed under a key of its own: "~...".
+        by_timer = sum(str(key).startswith("~") for key in await store.hkeys(keys.call(cid).seen))
+        committed_by_timers += by_timer
+        steps = await history(store, keys, cid)
+        machine = [step for step in expected.steps if step[0] != "move"]  # as history() reads them
+        if ([said(r["body"]) for r in replies], sockets_used, by_timer, steps) != (
+            expected.said,
+            {carrier[cid]},
+            expected.timers,
+            machine,
+        ):
+            wrong[cid] = (kind, [said(r["body"]) for r in replies], sockets_used, by_timer, steps)
+    duplicates = repeats(received)
+    expected_fired = sum(KINDS[kind].timers for kind in callers.values())
+    lost = sum(len(KINDS[kind].said) for kind in callers.values()) - (len(received) - duplicates)
+    print(
+        f"\n{calls} quiet calls on 6 sockets to 3 instances: {sum(fired)} timers fired (expected "
+        f"{expected_fired}; per instance {fired}), {len(received)} replies delivered, "
+        f"duplicates {duplicates}, lost {lost}"
+    )
+    assert len(received) == len(requests), logs(bots)  # every request the bot made was answered 2xx
+    assert wrong == {}, logs(bots)
+    assert (duplicates, lost) == (0, 0)
+    assert sum(fired) == committed_by_timers == expected_fired
+    assert all(fired), fired  # every instance claimed some: the timers are spread
+    assert await nothing_due(store, keys, list(carrier))
