@@ -220,7 +220,8 @@ def watch(options: dict[str, Any], state: str | None, as_json: bool, count: int 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def stats(options: dict[str, Any], window: str, as_json: bool) -> None:
-    """Calls per state now; transfers started, accepted, failed, timed out per target."""
+    """Calls per state and, with the bot, per flow node now; transfers started, accepted,
+    failed, timed out per queue and per target."""
     try:
         inspection.parse_window(window)
     except ValueError as e:
@@ -233,26 +234,37 @@ def stats(options: dict[str, Any], window: str, as_json: bool) -> None:
     calls = Table(*figures["calls"], title="calls per state")
     calls.add_row(*(str(n) for n in figures["calls"].values()))
     console.print(calls)
+    nodes = Table("node", "calls", title="calls with the bot, per flow node")
+    for node, count in figures["nodes"].items():
+        nodes.add_row(node, str(count))
+    console.print(nodes if figures["nodes"] else "no calls with the bot at a flow node")
+    period = f"{figures['from']} to {figures['to']}"
+    for column in ("queue", "target"):
+        console.print(_transfer_table(column, figures[f"{column}s"], figures["transfers"], period))
+
+
+def _transfer_table(column: str, rows: list[dict[str, Any]], totals: dict[str, Any], period: str) -> Table:
+    """Transfers per ``column`` (queue or target), with their totals last."""
     outcomes = [o.value for o in Outcome]
-    transfers = Table(
-        "target",
+    table = Table(
+        column,
         *(o.replace("_", " ") for o in outcomes),
         "success rate",
-        title=f"transfers, {figures['from']} to {figures['to']}",
+        title=f"transfers per {column}, {period}",
     )
-    for row in [*figures["targets"], {"target": "all", **figures["transfers"]}]:
+    for row in [*rows, {column: "all", **totals}]:
         rate = row["success_rate"]
-        transfers.add_row(
-            row["target"], *(str(row[o]) for o in outcomes), "-" if rate is None else f"{rate:.0%}"
+        table.add_row(
+            row[column] or "(none)", *(str(row[o]) for o in outcomes), "-" if rate is None else f"{rate:.0%}"
         )
-    console.print(transfers)
+    return table
 
 
 @cli.command()
 @click.pass_obj
 def reconcile(options: dict[str, Any]) -> None:
-    """Drop state-index entries of calls that expired without ending (the bots do this
-    every minute too)."""
+    """Drop state- and node-index entries of calls that expired without ending (the bots
+    do this every minute too)."""
 
     async def prune(inspector: CallInspector) -> int:
         total = 0

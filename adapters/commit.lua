@@ -4,10 +4,11 @@
 -- outbox until the sender acknowledges them.
 --
 -- KEYS (adapters/store.py COMMIT_KEYS, one hash slot):
-local call, transcript, history, seen, outbox, due, was_index, is_index, feed, minute, hour = unpack(KEYS)
+local call, transcript, history, seen, outbox, due, was_index, is_index, feed, minute, hour, was_node, is_node, nodes = unpack(KEYS)
 -- ARGV[1]: one JSON object; these are all its names (tests/test_store.py checks that
 -- adapters/store.py's commit_args builds exactly these):
 --   version, loaded_state  what the turn was computed from (compared, then version + 1)
+--   loaded_node            the node it was at (was_node is its index)
 --   activity               the de-duplication key (the activity id, or '~' .. token)
 --   token                  tells this commit's own retried command from another commit
 --   ttl                    the keys' TTL in seconds: idle time, or an ended call's retention
@@ -22,7 +23,7 @@ local call, transcript, history, seen, outbox, due, was_index, is_index, feed, m
 --   outbox_due, outbox_grace_ms  their member of due, and when they come due
 --   lines                  transcript lines to append
 --   steps                  {trigger, from, to, reason, history entry without its time, node}, ...
---   counters               '<outcome>:<target>', ...
+--   counters               '<outcome>:<queue>:<target>', ...
 --   buckets                {{minute bucket, its hash's TTL}, {hour bucket, TTL}}
 --   feed_max, feed_seconds the feed's approximate length and retention
 -- Returns {1, version, deadline, since}  applied
@@ -95,6 +96,23 @@ if state ~= old_state then
   end
 end
 
+-- So does the shard's index of calls in bot at each node of the flow, and its set of the
+-- nodes that have one (readers find the indexes there, never by a scan).
+local node = args.fields.node or ''
+local was_at = old_state == 'bot' and args.loaded_node ~= ''
+local is_at = state == 'bot' and node ~= ''
+local moved = node ~= args.loaded_node
+if was_at and (moved or not is_at) then
+  redis.call('ZREM', was_node, conversation)
+  if redis.call('EXISTS', was_node) == 0 then
+    redis.call('SREM', nodes, args.loaded_node)
+  end
+end
+if is_at and (moved or not was_at) then
+  redis.call('ZADD', is_node, now, conversation)
+  redis.call('SADD', nodes, node)
+end
+
 -- The call's one timer (a transfer's watchdog, a no-input or inter-digit timeout, a
 -- hang-up after its prompt) is scheduled exactly while it has a deadline.
 if deadline == 0 then
@@ -134,7 +152,7 @@ if #args.steps > 0 then
   redis.call('EXPIRE', feed, args.feed_seconds)
 end
 
--- Transfer counters (started, accepted, failed, timeout per target), per minute and hour.
+-- Transfer counters (started, accepted, ... per queue and target), per minute and hour.
 if #args.counters > 0 then
   for k, stats in ipairs({minute, hour}) do
     local bucket, ttl = args.buckets[k][1], args.buckets[k][2]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections import Counter
 from typing import Any
 
 from adapters.inspector import MAX_WINDOW_SECONDS, CallInspector, FeedEntry
@@ -165,30 +166,40 @@ def _rate(counts: dict[str, int]) -> float | None:
     return round(succeeded / concluded, 4) if concluded else None
 
 
+def _figures(counter: Counter[str]) -> dict[str, Any]:
+    """Transfers by outcome, and their success rate."""
+    row: dict[str, Any] = {o.value: counter.get(o.value, 0) for o in Outcome}
+    row["success_rate"] = _rate(row)
+    return row
+
+
+def _rows(name: str, counts: dict[str, Counter[str]]) -> list[dict[str, Any]]:
+    """One row per ``name`` (a queue or a target)."""
+    return [{name: key, **_figures(counter)} for key, counter in sorted(counts.items())]
+
+
 async def stats(inspector: CallInspector, window: str) -> dict[str, Any]:
-    """Calls per state now, and transfers and their success rate per target over ``window``.
+    """Calls per state and, in ``bot``, per flow node now; transfers and their success rate
+    per queue and per target over ``window``.
 
     The success rate is (accepted + late accepted) / (accepted + failed + timed out):
-    transfers still ringing are not counted against it.
+    transfers still ringing are not counted against it. A transfer counted without a
+    queue is under queue "".
     """
     seconds = parse_window(window)
-    calls, counts = await asyncio.gather(inspector.state_counts(), inspector.transfer_counts(seconds))
-    outcomes = [o.value for o in Outcome]
-    targets = []
-    totals = dict.fromkeys(outcomes, 0)
-    for target, counter in sorted(counts.by_target.items()):
-        row: dict[str, Any] = {"target": target, **{o: counter.get(o, 0) for o in outcomes}}
-        row["success_rate"] = _rate(row)
-        targets.append(row)
-        for outcome in outcomes:
-            totals[outcome] += row[outcome]
+    calls, nodes, counts = await asyncio.gather(
+        inspector.state_counts(), inspector.node_counts(), inspector.transfer_counts(seconds)
+    )
+    totals = sum(counts.by_queue_target.values(), Counter[str]())
     return {
         "window": window.strip(),
         "from": when(counts.from_ms),
         "to": when(counts.to_ms),
         "calls": calls,
-        "transfers": {**totals, "success_rate": _rate(totals)},
-        "targets": targets,
+        "nodes": nodes,
+        "transfers": _figures(totals),
+        "queues": _rows("queue", counts.by_queue),
+        "targets": _rows("target", counts.by_target),
     }
 
 

@@ -1,4 +1,4 @@
-"""What operators read: calls by state, counts, transfer counters and the feed of steps
+"""What operators read: calls by state and node, counts, transfer counters and the feed of steps
 (``adapters.inspection`` shapes them for people; this module knows only Redis).
 
 Everything is read from the per-shard indexes, counters and feeds the commit script
@@ -44,11 +44,27 @@ class FeedEntry:
 
 @dataclass(slots=True, frozen=True)
 class TransferCounts:
-    """Transfer counters summed over a window: per target, outcome -> count."""
+    """Transfer counters summed over a window: per (queue, target), outcome -> count."""
 
     from_ms: int
     to_ms: int
-    by_target: dict[str, Counter[str]]
+    by_queue_target: dict[tuple[str, str], Counter[str]]
+
+    @property
+    def by_queue(self) -> dict[str, Counter[str]]:
+        return _summed(self.by_queue_target, 0)
+
+    @property
+    def by_target(self) -> dict[str, Counter[str]]:
+        return _summed(self.by_queue_target, 1)
+
+
+def _summed(counts: dict[tuple[str, str], Counter[str]], position: int) -> dict[str, Counter[str]]:
+    """Counters summed over the other part of their (queue, target) key."""
+    summed: dict[str, Counter[str]] = {}
+    for key, counter in counts.items():
+        summed.setdefault(key[position], Counter()).update(counter)
+    return summed
 
 
 class CallInspector:
@@ -95,9 +111,22 @@ class CallInspector:
             counts[key.rsplit(":", 1)[1]] += int(size)
         return counts
 
+    async def node_counts(self) -> dict[str, int]:
+        """Calls in state bot per call flow node, by node name (nodes with none left out):
+        the sizes of the node indexes the shards' sets of nodes name."""
+        listed = await self.store.listed_nodes()
+        commands: list[Command] = [
+            ("zcard", (self.keys.node_index(shard, node),), {}) for shard, node in listed
+        ]
+        sizes = await self._pipelined("counting calls per node", commands) if commands else []
+        counts: Counter[str] = Counter()
+        for (_, node), size in zip(listed, sizes, strict=True):
+            counts[node] += int(size)
+        return {node: counts[node] for node in sorted(counts) if counts[node]}
+
     async def transfer_counts(self, window_seconds: int, now_s: float | None = None) -> TransferCounts:
-        """Transfers started, accepted, failed and timed out per target over the last
-        ``window_seconds`` (to the minute up to two hours, to the hour beyond)."""
+        """Transfers started, accepted, failed and timed out per queue and target over the
+        last ``window_seconds`` (to the minute up to two hours, to the hour beyond)."""
         if not 0 < window_seconds <= MAX_WINDOW_SECONDS:
             raise ValueError(f"the window must be between 1 s and {MAX_WINDOW_SECONDS // 86_400} days")
         now = int(time.time() if now_s is None else now_s)
@@ -109,13 +138,16 @@ class CallInspector:
             for shard in range(SHARDS)
             for start in range(kind.hash_of(first), kind.hash_of(last) + 1)
         ]
-        by_target: dict[str, Counter[str]] = {}
+        counts: dict[tuple[str, str], Counter[str]] = {}
         for counters in await self._pipelined("reading transfer counters", commands):
             for field, value in counters.items():
-                bucket, outcome, target = field.split(":", 2)
+                bucket, outcome, rest = field.split(":", 2)
+                # Targets hold no ':'; a counter without a queue (none, or written before
+                # queues were counted) reads as queue "".
+                queue, _, target = rest.rpartition(":")
                 if first <= int(bucket) <= last:
-                    by_target.setdefault(target, Counter())[outcome] += int(value)
-        return TransferCounts(first * kind.seconds * 1000, now * 1000, by_target)
+                    counts.setdefault((queue, target), Counter())[outcome] += int(value)
+        return TransferCounts(first * kind.seconds * 1000, now * 1000, counts)
 
     async def recent(self, limit: int) -> list[FeedEntry]:
         """The ``limit`` most recent steps of any call, newest first."""

@@ -164,13 +164,22 @@ class Keyspace:
         """ZSET of the shard's calls in ``state``: conversation id -> since (ms, Redis time)."""
         return f"{self.prefix}:{{{shard}}}:state:{state}"
 
+    def node_index(self, shard: int, node: str) -> str:
+        """ZSET of the shard's calls in state ``bot`` at call flow ``node``: conversation id ->
+        when they arrived there (ms, Redis time)."""
+        return f"{self.prefix}:{{{shard}}}:node:{node}"
+
+    def nodes(self, shard: int) -> str:
+        """SET of the nodes whose index in the shard holds a call (where to read counts)."""
+        return f"{self.prefix}:{{{shard}}}:nodes"
+
     def feed(self, shard: int) -> str:
         """STREAM of the shard's recent transitions, every call's (see ``FeedField``), capped."""
         return f"{self.prefix}:{{{shard}}}:feed"
 
     def stats(self, shard: int, bucket: StatsBucket, start: int) -> str:
-        """HASH of the shard's transfer counters ``<bucket>:<outcome>:<target>`` -> n, for
-        the buckets of one span; ``start`` is ``bucket.hash_of(...)`` (epoch hours or days)."""
+        """HASH of the shard's transfer counters ``<bucket>:<outcome>:<queue>:<target>`` -> n,
+        for the buckets of one span; ``start`` is ``bucket.hash_of(...)`` (epoch hours or days)."""
         return f"{self.prefix}:{{{shard}}}:stats:{bucket.name}:{start}"
 
     def socket(self, conversation_id: str) -> str:

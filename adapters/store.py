@@ -63,7 +63,10 @@ def load_script(name: str) -> str:
 
 COMMIT_SCRIPT = load_script("commit.lua")
 # commit.lua's KEYS, in order (its first line of code names them the same).
-COMMIT_KEYS = (*CallKeys._fields, "due", "was_index", "is_index", "feed", "minute", "hour")
+COMMIT_KEYS = (
+    *CallKeys._fields,
+    *("due", "was_index", "is_index", "feed", "minute", "hour", "was_node", "is_node", "nodes"),
+)
 
 
 class CommitArgs(TypedDict):
@@ -71,6 +74,7 @@ class CommitArgs(TypedDict):
 
     version: int
     loaded_state: str
+    loaded_node: str
     activity: str
     token: str
     ttl: int
@@ -296,36 +300,49 @@ class RedisCallStore:
                 await script(keys=keys, args=args, client=pipe)
             return list(await pipe.execute(raise_on_error=False))
 
+    async def listed_nodes(self) -> list[tuple[int, str]]:
+        """(shard, node) of every node index that holds a call, from the shards' sets of nodes."""
+        with unavailable_while("reading the node indexes"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in range(SHARDS):
+                    pipe.smembers(self.keys.nodes(shard))
+                found = await pipe.execute()
+        return [(shard, str(node)) for shard, names in enumerate(found) for node in sorted(names)]
+
     async def prune_index(self, batch: int = 200) -> int:
-        """Reconcile the state indexes with the records: drop up to ``batch`` entries per
-        index whose call expired without a commit to remove them. How many went."""
+        """Reconcile the state and node indexes with the records: drop up to ``batch`` entries
+        per index whose call expired without a commit to remove them. How many went."""
         now_ms = int(time.time() * 1000)
         keep = self.retention
         # An entry younger than its state's TTL most likely belongs to a live call (one near its
         # maximum lifetime may have expired sooner: its entry goes on a later pass).
-        older_than = {
-            state: now_ms - 1000 * (keep.ended_seconds if state == State.ENDED else keep.live_bound_seconds)
+        live = now_ms - 1000 * keep.live_bound_seconds
+        ended = now_ms - 1000 * keep.ended_seconds
+        # (index, the cut-off, and what prune.lua takes after the records for a node index:
+        # the shard's set of nodes, and the node)
+        indexes: list[tuple[str, int, list[str], list[str]]] = [
+            (self.keys.state_index(shard, state), ended if state == State.ENDED else live, [], [])
+            for shard in range(SHARDS)
             for state in KNOWN_STATES
-        }
-        indexes = [
-            (state, self.keys.state_index(shard, state)) for shard in range(SHARDS) for state in KNOWN_STATES
+        ]
+        indexes += [
+            (self.keys.node_index(shard, node), live, [self.keys.nodes(shard)], [node])
+            for shard, node in await self.listed_nodes()
         ]
         offsets = self._prune_offsets
-        with unavailable_while("reconciling the state indexes"):
+        with unavailable_while("reconciling the indexes"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for state, index in indexes:
+                for index, older_than, _, _ in indexes:
                     start = offsets.get(index, 0)
-                    pipe.zrangebyscore(
-                        index, "-inf", older_than[state], start=start, num=batch, withscores=True
-                    )
+                    pipe.zrangebyscore(index, "-inf", older_than, start=start, num=batch, withscores=True)
                 found = await pipe.execute()
             calls, read = [], []
-            for (_, index), entries in zip(indexes, found, strict=True):
+            for (index, _, listing, node), entries in zip(indexes, found, strict=True):
                 if len(entries) < batch:
                     offsets.pop(index, None)  # reached the end: from the head next time
                 if entries:
-                    keys = [index, *(self.keys.call(str(member)).call for member, _ in entries)]
-                    args = [v for member, score in entries for v in (member, int(score))]
+                    keys = [index, *(self.keys.call(str(member)).call for member, _ in entries), *listing]
+                    args = [*(v for member, score in entries for v in (member, int(score))), *node]
                     calls.append((keys, args))
                     read.append((index, len(entries)))
             removed = await self.run_each(self._prune, calls) if calls else []
@@ -354,6 +371,9 @@ class RedisCallStore:
             self.keys.state_index(shard, turn.call.state),
             self.keys.feed(shard),
             *(self.keys.stats(shard, b, b.hash_of(b.bucket(now_s))) for b in (MINUTE, HOUR)),
+            self.keys.node_index(shard, turn.loaded_node),
+            self.keys.node_index(shard, turn.call.node),
+            self.keys.nodes(shard),
         ]
 
     def _commit_args(self, turn: Turn, key: str, token: str, now_s: int, outbox: str = "") -> list[str]:
@@ -379,6 +399,7 @@ class RedisCallStore:
         args: CommitArgs = {
             "version": call.version,
             "loaded_state": turn.loaded_state,
+            "loaded_node": turn.loaded_node,
             "activity": key,
             "token": token,
             "ttl": keep.ended_seconds if call.state == State.ENDED else keep.live_seconds,
@@ -404,7 +425,7 @@ class RedisCallStore:
                 ]
                 for step in turn.steps
             ],
-            "counters": [f"{outcome}:{call.target}" for outcome in turn.outcomes],
+            "counters": [f"{o.outcome}:{o.queue}:{o.target}" for o in turn.outcomes],
             "buckets": [[b.bucket(now_s), b.keep_seconds] for b in (MINUTE, HOUR)],
             "feed_max": keep.feed_max,
             "feed_seconds": keep.feed_seconds,

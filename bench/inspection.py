@@ -210,7 +210,7 @@ class Filler:
                     raise RuntimeError(f"call {i}: commit returned {reply!r}, not applied")
                 turn.call.version, turn.call.deadline_ms = int(version), int(deadline)
                 calls[i] = turn.call
-                self.committed.update((turn.call.target, outcome.value) for outcome in turn.outcomes)
+                self.committed.update((o.target, o.outcome.value) for o in turn.outcomes)
             self.commits += len(pending)
 
 

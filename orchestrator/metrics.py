@@ -67,14 +67,14 @@ class Metrics:
         self.redis_up = Gauge("cc_redis_up", "1 if Redis answered this scrape", registry=self.registry)
         self.transfers = Counter(
             "cc_transfers",
-            "Transfers started, accepted, failed and timed out (no answer), per target",
-            ["target", "outcome"],
+            "Transfers started, accepted, failed and timed out (no answer), per queue and target",
+            ["queue", "target", "outcome"],
             registry=self.registry,
         )
         self.outcome_seconds = Histogram(
             "cc_transfer_outcome_seconds",
-            "Time from handoff.initiate to the transfer's outcome",
-            ["outcome"],
+            "Time from handoff.initiate to the transfer's outcome, per queue",
+            ["queue", "outcome"],
             buckets=OUTCOME_BUCKETS,
             registry=self.registry,
         )
@@ -111,16 +111,15 @@ class Metrics:
 
     def applied(self, turn: Turn) -> None:
         """Count a committed turn's transfer outcomes, and how long each transfer rang."""
-        call = turn.call
-        for outcome in turn.outcomes:
-            self.transfers.labels(call.target, outcome.value).inc()
+        for outcome, queue, target in turn.outcomes:
+            self.transfers.labels(queue, target, outcome.value).inc()
             if (
                 outcome != Outcome.STARTED
                 and turn.loaded_state == State.TRANSFERRING
                 and turn.loaded_since_ms
             ):
                 rang = max(0.0, time.time() - turn.loaded_since_ms / 1000)
-                self.outcome_seconds.labels(outcome.value).observe(rang)
+                self.outcome_seconds.labels(queue, outcome.value).observe(rang)
 
     def exposition(self, calls: dict[str, int] | None) -> bytes:
         """The text format, with the state counts just read from Redis (None: unreadable)."""

@@ -143,27 +143,39 @@ def test_calls_list_by_state(call_in_redis: str) -> None:
     assert "call-42" in table and "failed" in table
 
 
-def test_stats_counts_calls_and_transfers_per_target(
+def test_stats_counts_calls_per_state_and_node_and_transfers_per_queue_and_target(
     call_in_redis: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "160")  # a wide terminal: no cell wraps
     base = ["--redis-url", REAL_REDIS_URL, "--prefix", call_in_redis, "stats"]
+    table = invoke(*base).output
+    assert "no calls with the bot at a flow node" in table
+
+    async def at_billing() -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        engine = Engine(RedisCallStore(client, Keyspace(call_in_redis)), load_callflow(SAMPLE_FLOW))
+        await engine.handle("call-43", CallerInput("one"), activity_id="a1")
+        await client.aclose()
+
+    asyncio.run(at_billing())
     figures = json.loads(invoke(*base, "--json", "--window", "15m").output)
-    assert figures["calls"] == {"bot": 0, "transferring": 0, "accepted": 0, "failed": 1, "ended": 0}
-    assert figures["targets"] == [
-        {
-            "target": "+14251231234",
-            "started": 1,
-            "accepted": 0,
-            "failed": 1,
-            "timeout": 0,
-            "late_accepted": 0,
-            "success_rate": 0.0,
-        }
-    ]
+    assert figures["calls"] == {"bot": 1, "transferring": 0, "accepted": 0, "failed": 1, "ended": 0}
+    assert figures["nodes"] == {"billing": 1}
+    counted = {
+        "started": 1,
+        "accepted": 0,
+        "failed": 1,
+        "timeout": 0,
+        "late_accepted": 0,
+        "success_rate": 0.0,
+    }
+    assert figures["targets"] == [{"target": "+14251231234", **counted}]
+    assert figures["queues"] == [{"queue": "agents", **counted}]
     assert figures["transfers"]["started"] == 1 and figures["window"] == "15m"
     table = invoke(*base).output
     assert "+14251231234" in table and "0%" in table and "failed" in table
+    assert "transfers per queue" in table and "agents" in table
+    assert "per flow node" in table and "billing" in table
 
 
 def test_stats_refuses_a_bad_window(call_in_redis: str) -> None:

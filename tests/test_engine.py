@@ -146,5 +146,7 @@ async def test_a_transfer_outcome_is_timed_from_the_transfer_not_from_the_commit
     await engine.handle("call-1", CallerInput("agent"), activity_id="a2")
     await asyncio.sleep(0.3)  # the phone rings
     await engine.handle("call-1", HandoffStatus("failed", "busy"), activity_id="a3")
-    rang = metrics.registry.get_sample_value("cc_transfer_outcome_seconds_sum", {"outcome": "failed"})
+    rang = metrics.registry.get_sample_value(
+        "cc_transfer_outcome_seconds_sum", {"queue": "agents", "outcome": "failed"}
+    )
     assert rang is not None and rang >= 0.25

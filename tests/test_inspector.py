@@ -10,17 +10,19 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from adapters import inspection
 from adapters.inspector import CallInspector
 from adapters.keys import HOUR, MINUTE, SHARDS
 from adapters.store import RedisCallStore, Retention
-from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.callflow import CallFlow, load_callflow, parse_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallEnded, CallerInput, HandoffStatus, TimerExpired
 from tests.conftest import SAMPLE_FLOW, with_agents
 
 TARGETS = ("+14251231234", "+14255550100")
+OVERFLOW = "+14255550199"
 
 
 def two_target_flow() -> CallFlow:
@@ -64,6 +66,27 @@ async def test_state_counts_match_the_calls(store: RedisCallStore) -> None:
     assert counts == {"bot": 2, "transferring": 1, "accepted": 1, "failed": 1, "ended": 1}
 
 
+async def test_calls_in_bot_are_counted_at_their_node_as_they_move(store: RedisCallStore) -> None:
+    engine = await populate(store)
+    inspector = CallInspector(store)
+    # c2 and c4 talk with the bot at the first menu; the other calls are in other states.
+    assert await inspector.node_counts() == {"main": 2}
+    await engine.handle("c2", CallerInput("1"), activity_id="x")  # on to the billing menu
+    assert await inspector.node_counts() == {"billing": 1, "main": 1}
+    await engine.handle("c4", CallerInput("agent"), activity_id="x")  # transferring: at no node
+    assert await inspector.node_counts() == {"billing": 1}
+    await engine.handle("c4", HandoffStatus("failed", "busy"), activity_id="y")
+    assert await inspector.node_counts() == {"billing": 1}
+    await engine.handle("c4", CallerInput("hello"), activity_id="z")  # back with the bot, at main
+    await engine.handle("c5", HandoffStatus("completed"), activity_id="x")  # handed back, at main
+    assert await inspector.node_counts() == {"billing": 1, "main": 2}
+    await engine.handle("c2", CallEnded(), activity_id="y")
+    assert await inspector.node_counts() == {"main": 2}
+    # A node's index and its name in the shard's set of nodes go with its last call.
+    assert {node for _, node in await store.listed_nodes()} == {"main"}
+    assert await store.redis.exists(store.keys.node_index(store.keys.locate("c2")[0], "billing")) == 0
+
+
 async def test_transfer_counters_per_target(store: RedisCallStore) -> None:
     await populate(store)
     inspector = CallInspector(store)
@@ -78,6 +101,42 @@ async def test_transfer_counters_per_target(store: RedisCallStore) -> None:
     # A window that ended before any of it: nothing (the buckets of an hour from now).
     later = await inspector.transfer_counts(60, now_s=time.time() + 7200)
     assert later.by_target == {}
+    # The sample flow's one queue took every transfer.
+    assert counts.by_queue == {"agents": {"started": 4, "failed": 1, "timeout": 1, "accepted": 1}}
+
+
+def overflow_flow() -> CallFlow:
+    """The sample flow, whose queue ``agents`` sends a failed transfer on to queue ``overflow``."""
+    doc = yaml.safe_load(SAMPLE_FLOW.read_text(encoding="utf-8"))
+    doc["nodes"]["overflow"] = {"type": "transfer", "queue": "overflow"}
+    doc["queues"]["agents"]["on_failure"] = "overflow"
+    doc["queues"]["overflow"] = {**doc["queues"]["agents"], "targets": [OVERFLOW]}
+    return parse_callflow(yaml.safe_dump(doc))
+
+
+async def test_transfer_counters_per_queue_count_each_outcome_where_it_happened(
+    store: RedisCallStore,
+) -> None:
+    """A failure and the overflow transfer it starts are one turn: the failure counts for
+    the queue and target that failed, the start for the next."""
+    engine = Engine(store, overflow_flow())
+    await engine.handle("o1", CallerInput("agent"), activity_id="a")
+    await engine.handle("o1", HandoffStatus("failed", "busy"), activity_id="b")
+    await engine.handle("o1", HandoffStatus("accepted"), activity_id="c")
+    counts = await CallInspector(store).transfer_counts(3600)
+    assert counts.by_queue_target == {
+        ("agents", TARGETS[0]): {"started": 1, "failed": 1},
+        ("overflow", OVERFLOW): {"started": 1, "accepted": 1},
+    }
+    figures = await inspection.stats(CallInspector(store), "1h")
+    assert [
+        (q["queue"], q["started"], q["failed"], q["accepted"], q["success_rate"]) for q in figures["queues"]
+    ] == [
+        ("agents", 1, 1, 0, 0.0),
+        ("overflow", 1, 0, 1, 1.0),
+    ]
+    assert [t["target"] for t in figures["targets"]] == [TARGETS[0], OVERFLOW]
+    assert (figures["transfers"]["started"], figures["transfers"]["success_rate"]) == (2, 0.5)
 
 
 async def test_counters_are_kept_for_their_bucket_only(store: RedisCallStore) -> None:
@@ -93,7 +152,7 @@ async def test_counters_are_kept_for_their_bucket_only(store: RedisCallStore) ->
             assert 0 < await store.redis.ttl(minutes) <= MINUTE.keep_seconds
             assert MINUTE.keep_seconds < await store.redis.ttl(hours) <= HOUR.keep_seconds
             fields |= {str(k): str(v) for k, v in (await store.redis.hgetall(minutes)).items()}
-    failed = {f"{MINUTE.bucket(moment)}:failed:{TARGETS[0]}" for moment in (before, after)}
+    failed = {f"{MINUTE.bucket(moment)}:failed:agents:{TARGETS[0]}" for moment in (before, after)}
     assert failed & set(fields), fields
 
 
@@ -104,17 +163,16 @@ async def test_a_late_accept_turns_a_failure_into_a_success(store: RedisCallStor
     await engine.handle("late", TimerExpired(now_ms=2**62))
     await engine.handle("late", HandoffStatus("accepted"), activity_id="b")
     figures = await inspection.stats(CallInspector(store), "1h")
-    assert figures["targets"] == [
-        {
-            "target": TARGETS[0],
-            "started": 1,
-            "accepted": 0,
-            "failed": 0,
-            "timeout": 1,
-            "late_accepted": 1,
-            "success_rate": 1.0,
-        }
-    ]
+    counted = {
+        "started": 1,
+        "accepted": 0,
+        "failed": 0,
+        "timeout": 1,
+        "late_accepted": 1,
+        "success_rate": 1.0,
+    }
+    assert figures["targets"] == [{"target": TARGETS[0], **counted}]
+    assert figures["queues"] == [{"queue": "agents", **counted}]
 
 
 @pytest.mark.parametrize("window", [0, -5, 8 * 86_400])
@@ -167,7 +225,8 @@ async def test_pruning_drops_only_entries_of_expired_calls(store: RedisCallStore
     assert await store.prune_index() == 0  # their entries are younger than any TTL: untouched
     store.retention = type(store.retention)(live_seconds=1, ended_seconds=1)
     await _age_entries(store, ["c2", "c3", "c4"], by_ms=5_000)
-    assert await store.prune_index() == 2
+    assert await store.prune_index() == 3  # c2's in bot and at its node, c3's in transferring
+    assert await inspector.node_counts() == {"main": 1}
     assert await inspector.state_counts() == {
         "bot": 1,
         "transferring": 0,
@@ -178,12 +237,28 @@ async def test_pruning_drops_only_entries_of_expired_calls(store: RedisCallStore
     assert await store.prune_index() == 0
 
 
+async def test_pruning_the_last_call_of_a_node_unlists_the_node(store: RedisCallStore) -> None:
+    engine = Engine(store, two_target_flow())
+    await engine.handle("lone", CallerInput("1"), activity_id="a")  # at the billing menu
+    nodes = store.keys.nodes(store.keys.locate("lone")[0])
+    assert await store.redis.smembers(nodes) == {"billing"}
+    await store.redis.delete(store.keys.call("lone").call)  # it expired
+    store.retention = Retention(live_seconds=1, ended_seconds=1)
+    await _age_entries(store, ["lone"], by_ms=5_000)
+    assert await store.prune_index() == 2  # in bot, and at billing
+    assert await store.redis.smembers(nodes) == set()
+    assert await CallInspector(store).node_counts() == {}
+
+
 async def _age_entries(store: RedisCallStore, ids: list[str], by_ms: int) -> None:
-    """Move index entries back in time, as if the calls entered their state long ago."""
+    """Move index entries back in time, as if the calls entered their state (or reached
+    their node) long ago."""
+    listed = await store.listed_nodes()
     for conversation_id in ids:
         shard = store.keys.locate(conversation_id)[0]
-        for state in ("bot", "transferring"):
-            index = store.keys.state_index(shard, state)
+        indexes = [store.keys.state_index(shard, state) for state in ("bot", "transferring")]
+        indexes += [store.keys.node_index(shard, node) for at, node in listed if at == shard]
+        for index in indexes:
             score = await store.redis.zscore(index, conversation_id)
             if score is not None:
                 await store.redis.zadd(index, {conversation_id: score - by_ms})
@@ -257,6 +332,8 @@ async def test_a_window_covers_at_least_the_time_asked(store: RedisCallStore) ->
     counts = await CallInspector(store).transfer_counts(120, now_s=now)
     assert set(counts.by_target) == {"+15550000001"}
     assert counts.from_ms == minute * 60_000 and counts.to_ms == now * 1000
+    # A counter without a queue (this test's, written as before queues were counted) is queue "".
+    assert counts.by_queue == {"": {"started": 1}}
 
 
 async def test_how_a_call_is_connected_is_read_from_its_reference_and_socket_key(

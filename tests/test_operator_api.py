@@ -104,17 +104,17 @@ async def test_calls_by_state_and_one_call_whole(bot: TestClient[Any, Any], call
 async def test_stats_and_recent_transitions(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
     stats = await get(bot, "/api/stats?window=15m")
     assert stats["calls"] == {"bot": 1, "transferring": 1, "accepted": 0, "failed": 1, "ended": 0}
-    assert stats["targets"] == [
-        {
-            "target": TARGET,
-            "started": 2,
-            "accepted": 0,
-            "failed": 1,
-            "timeout": 0,
-            "late_accepted": 0,
-            "success_rate": 0.0,
-        }
-    ]
+    assert stats["nodes"] == {"billing": 1}  # the call with the bot, at the menu it chose
+    counted = {
+        "started": 2,
+        "accepted": 0,
+        "failed": 1,
+        "timeout": 0,
+        "late_accepted": 0,
+        "success_rate": 0.0,
+    }
+    assert stats["targets"] == [{"target": TARGET, **counted}]
+    assert stats["queues"] == [{"queue": "agents", **counted}]
     assert stats["transfers"]["started"] == 2 and stats["window"] == "15m"
     recent = (await get(bot, "/api/transitions?limit=2"))["transitions"]
     assert len(recent) == 2
@@ -222,9 +222,9 @@ async def test_metrics(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> N
         return float(match.group(1))
 
     assert value('cc_calls{state="failed"}') == 1 and value('cc_calls{state="transferring"}') == 1
-    assert value(f'cc_transfers_total{{outcome="started",target="{TARGET}"}}') == 2
-    assert value(f'cc_transfers_total{{outcome="failed",target="{TARGET}"}}') == 1
-    assert value('cc_transfer_outcome_seconds_count{outcome="failed"}') == 1
+    assert value(f'cc_transfers_total{{outcome="started",queue="agents",target="{TARGET}"}}') == 2
+    assert value(f'cc_transfers_total{{outcome="failed",queue="agents",target="{TARGET}"}}') == 1
+    assert value('cc_transfer_outcome_seconds_count{outcome="failed",queue="agents"}') == 1
     assert value("cc_turn_seconds_count") == 10  # 8 turns of the calls fixture, then 2
     assert value("cc_duplicate_activities_total") == 1
     assert value("cc_commit_conflicts_total") == 0 and value("cc_timers_fired_total") == 0

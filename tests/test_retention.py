@@ -49,10 +49,11 @@ async def ttls(store: RedisCallStore) -> dict[str, int]:
 
 
 def shared(store: RedisCallStore, key: str) -> bool:
-    """The shard's due schedule and state indexes: shared by its calls, never expired as a
-    whole; the call's members leave them instead (checked below)."""
+    """The shard's due schedule, state and node indexes and set of nodes: shared by its calls,
+    never expired as a whole; the call's members leave them instead (checked below)."""
     shard = store.keys.locate(CID)[0]
-    return key == store.keys.due(shard) or key.startswith(f"{store.keys.prefix}:{{{shard}}}:state:")
+    indexes = (store.keys.state_index(shard, ""), store.keys.node_index(shard, ""))
+    return key in (store.keys.due(shard), store.keys.nodes(shard)) or key.startswith(indexes)
 
 
 async def check_bounded(store: RedisCallStore, call_bound: int) -> None:
@@ -73,6 +74,7 @@ async def members_of_the_call(store: RedisCallStore) -> dict[str, list[str]]:
     for key in [
         store.keys.due(shard),
         *(store.keys.state_index(shard, s) for s in ("bot", "transferring", "accepted", "failed", "ended")),
+        *(store.keys.node_index(shard, node) for at, node in await store.listed_nodes() if at == shard),
     ]:
         raw: list[str] = await store.redis.zrange(key, 0, -1)  # type: ignore[assignment]
         members = [m for m in raw if m == CID or CID in json.loads(m if m.startswith("[") else "[]")]
