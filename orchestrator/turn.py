@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import Any
 
 from transitions import EventData, MachineError
 
@@ -97,12 +97,21 @@ _NUMBER_WORDS = {
 }
 _WORDS = re.compile(r"[A-Za-z]+|\d+")
 _DIGIT = re.compile(r"\d")
+_WORD_OR_DIGIT = re.compile(r"[A-Za-z]+|\d")
 
 
 def spoken_digits(text: str) -> str:
     """The digits in what a caller said: numerals, and digit words ("one two", "oh")."""
     return "".join(
         _NUMBER_WORDS.get(word.casefold(), word if word.isdigit() else "") for word in _WORDS.findall(text)
+    )
+
+
+def masked_digits(text: str) -> str:
+    """``text`` with a ``*`` for each digit and each word ``spoken_digits`` takes for one: an
+    account number said as words ("nine eight seven") is as secret as one pressed."""
+    return _WORD_OR_DIGIT.sub(
+        lambda m: "*" if m[0].isdigit() or m[0].casefold() in _NUMBER_WORDS else m[0], text
     )
 
 
@@ -131,26 +140,6 @@ class Outcome(StrEnum):
     FAILED = "failed"
     TIMEOUT = "timeout"  # failed by the no-answer watchdog
     LATE_ACCEPTED = "late_accepted"  # accepted after it was counted failed or timed out
-
-
-class Counted(NamedTuple):
-    """A transfer outcome and the queue and target it counts for, as they were at its step
-    (a failure's next transfer, in the same turn, may go to another queue)."""
-
-    outcome: Outcome
-    queue: str
-    target: str
-
-
-def outcome_of(source: str, dest: str, reason: str) -> Outcome | None:
-    """What a transition does to a transfer, if anything."""
-    if dest == State.TRANSFERRING:
-        return Outcome.STARTED
-    if dest == State.ACCEPTED:
-        return Outcome.LATE_ACCEPTED if source == State.FAILED else Outcome.ACCEPTED
-    if dest == State.FAILED:
-        return Outcome.TIMEOUT if reason == TIMEOUT else Outcome.FAILED
-    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -198,11 +187,9 @@ class Turn:
     call: Call  # the call after the turn; ``version`` is the loaded one until the engine commits it
     loaded_state: str = State.BOT.value  # the state the turn started from
     loaded_since_ms: int = 0  # when the call entered it (Redis time; the commit moves call.since_ms)
-    loaded_node: str = ""  # the node it was at
     effects: list[Effect] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)  # appended to the transcript
     steps: list[Step] = field(default_factory=list)  # appended to the history
-    outcomes: list[Counted] = field(default_factory=list)  # of its transitions, counted by stats and metrics
     timer_seconds: float = 0.0  # > 0: arm the call's timer at commit
     reference_changed: bool = False
     replies: list[Any] = field(default_factory=list)  # the effects as the bot side sends them
@@ -223,6 +210,21 @@ class Turn:
         replies in the outbox with the commit: they are re-sent until acknowledged. Others'
         replies go in the outbox only if their send fails (``adapters.bot``)."""
         return bool(self.effects) and self.changed_state
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        """The transfer outcomes of this turn's transitions (for ``call.queue``/``target``)."""
+        found: list[Outcome] = []
+        for step in self.steps:
+            if step.source == step.dest:
+                continue
+            if step.dest == State.TRANSFERRING:
+                found.append(Outcome.STARTED)
+            elif step.dest == State.ACCEPTED:
+                found.append(Outcome.LATE_ACCEPTED if step.source == State.FAILED else Outcome.ACCEPTED)
+            elif step.dest == State.FAILED:
+                found.append(Outcome.TIMEOUT if step.reason == TIMEOUT else Outcome.FAILED)
+        return found
 
     @property
     def is_empty(self) -> bool:
@@ -276,9 +278,7 @@ class TurnRunner:
         """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp,
         ``caller`` the caller's id (``from.id``), whose number is redacted from their words."""
         call = copy_call(call)
-        self._turn = turn = Turn(
-            call=call, loaded_state=call.state, loaded_since_ms=call.since_ms, loaded_node=call.node
-        )
+        self._turn = turn = Turn(call=call, loaded_state=call.state, loaded_since_ms=call.since_ms)
         turn.now, turn.caller = now, caller
         self._now = now
         self._caller = caller
@@ -352,9 +352,10 @@ class TurnRunner:
         gathering = isinstance(node, Gather) and call.state in (State.BOT, State.FAILED)
         # Redacted here, once: the transcript, the echo, the history and everything that
         # shows them only ever see this. Routes match the words as said (in memory only).
-        # Digits a gather collects are never kept as said: each becomes a "*".
+        # Digits a gather collects are never kept as said: each, pressed, said or said as a
+        # word, becomes a "*".
         if gathering:
-            said = _DIGIT.sub("*", text if keypad else self._redact(text[:CALLER_TEXT_MAX], self._caller))
+            said = masked_digits(text if keypad else self._redact(text[:CALLER_TEXT_MAX], self._caller))
             self._line(CALLER, said)
         else:
             if self._cut_input and len(text) > CALLER_TEXT_MAX:
@@ -735,8 +736,3 @@ class TurnRunner:
             return
         reason = str(event.kwargs.get("reason", ""))[:500]
         self._turn.steps.append(Step(event.event.name, transition.source, transition.dest, reason))
-        # After the transition's own callback: a started transfer's target is chosen.
-        outcome = outcome_of(transition.source, transition.dest, reason)
-        if outcome is not None:
-            call = self._turn.call
-            self._turn.outcomes.append(Counted(outcome, call.queue, call.target))

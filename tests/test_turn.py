@@ -240,3 +240,29 @@ def test_the_loaded_call_is_not_mutated(runner: TurnRunner) -> None:
     call = Call(id="c")
     run(runner, call, CallerInput("agent"))
     assert call.state == State.BOT and call.attempts == 0 and call.transcript == []
+
+
+@pytest.mark.parametrize(
+    ("spoken", "kept", "entry"),
+    [
+        (
+            "my account is nine eight seven seven nine eight six two",
+            "my account is * * * * * * * *",
+            "98779862",
+        ),
+        ("Nine-Eight-Seven, seven 9 8 6 oh", "*-*-*, * * * * *", "98779860"),
+        ("98779862.", "********.", "98779862"),
+    ],
+)
+def test_digits_said_at_a_gather_are_kept_masked_words_too(spoken: str, kept: str, entry: str) -> None:
+    """The transcript keeps no digit of an entry said at a gather, as numerals or as words;
+    the digits themselves are collected (and read back)."""
+    runner = TurnRunner(load_callflow(None))  # the default flow: its account gather
+    call = Call(id="call-1")
+    for event in (CallStarted(), CallerInput("1", keypad=True), CallerInput("1", keypad=True)):
+        call = run(runner, call, event).call
+    assert call.node == "account"
+    turn = run(runner, call, CallerInput(spoken))
+    assert turn.lines[0].text == kept
+    assert (turn.call.entry, turn.call.confirming) == (entry, True)
+    assert said(turn) == ["confirm_account"]
