@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from transitions import EventData, MachineError
 
@@ -142,6 +142,26 @@ class Outcome(StrEnum):
     LATE_ACCEPTED = "late_accepted"  # accepted after it was counted failed or timed out
 
 
+class Counted(NamedTuple):
+    """A transfer outcome and the queue and target it counts for, as they were at its step
+    (a failure's next transfer, in the same turn, may go to another queue)."""
+
+    outcome: Outcome
+    queue: str
+    target: str
+
+
+def outcome_of(source: str, dest: str, reason: str) -> Outcome | None:
+    """What a transition does to a transfer, if anything."""
+    if dest == State.TRANSFERRING:
+        return Outcome.STARTED
+    if dest == State.ACCEPTED:
+        return Outcome.LATE_ACCEPTED if source == State.FAILED else Outcome.ACCEPTED
+    if dest == State.FAILED:
+        return Outcome.TIMEOUT if reason == TIMEOUT else Outcome.FAILED
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class Speak:
     """Speak a prompt to the caller."""
@@ -187,9 +207,11 @@ class Turn:
     call: Call  # the call after the turn; ``version`` is the loaded one until the engine commits it
     loaded_state: str = State.BOT.value  # the state the turn started from
     loaded_since_ms: int = 0  # when the call entered it (Redis time; the commit moves call.since_ms)
+    loaded_node: str = ""  # the node it was at
     effects: list[Effect] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)  # appended to the transcript
     steps: list[Step] = field(default_factory=list)  # appended to the history
+    outcomes: list[Counted] = field(default_factory=list)  # of its transitions, counted by stats and metrics
     timer_seconds: float = 0.0  # > 0: arm the call's timer at commit
     reference_changed: bool = False
     replies: list[Any] = field(default_factory=list)  # the effects as the bot side sends them
@@ -210,21 +232,6 @@ class Turn:
         replies in the outbox with the commit: they are re-sent until acknowledged. Others'
         replies go in the outbox only if their send fails (``adapters.bot``)."""
         return bool(self.effects) and self.changed_state
-
-    @property
-    def outcomes(self) -> list[Outcome]:
-        """The transfer outcomes of this turn's transitions (for ``call.queue``/``target``)."""
-        found: list[Outcome] = []
-        for step in self.steps:
-            if step.source == step.dest:
-                continue
-            if step.dest == State.TRANSFERRING:
-                found.append(Outcome.STARTED)
-            elif step.dest == State.ACCEPTED:
-                found.append(Outcome.LATE_ACCEPTED if step.source == State.FAILED else Outcome.ACCEPTED)
-            elif step.dest == State.FAILED:
-                found.append(Outcome.TIMEOUT if step.reason == TIMEOUT else Outcome.FAILED)
-        return found
 
     @property
     def is_empty(self) -> bool:
@@ -278,7 +285,9 @@ class TurnRunner:
         """Apply ``event`` to a copy of ``call``; ``now`` is an ISO 8601 timestamp,
         ``caller`` the caller's id (``from.id``), whose number is redacted from their words."""
         call = copy_call(call)
-        self._turn = turn = Turn(call=call, loaded_state=call.state, loaded_since_ms=call.since_ms)
+        self._turn = turn = Turn(
+            call=call, loaded_state=call.state, loaded_since_ms=call.since_ms, loaded_node=call.node
+        )
         turn.now, turn.caller = now, caller
         self._now = now
         self._caller = caller
@@ -736,3 +745,8 @@ class TurnRunner:
             return
         reason = str(event.kwargs.get("reason", ""))[:500]
         self._turn.steps.append(Step(event.event.name, transition.source, transition.dest, reason))
+        # After the transition's own callback: a started transfer's target is chosen.
+        outcome = outcome_of(transition.source, transition.dest, reason)
+        if outcome is not None:
+            call = self._turn.call
+            self._turn.outcomes.append(Counted(outcome, call.queue, call.target))
