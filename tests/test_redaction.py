@@ -330,19 +330,25 @@ def _new() -> Call:
 _TIMES = re.compile(r"(?<!\d)1[6-9]\d{11}(?!\d)")
 
 
-async def stored_text(client: Redis | RedisCluster, prefix: str) -> str:
+async def stored_text(client: Redis | RedisCluster, prefix: str, *, reference: bool = False) -> str:
     """``everything_stored`` as one text, with its times blanked out."""
-    return _TIMES.sub("<ms>", json.dumps(await everything_stored(client, prefix)))
+    return _TIMES.sub("<ms>", json.dumps(await everything_stored(client, prefix, reference=reference)))
 
 
-async def everything_stored(client: Redis | RedisCluster, prefix: str) -> list[tuple[str, Any]]:
-    """(key, contents) of every key under the prefix, the reference field left out."""
+async def everything_stored(
+    client: Redis | RedisCluster, prefix: str, *, reference: bool = False
+) -> list[tuple[str, Any]]:
+    """(key, contents) of every key under the prefix, of every type; the reference field
+    (which names the caller) left out unless ``reference``."""
     found: list[tuple[str, Any]] = []
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         kind = await client.type(key)
         if kind == "hash":
             value: Any = await client.hgetall(key)
-            value.pop("reference", None)
+            if not reference:
+                value.pop("reference", None)
+        elif kind == "set":
+            value = sorted(await client.smembers(key))
         elif kind == "list":
             value = await client.lrange(key, 0, -1)
         elif kind == "zset":
