@@ -98,9 +98,11 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     bot: TestClient[Any, Any], channel: ChannelStandIn, browser_page: Page, tmp_path: Path
 ) -> None:
     page = browser_page
-    # Two calls with the bot, one ringing an agent, one whose transfer failed.
-    for text in ("hello", "1"):
-        await post(bot, Caller(channel.url).say(text))
+    # Two calls with the bot (at the first menu, and at billing), one ringing an agent,
+    # one whose transfer failed.
+    chatting = Caller(channel.url)
+    await post(bot, chatting.say("hello"))
+    await post(bot, Caller(channel.url).say("1"))
     ringing, failed = Caller(channel.url), Caller(channel.url)
     await post(bot, ringing.say("agent"))
     await post(bot, failed.say("agent"))
@@ -108,6 +110,7 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
 
     stats = await api(bot, "/api/stats?window=1h")
     assert stats["calls"] == {"bot": 2, "transferring": 1, "accepted": 0, "failed": 1, "ended": 0}
+    assert stats["nodes"] == {"billing": 1, "main": 1}
     machine = await api(bot, "/api/machine")
 
     await record_csp_violations(page)
@@ -143,6 +146,13 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     assert (row["target"], row["started"], row["failed"], row["success_rate"]) == (TARGET, 2, 1, 0)
     target_row = page.locator("#targets tbody tr", has_text=TARGET)
     await expect(target_row.locator("td")).to_have_text([TARGET, "2", "0", "1", "0", "0%"])
+    # ... and per queue: the flow's one queue took them all.
+    (row,) = stats["queues"]
+    assert (row["queue"], row["started"], row["failed"]) == ("agents", 2, 1)
+    await expect(page.locator("#queues tbody tr td")).to_have_text(["agents", "2", "0", "1", "0", "0%"])
+
+    # Calls with the bot, per node of the flow.
+    await expect_nodes(page, stats["nodes"])
 
     # The failed transfer in the recent transitions, the caller's text shown as text.
     fail_row = page.locator("#transitions tbody tr", has_text=failed.conversation_id).filter(
@@ -174,12 +184,24 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     newest = page.locator("#transitions tbody tr").first
     await expect(newest).to_contain_text(ringing.conversation_id)
     await expect(newest.locator("td").nth(3)).to_have_text("transferring \u2192 accepted")
+    # A call that moves on to another node moves in the nodes table too.
+    await post(bot, chatting.say("1"))
+    assert (await api(bot, "/api/stats?window=1h"))["nodes"] == {"billing": 2}
+    await expect_nodes(page, {"billing": 2})
     assert await page.evaluate("window.__still_this_page") is True
 
     assert await csp_violations(page) == []
     screenshot = tmp_path / "dashboard.png"
     await page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.read_bytes().startswith(b"\x89PNG")
+
+
+async def expect_nodes(page: Page, nodes: dict[str, int]) -> None:
+    """The nodes table shows each node's live calls as /api/stats gives them, the busiest first."""
+    rows = page.locator("#nodes tbody tr")
+    busiest = sorted(nodes.items(), key=lambda item: (-item[1], item[0]))
+    await expect(rows.locator("td:nth-child(1)")).to_have_text([node for node, _ in busiest])
+    await expect(rows.locator("td:nth-child(2)")).to_have_text([str(count) for _, count in busiest])
 
 
 async def test_an_api_failure_shows_a_banner_until_the_api_answers_again(
