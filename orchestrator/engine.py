@@ -22,7 +22,7 @@ from orchestrator.callflow import Action, CallFlow
 from orchestrator.errors import CommitConflict
 from orchestrator.events import CallStarted, Event
 from orchestrator.metrics import Metrics
-from orchestrator.turn import Turn, TurnRunner
+from orchestrator.turn import ActionOutcome, Turn, TurnRunner
 from states import State
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class Engine:
             if call is None and isinstance(event, CallStarted):
                 call = Call(id=conversation_id)
         guessed = call is not None
+        ran: dict[str, ActionOutcome] = {}  # action node -> what its code returned, this activity
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             if call is None:
                 loaded = await self.store.load(conversation_id, activity_id)
@@ -174,10 +175,17 @@ class Engine:
                     return None
                 call = loaded.call or Call(id=conversation_id)
             turn = self.runner.run(call, event, now=timestamp(), reference=reference, caller=caller)
+            if turn.action and guessed:
+                # The user's code runs once per activity: a cached copy cannot tell a
+                # redelivery, so read the call (and whether the activity was applied) first.
+                call, guessed = None, False
+                continue
             while turn.action:  # the flow runs the user's code: outside the commit, bounded
                 node = self.runner.flow.nodes[turn.action]
                 assert isinstance(node, Action)
-                turn = self.runner.after_action(turn, await run_action(self.actions[node.action], node, turn))
+                if turn.action not in ran:  # a rerun after a conflict reuses what it returned
+                    ran[turn.action] = await run_action(self.actions[node.action], node, turn)
+                turn = self.runner.after_action(turn, ran[turn.action])
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             outbox = ""
