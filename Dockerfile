@@ -10,6 +10,7 @@ COPY orchestrator ./orchestrator
 COPY states ./states
 COPY adapters ./adapters
 COPY simulator ./simulator
+COPY examples ./examples
 RUN pip install . && useradd --system --uid 10001 bot
 
 USER bot
