@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from adapters.keys import CallField, FeedField, HistoryField, Keyspace
+from adapters.keys import CallField, Due, FeedField, HistoryField, Keyspace
 from adapters.store import (
     COMMIT_KEYS,
     COMMIT_SCRIPT,
@@ -141,6 +141,27 @@ async def test_the_watchdog_deadline_comes_from_redis_time(
     disarm.call.deadline_ms = 0
     await store.commit(disarm, "a2")
     assert (await redis_client.hget(store.keys.call("c1").call, CallField.DEADLINE)) == "0"
+
+
+async def test_a_timer_a_claim_did_not_fire_goes_back_to_its_deadline_in_any_live_state(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """A claim pushes the timer's score to the end of its lease; when the timer finds nothing
+    to do (the caller spoke meanwhile and re-armed it), it goes back in step with the call:
+    a no-input, inter-digit or hang-up timer of a call with the bot as much as a watchdog."""
+    due, member = store.keys.due_for("c1"), Due.timer("c1")
+    turn = turn_for(Call(id="c1"))  # with the bot, waiting for input
+    turn.timer_seconds = 30
+    receipt = await store.commit(turn, "a1")
+    await redis_client.zadd(due, {member: 1})  # as a claim leaves it
+    await store.reschedule_timer("c1")
+    assert await redis_client.zscore(due, member) == receipt.deadline_ms
+    loaded = (await store.load("c1")).call
+    assert loaded is not None
+    await store.commit(turn_for(loaded, state=State.ENDED), "a2")
+    await redis_client.zadd(due, {member: 1})
+    await store.reschedule_timer("c1")  # an ended call has no timer
+    assert await redis_client.zscore(due, member) is None
 
 
 async def test_live_calls_expire_when_idle_and_ended_calls_after_retention(
