@@ -34,7 +34,7 @@ OUTBOX = "outbox"
 # transport's own bounds (a socket's 5 s, routed to another instance 6 s), so they end first.
 SEND_SECONDS = 8.0
 MAX_KEPT_MS = 10 * 60 * 1000  # outbox entries older than this are dropped, not sent
-PRUNE_SECONDS = 60.0  # how often an instance reconciles the state indexes with the records
+PRUNE_SECONDS = 60.0  # how often an instance reconciles the state and node indexes with the records
 
 
 @dataclass(slots=True, frozen=True)
@@ -140,8 +140,8 @@ class Scheduler:
             await asyncio.gather(pruning, return_exceptions=True)  # ended, not left pending
 
     async def _prune_forever(self) -> None:
-        """Reconcile the state indexes with the records now and then, beside the polling
-        (a slow prune must not delay a watchdog)."""
+        """Reconcile the state and node indexes with the records now and then, beside the
+        polling (a slow prune must not delay a timer)."""
         await asyncio.sleep(PRUNE_SECONDS * random.random())
         while True:
             stop_if_cancelled()
@@ -149,7 +149,7 @@ class Scheduler:
                 if pruned := await self.store.prune_index():
                     log.info("pruned %d index entries of expired calls", pruned)
             except Exception as e:
-                log.warning("pruning the state indexes failed (tried again later): %r", e)
+                log.warning("pruning the indexes failed (tried again later): %r", e)
             await asyncio.sleep(PRUNE_SECONDS * random.uniform(0.75, 1.25))
 
     async def _poll_forever(self) -> None:
