@@ -150,6 +150,9 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     (row,) = stats["queues"]
     assert (row["queue"], row["started"], row["failed"]) == ("agents", 2, 1)
     await expect(page.locator("#queues tbody tr td")).to_have_text(["agents", "2", "0", "1", "0", "0%"])
+    columns = ["Started", "Accepted", "Failed", "Timeout", "Success rate"]
+    await expect(page.locator("#queues thead th")).to_have_text(["Queue", *columns])
+    await expect(page.locator("#targets thead th")).to_have_text(["Target", *columns])
 
     # Calls with the bot, per node of the flow.
     await expect_nodes(page, stats["nodes"])
