@@ -229,8 +229,14 @@ class Connections:
             "call": conversation_id,
             "verb": request.verb,
             "path": request.path,
-            "body": (request.body or b"").decode(),
         }
+        body = (request.body or b"").decode()
+        # The reply may carry what the flow collected (a read-back, a handoff's variables):
+        # sealed, as the outbox keeps it, when every instance holds the keys to open it.
+        if self.store.sealer.shared:
+            message["sealed"] = self.store.sealer.seal(body)
+        else:
+            message["body"] = body
         try:
             async with asyncio.timeout(self.send_seconds + ROUTE_MARGIN_SECONDS):
                 with unavailable_while("routing a send"):
@@ -326,19 +332,29 @@ class Connections:
             if len(self._served) > 4096:
                 self._served.popitem(last=False)
             sender, call = str(message["from"]), str(message["call"])
-            request = Request(
-                new_id(), str(message["verb"]), str(message["path"]), str(message["body"]).encode()
+            # Sealed by an instance with the shared keys; in clear from one without them.
+            opened = (
+                self.store.sealer.open(str(message["sealed"])) if "sealed" in message else message["body"]
             )
+            request = None
+            if opened is not None:
+                request = Request(new_id(), str(message["verb"]), str(message["path"]), str(opened).encode())
         except (ValueError, KeyError, TypeError) as e:
             log.warning("inbox: a message this version cannot read (%r): %.200s", e, raw)
             return
         self.keep(asyncio.create_task(self._serve(ident, sender, call, request), name=f"routed send {ident}"))
 
-    async def _serve(self, ident: str, sender: str, call: str, request: Request) -> None:
-        """Send for another instance over this one's socket, and tell it how it went."""
+    async def _serve(self, ident: str, sender: str, call: str, request: Request | None) -> None:
+        """Send for another instance over this one's socket, and tell it how it went
+        (``request`` None: it came sealed with a key this instance lacks)."""
         answer: dict[str, Any] = {"op": "answer", "id": ident}
         connection = self._holder(call)
         try:
+            if request is None:
+                log.error("inbox: a send for call %s cannot be opened with VARIABLES_KEYS: not sent", call)
+                raise NotConnected(
+                    f"call {call}: {self.instance} cannot open the send (VARIABLES_KEYS differ)"
+                )
             if connection is None or connection.closing:
                 raise NotConnected(f"call {call}: no socket on {self.instance} holds it now")
             self.sends["served"] += 1

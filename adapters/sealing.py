@@ -15,9 +15,13 @@ SETTING = "VARIABLES_KEYS"
 
 
 class Sealer:
-    """Seals and opens short strings with the configured keys (the first seals, any opens)."""
+    """Seals and opens short strings with the configured keys (the first seals, any opens).
 
-    def __init__(self, keys: list[str]) -> None:
+    ``shared``: the keys are configured (``VARIABLES_KEYS``), so every instance holds them
+    and what one seals another opens; a key of this process's own is not."""
+
+    def __init__(self, keys: list[str], *, shared: bool = True) -> None:
+        self.shared = shared
         if not keys:
             raise ConfigError(SETTING, "no key given")
         try:
@@ -34,7 +38,7 @@ class Sealer:
     def from_setting(cls, value: str | None) -> Sealer:
         """From ``VARIABLES_KEYS`` (comma-separated), or a key of this process's own."""
         if value is None:
-            return cls([Fernet.generate_key().decode("ascii")])
+            return cls([Fernet.generate_key().decode("ascii")], shared=False)
         return cls([key for key in value.split(",") if key.strip()])
 
     def seal(self, text: str) -> str:

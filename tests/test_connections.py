@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from cryptography.fernet import Fernet
 
 from adapters.connections import Connections, NotConnected
 from adapters.framing import CONTENT_TYPE, Request, new_id
@@ -31,18 +32,22 @@ two_instances = pytest.mark.parametrize("bot_redis", ["real", "cluster"], indire
 
 
 @pytest.fixture
-async def bots(bot_redis: dict[str, Any], tmp_path: Path, key_prefix: str) -> AsyncIterator[list[TestServer]]:
+async def bots(
+    request: pytest.FixtureRequest, bot_redis: dict[str, Any], tmp_path: Path, key_prefix: str
+) -> AsyncIterator[list[TestServer]]:
     """Two instances on one Redis, their schedulers slowed right down: these tests send by
-    hand, and a watchdog fired meanwhile would only add replies."""
+    hand, and a watchdog fired meanwhile would only add replies. Parametrized, each
+    instance's VARIABLES_KEYS (by default, none: a key of its own)."""
     flow = yaml.safe_load(DEFAULT_FLOW.read_text())
     (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
     servers = []
-    for _ in range(2):
+    for variables_keys in getattr(request, "param", [None, None]):
         settings = load_settings(
             **bot_redis,
             REDIS_KEY_PREFIX=key_prefix,
             CALLFLOW_FILE=tmp_path / "flow.yaml",
             SCHEDULER_POLL_SECONDS=10,
+            VARIABLES_KEYS=variables_keys,
         )
         server = TestServer(create_app(settings), host="127.0.0.1")
         await server.start_server()
@@ -97,6 +102,41 @@ async def test_a_send_fired_on_another_instance_goes_over_the_holders_socket(bot
         with pytest.raises(NotConnected):
             await connections(other).send(cid, reply(cid, "nobody holds it"))
         assert connections(other).failures["no_connection"] == 1
+
+
+KEY, OTHER_KEY = (Fernet.generate_key().decode() for _ in range(2))
+
+
+@two_instances
+@pytest.mark.parametrize("bots", [[KEY, KEY], [KEY, OTHER_KEY]], indirect=True, ids=["same", "different"])
+async def test_a_routed_send_is_sealed_with_the_shared_keys(
+    bots: list[TestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With VARIABLES_KEYS, a send crosses Redis sealed (it may read back what a caller
+    keyed in): the holder opens it, or, with other keys, says at once that it cannot."""
+    holder, other = bots
+    published: list[str] = []
+    publish = connections(other).redis.spublish
+
+    async def spy(channel: str, message: str) -> Any:
+        published.append(message)
+        return await publish(channel, message)
+
+    monkeypatch.setattr(connections(other).redis, "spublish", spy)
+    async with JsChannel() as js:
+        caller = await call_on(js, holder, "s1")
+        cid = caller.conversation_id
+        send = connections(other).send(cid, reply(cid, "You entered 9 8 7 7 9 8 6 2."))
+        if bots[0].app[STORE_KEY].sealer.open(bots[1].app[STORE_KEY].sealer.seal("")) is None:
+            with pytest.raises(NotConnected, match="cannot open"):
+                await send
+        else:
+            assert (await send).status == 200
+            [_, routed] = await js.wait_requests(2, "s1")
+            assert routed["body"]["text"] == "You entered 9 8 7 7 9 8 6 2."
+    [message] = [m for m in map(json.loads, published) if m["op"] == "send"]
+    assert "body" not in message and "9 8 7" not in json.dumps(message)
+    assert message["sealed"].startswith("gAAAAA")  # Fernet
 
 
 @two_instances

@@ -17,6 +17,7 @@ against the app in this process on the embedded Redis (its own key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -41,9 +42,12 @@ from app import create_app
 from orchestrator.callflow import DEFAULT_CALLFLOW, shipped_flow
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
+from simulator.streaming import SERVICE_URL
 from tests.conftest import BOT_ENVIRONMENT, REAL_REDIS_URL, delete_prefix, real_redis_or_skip
-from tests.process import ROOT, BotProcess
+from tests.jspeer import JsChannel
+from tests.process import ROOT, BotProcess, flow_doc, write_flow
 from tests.test_redaction import stored_text
+from tests.test_streaming_scale import connect, delivered, send, until
 
 TOKEN = "operator-token-for-tests-0123456789"
 OPEN = "2026-11-25T10:00:00-05:00"  # a Wednesday morning in New York: the billing queue is open
@@ -253,3 +257,96 @@ async def test_gathered_digits_are_in_clear_nowhere_at_rest(bot: Bot, channel: C
     assert log.count("(account: 8 digits)") == len(ENTRIES)  # the log has every call's turns ...
     assert all_leaks(log) == {}  # ... and none of their digits
     assert all_leaks("\n".join(views)) == {}
+
+
+# --- between instances: what one sends over another's socket crosses Redis sealed ---------
+
+
+@contextlib.asynccontextmanager
+async def monitored(prefix: str) -> AsyncIterator[list[str]]:
+    """Every command the real Redis receives that names ``prefix``, as MONITOR shows it
+    (its arguments whole: what reaches Redis, stored or not), while in the block."""
+    client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    async def watch() -> None:
+        async with client.monitor() as monitor:
+            started.set()
+            async for info in monitor.listen():
+                if prefix in info["command"]:
+                    seen.append(info["command"])
+
+    task = asyncio.create_task(watch())
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+        yield seen
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+
+
+@pytest.mark.real_redis
+async def test_a_send_routed_to_the_sockets_instance_crosses_redis_sealed(
+    key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's socket is on instance A; B does the due work (A's scheduler barely polls):
+    the inter-digit timeout's read-back, and the re-send of a transfer the channel refused,
+    are sent by B over A's socket, published to A's inbox through Redis. Nothing Redis
+    receives, stored or published, holds the digits in clear; the channel gets them."""
+    for name in BOT_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    redis = await real_redis_or_skip()
+    data = flow_doc("default.yaml")
+    data["nodes"]["account"]["inter_digit_seconds"] = 1
+    env = {
+        "REDIS_URL": REAL_REDIS_URL,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "CALLFLOW_FILE": write_flow(tmp_path, data),
+        "HOURS_CLOCK": OPEN,
+        "VARIABLES_KEYS": Fernet.generate_key().decode(),
+        "SCHEDULER_LEASE_SECONDS": "1",
+        "LOG_LEVEL": "DEBUG",
+    }
+    slow, fast = {"SCHEDULER_POLL_SECONDS": "10"}, {"SCHEDULER_POLL_SECONDS": "0.05"}
+    bots = [BotProcess({**env, **slow}, tmp_path, "a"), BotProcess({**env, **fast}, tmp_path, "b")]
+    caller = Caller(SERVICE_URL, "routed:1")
+    try:
+        await asyncio.gather(*(bot.start() for bot in bots))
+        async with JsChannel() as channel, monitored(key_prefix) as commands:
+            await connect(channel, "a", bots[0])
+            for activity in [caller.start(), *caller.press("11" + PRESSED)]:  # no "#": the timer takes it
+                await send(channel, "a", activity, bots)
+
+            async def read_back() -> bool:
+                return any(str(r["body"].get("text")).startswith("You entered") for r in delivered(channel))
+
+            await until(read_back, 20, "the read-back, after the inter-digit timeout", bots)
+            await channel.answer("a", status=503)
+            await send(channel, "a", caller.press("1")[0], bots)  # confirmed: transferred, refused
+            await channel.wait_requests(len(channel.requests("a")) + 1, "a", within=20)  # a re-send
+            await channel.answer("a", status=200)
+
+            async def handed_off() -> bool:
+                return any(r["body"].get("name") == "handoff.initiate" for r in delivered(channel))
+
+            await until(handed_off, 20, "the handoff, re-sent", bots)
+            await send(channel, "a", caller.hang_up(), bots)
+            received = [r["body"] for r in delivered(channel)]
+        stored = await stored_text(redis, key_prefix, reference=True)
+    finally:
+        for bot in bots:
+            bot.stop()
+        await delete_prefix(redis, key_prefix)
+        await redis.aclose()
+
+    handoff = next(r for r in received if r.get("name") == "handoff.initiate")
+    assert handoff["value"]["Variables"] == {"account": PRESSED}
+    # B sent both over A's socket: the read-back and the handoff (refused, then again).
+    routed = [c for c in commands if c.upper().startswith("SPUBLISH") and '"op": "send"' in c]
+    assert len(routed) >= 3 and all('"sealed": "gAAAAA' in c for c in routed), routed
+    assert all_leaks("\n".join(commands)) == {}  # nothing Redis received holds them ...
+    assert all_leaks(stored) == {}  # ... nor what it keeps
+    assert all_leaks(bots[0].log() + bots[1].log()) == {}
