@@ -1,8 +1,8 @@
 """What a gather collects stays sealed at rest: an account number a caller presses, says as
 words or says as numerals is in clear nowhere in Redis (every key of the test's prefix, of
 every type: the call's record, transcript, history, seen activities and outbox, the shard's
-feed, schedule and indexes), nowhere in the bot's log at DEBUG, and nowhere in ``calls show``
-or the operator API.
+feed, schedule and indexes; on the real Redis, nothing it receives either, as MONITOR shows
+it), nowhere in the bot's log at DEBUG, and nowhere in ``calls show`` or the operator API.
 
 The default flow end to end, over HTTP: the main menu, billing, the account gather with its
 read-back, a transfer to the billing queue that the channel first refuses (so it waits in
@@ -11,7 +11,8 @@ both over the wire to the channel: the read-back prompt, which says them, and th
 ``handoff.initiate``, whose context gives them to the agent side.
 
 Run against a bot process on the real Redis (``VARIABLES_KEYS`` set, logging at DEBUG) and
-against the app in this process on the embedded Redis (its own key).
+against the app in this process on the embedded Redis (its own key); and over a streaming
+socket held by one instance while another sends on it (through Redis Pub/Sub).
 """
 
 from __future__ import annotations
@@ -203,65 +204,6 @@ def calls_show(bot: Bot, cid: str) -> str:
     return "\n".join(outputs)
 
 
-async def test_gathered_digits_are_in_clear_nowhere_at_rest(bot: Bot, channel: ChannelStandIn) -> None:
-    """Three callers give their account number (pressed, said as words, said as numerals),
-    confirm it, and are transferred: the first transfer waits refused, then fails, the
-    second connects, the caller hangs up. Redis is read whole while the refused transfer
-    waits and at the end; the log, ``calls show`` and the operator API at the end."""
-    views: list[str] = []
-    for entry in ENTRIES:
-        caller = Caller(channel.url)
-        cid = caller.conversation_id
-        script = [caller.start(), caller.say("billing"), caller.say("current customer"), *entry.enter(caller)]
-        for activity in script:
-            assert await bot.post(activity) == 201
-        readback = channel.for_conversation(cid)[-1]
-        assert readback["text"].startswith(f"You entered {' '.join(entry.number)}."), readback
-
-        # The channel refuses the transfer: it waits in the outbox, sealed, while Redis is read.
-        channel.refuse_next = 1_000_000
-        assert await bot.post(entry.yes(caller)) == 201
-        outbox = [str(kept) for kept in await bot.redis.hvals(Keyspace(bot.prefix).call(cid).outbox)]
-        # Each entry is "<ms>:<payload>": the payload sealed, as it carries the variables.
-        assert outbox and all(kept.partition(":")[2].startswith(SEALED) for kept in outbox), outbox
-        assert all_leaks(await dump(bot)) == {}
-        channel.refuse_next = 0
-        await arrived(channel, cid, "handoff.initiate", 1)
-
-        for activity in (
-            caller.status({"state": "failed"}),
-            entry.again(caller),
-            caller.status({"state": "accepted"}),
-        ):
-            assert await bot.post(activity) == 201
-        handoffs = await arrived(channel, cid, "handoff.initiate", 2)
-        assert [h["value"]["Variables"] for h in handoffs] == [{"account": entry.number}] * 2
-        assert await bot.post(caller.hang_up()) == 201
-
-        # Over the wire, only the read-back and the handoff's context carry the digits.
-        for activity in channel.for_conversation(cid):
-            sent = copy.deepcopy(activity)
-            if sent.get("name") == "handoff.initiate":
-                del sent["value"]["Variables"]
-            elif str(sent.get("text", "")).startswith("You entered"):
-                continue
-            assert all_leaks(json.dumps(sent)) == {}, sent
-        views.append(json.dumps(await bot.get(f"/api/calls/{cid}")))
-        if bot.redis_url is not None:
-            views.append(await asyncio.to_thread(calls_show, bot, cid))
-
-    stored = await dump(bot)
-    assert "* * * * * * 6 2" in stored  # the read-back as the transcript keeps it
-    assert all_leaks(stored) == {}
-    log = bot.log()
-    assert log.count("(account: 8 digits)") == len(ENTRIES)  # the log has every call's turns ...
-    assert all_leaks(log) == {}  # ... and none of their digits
-    assert all_leaks("\n".join(views)) == {}
-
-
-# --- between instances: what one sends over another's socket crosses Redis sealed ---------
-
-
 @contextlib.asynccontextmanager
 async def monitored(prefix: str) -> AsyncIterator[list[str]]:
     """Every command the real Redis receives that names ``prefix``, as MONITOR shows it
@@ -286,6 +228,81 @@ async def monitored(prefix: str) -> AsyncIterator[list[str]]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
+
+
+async def give_the_number(bot: Bot, channel: ChannelStandIn, entry: Entry) -> list[str]:
+    """One call: the number given, read back, confirmed; the transfer refused (Redis is read
+    while it waits in the outbox), failed, tried again, connected; the caller hangs up.
+    What the operator API and ``calls show`` then show of it."""
+    caller = Caller(channel.url)
+    cid = caller.conversation_id
+    for activity in [
+        caller.start(),
+        caller.say("billing"),
+        caller.say("current customer"),
+        *entry.enter(caller),
+    ]:
+        assert await bot.post(activity) == 201
+    readback = channel.for_conversation(cid)[-1]
+    assert readback["text"].startswith(f"You entered {' '.join(entry.number)}."), readback
+
+    channel.refuse_next = 1_000_000
+    assert await bot.post(entry.yes(caller)) == 201
+    outbox = [str(kept) for kept in await bot.redis.hvals(Keyspace(bot.prefix).call(cid).outbox)]
+    # Each entry is "<ms>:<payload>": the payload sealed, as it carries the variables.
+    assert outbox and all(kept.partition(":")[2].startswith(SEALED) for kept in outbox), outbox
+    assert all_leaks(await dump(bot)) == {}
+    channel.refuse_next = 0
+    await arrived(channel, cid, "handoff.initiate", 1)
+
+    for activity in (
+        caller.status({"state": "failed"}),
+        entry.again(caller),
+        caller.status({"state": "accepted"}),
+    ):
+        assert await bot.post(activity) == 201
+    handoffs = await arrived(channel, cid, "handoff.initiate", 2)
+    assert [h["value"]["Variables"] for h in handoffs] == [{"account": entry.number}] * 2
+    assert await bot.post(caller.hang_up()) == 201
+
+    # Over the wire, only the read-back and the handoff's context carry the digits.
+    for activity in channel.for_conversation(cid):
+        sent = copy.deepcopy(activity)
+        if sent.get("name") == "handoff.initiate":
+            del sent["value"]["Variables"]
+        elif str(sent.get("text", "")).startswith("You entered"):
+            continue
+        assert all_leaks(json.dumps(sent)) == {}, sent
+    views = [json.dumps(await bot.get(f"/api/calls/{cid}"))]
+    if bot.redis_url is not None:
+        views.append(await asyncio.to_thread(calls_show, bot, cid))
+    return views
+
+
+async def test_gathered_digits_are_in_clear_nowhere_at_rest(bot: Bot, channel: ChannelStandIn) -> None:
+    """Three callers give their account number: pressed, said as words, said as numerals.
+    Redis is read whole while each one's transfer waits refused and at the end, with the
+    log, ``calls show`` and the operator API; on the real Redis, what it received too."""
+    views: list[str] = []
+    watching: contextlib.AbstractAsyncContextManager[list[str]] = (
+        monitored(bot.prefix) if bot.redis_url else contextlib.nullcontext([])
+    )
+    async with watching as commands:
+        for entry in ENTRIES:
+            views += await give_the_number(bot, channel, entry)
+
+    stored = await dump(bot)
+    assert "* * * * * * 6 2" in stored  # the read-back as the transcript keeps it
+    assert all_leaks(stored) == {}
+    assert all_leaks("\n".join(commands)) == {}
+    assert bool(commands) == bool(bot.redis_url)
+    log = bot.log()
+    assert log.count("(account: 8 digits)") == len(ENTRIES)  # the log has every call's turns ...
+    assert all_leaks(log) == {}  # ... and none of their digits
+    assert all_leaks("\n".join(views)) == {}
+
+
+# --- between instances: what one sends over another's socket crosses Redis sealed ---------
 
 
 @pytest.mark.real_redis
