@@ -385,6 +385,14 @@ class Privacy(_Strict):
 # --- the flow ----------------------------------------------------------------------------
 
 
+class Edge(NamedTuple):
+    """One way on from a node: ``how`` (a field, or a route's keys and phrases) and where."""
+
+    how: str
+    to: str | None  # None: back to the node the call last waited at
+    shared: bool = False  # a global route or default retry: the same at every waiting node
+
+
 class CallFlow(_Strict):
     """The whole flow file."""
 
@@ -532,34 +540,33 @@ class CallFlow(_Strict):
             if name not in reached:
                 raise ValueError(f"nodes.{name}: unreachable: no route, next or other node leads to it")
 
-    def edges(self, name: str) -> Iterator[tuple[str, str]]:
-        """(how, node) for every way on from node ``name``: its links, its routes and the
-        global ones, its retries', and the queue it transfers to's."""
+    def edges(self, name: str) -> Iterator[Edge]:
+        """Every way on from node ``name``: its links, its routes and the global ones, its
+        retries', and those of the queue it transfers to (back where the call waited too)."""
         node = self.nodes[name]
         for field, kind, target in _node_links(node):
             if kind == "node":
-                yield field, target
+                yield Edge(field.partition(".")[0], target)  # may_go.0: one label for all
         if isinstance(node, WAITING):
-            routes = list(node.routes) if isinstance(node, Menu) else []
+            routes = [(route, False) for route in node.routes] if isinstance(node, Menu) else []
             if isinstance(node, Gather):  # keys pressed there are digits: only speech routes
-                routes += [route for route in self.routes if route.phrases]
+                routes += [(route, True) for route in self.routes if route.phrases]
             elif node.global_routes:
-                routes += self.routes
-            for route in routes:
+                routes += [(route, True) for route in self.routes]
+            for route, shared in routes:
                 if route.to is not None:
-                    yield _route_label(route), route.to
+                    yield Edge(_route_label(route), route.to, shared)
             for field in ("no_input", "no_match"):
                 retry = self.retry_of(node, field)
                 if retry is not None and retry.then is not None:
-                    yield field, retry.then
+                    yield Edge(field, retry.then, getattr(node, field, "default") == "default")
         if isinstance(node, TransferTo):
             queue = self.queues[node.queue]
             if queue.closed is not None:
-                yield "closed", queue.closed
-            if queue.on_failure is not None:
-                yield "transfer failed", queue.on_failure
-            if queue.after_final is not None:
-                yield "no attempts left", queue.after_final
+                yield Edge("closed", queue.closed)
+            yield Edge("transfer failed", queue.on_failure)
+            yield Edge("no attempts left", queue.after_final)
+            yield Edge("handback", None)
 
     def reachable(self) -> Iterator[str]:
         """The nodes a call can reach from ``start``, in the order first found."""
@@ -567,10 +574,10 @@ class CallFlow(_Strict):
         while todo:
             name = todo.pop(0)
             yield name
-            for _, target in self.edges(name):
-                if target not in seen:
-                    seen.add(target)
-                    todo.append(target)
+            for edge in self.edges(name):
+                if edge.to is not None and edge.to not in seen:
+                    seen.add(edge.to)
+                    todo.append(edge.to)
 
     @cached_property
     def first_stop(self) -> str:
