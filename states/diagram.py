@@ -2,7 +2,9 @@
 
 ``mermaid`` and ``dot`` are text and need nothing; ``render`` also makes SVG and PNG
 with Graphviz's ``dot`` binary. Each can highlight one state (a call's current one).
-``python -m states.diagram`` rewrites the diagram in docs/state-machine.md.
+``python -m states.diagram`` rewrites the diagram in docs/state-machine.md. The call
+flow's diagram (``orchestrator.flow_diagram``) is rendered and put in its doc by the
+helpers here too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,8 +91,11 @@ def mermaid(highlight: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def dot_string(text: str) -> str:
+    """``text`` as a quoted DOT string, drawn as it is: Graphviz would read ``&amp;`` as
+    an entity and ``\\N`` as the node's name. A line break in ``text`` is one in the label."""
+    escaped = text.replace("&", "&amp;").replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n") + '"'
 
 
 def dot(highlight: str | None = None) -> str:
@@ -105,10 +111,12 @@ def dot(highlight: str | None = None) -> str:
     ]
     filled = f'style="rounded,filled", fillcolor="{HIGHLIGHT_FILL}", color="{HIGHLIGHT_STROKE}", penwidth=3'
     for state in State:
-        lines.append(f"    {_quoted(state.value)}{f' [{filled}]' if state is current else ''};")
-    lines.append(f"    __start__ -> {_quoted(State.BOT.value)};")
-    lines += [f"    {_quoted(a.source)} -> {_quoted(a.dest)} [label={_quoted(a.label)}];" for a in arrows()]
-    lines.append(f"    {_quoted(State.ENDED.value)} -> __end__;")
+        lines.append(f"    {dot_string(state.value)}{f' [{filled}]' if state is current else ''};")
+    lines.append(f"    __start__ -> {dot_string(State.BOT.value)};")
+    lines += [
+        f"    {dot_string(a.source)} -> {dot_string(a.dest)} [label={dot_string(a.label)}];" for a in arrows()
+    ]
+    lines.append(f"    {dot_string(State.ENDED.value)} -> __end__;")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -116,15 +124,23 @@ def dot(highlight: str | None = None) -> str:
 def render(fmt: str, highlight: str | None = None) -> bytes:
     """The diagram in ``fmt`` (one of ``FORMATS``), optionally highlighting a state.
 
+    Raises ``DiagramError`` for an unknown format or state; see ``render_source``.
+    """
+    return render_source(fmt, lambda: mermaid(highlight), lambda: dot(highlight))
+
+
+def render_source(fmt: str, mermaid_text: Callable[[], str], dot_text: Callable[[], str]) -> bytes:
+    """A diagram in ``fmt``, from whichever of its Mermaid or DOT source that needs.
+
     svg and png run Graphviz's ``dot`` (blocking, at most ``GRAPHVIZ_TIMEOUT_SECONDS``):
-    call it off the event loop in a server. Raises ``DiagramError`` for an unknown format
-    or state, ``GraphvizMissing`` when ``dot`` is not installed.
+    call it off the event loop in a server. Raises ``DiagramError`` for an unknown format,
+    ``GraphvizMissing`` when ``dot`` is not installed.
     """
     if fmt not in FORMATS:
         raise DiagramError(f"unknown diagram format {fmt!r}: valid formats are {', '.join(FORMATS)}")
     if fmt == "mermaid":
-        return mermaid(highlight).encode()
-    source = dot(highlight)
+        return mermaid_text().encode()
+    source = dot_text()
     if fmt == "dot":
         return source.encode()
     executable = shutil.which("dot")
@@ -146,15 +162,44 @@ def render(fmt: str, highlight: str | None = None) -> bytes:
     return done.stdout
 
 
-def update_doc(path: Path = DOC) -> bool:
-    """Replace the first mermaid block of ``path``; True if it changed."""
+def _block(path: Path, heading: str | None) -> tuple[str, int, int]:
+    """``path``'s text and where the body of its first mermaid block is in it, or of the
+    one in the section that starts with the line ``heading``."""
     text = path.read_text(encoding="utf-8")
-    start = text.index(BEGIN) + len(BEGIN)
-    end = text.index(END, start)
-    updated = text[:start] + mermaid() + text[end:]
+    after, before = 0, len(text)
+    if heading is not None:
+        at = f"\n{text}".find(f"\n{heading}\n")
+        if at < 0:
+            raise DiagramError(f"{path}: no line {heading!r} to put the diagram under")
+        after = at + len(heading) + 1
+        if (next_heading := text.find("\n## ", after)) >= 0:
+            before = next_heading
+    start = text.find(BEGIN, after, before)
+    if start < 0:
+        raise DiagramError(f"{path}: no ```mermaid block{f' under {heading!r}' if heading else ''}")
+    start += len(BEGIN)
+    return text, start, text.index(END, start)
+
+
+def doc_block(path: Path, heading: str | None = None) -> str:
+    """The body of the first mermaid block of ``path`` (in the section ``heading``)."""
+    text, start, end = _block(path, heading)
+    return text[start:end]
+
+
+def replace_block(path: Path, body: str, heading: str | None = None) -> bool:
+    """Make ``body`` the first mermaid block of ``path`` (in the section ``heading``); True
+    if it changed."""
+    text, start, end = _block(path, heading)
+    updated = text[:start] + body + text[end:]
     if updated != text:
         path.write_text(updated, encoding="utf-8")
     return updated != text
+
+
+def update_doc(path: Path = DOC) -> bool:
+    """Replace the first mermaid block of ``path``; True if it changed."""
+    return replace_block(path, mermaid())
 
 
 if __name__ == "__main__":

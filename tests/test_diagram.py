@@ -10,6 +10,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Page
@@ -17,14 +18,13 @@ from playwright.async_api import Page
 import states.diagram as diagram
 from states.call import TRANSITIONS, State
 from states.diagram import (
-    BEGIN,
     DOC,
-    END,
     FORMATS,
     HIGHLIGHT_FILL,
     DiagramError,
     GraphvizMissing,
     arrows,
+    doc_block,
     dot,
     mermaid,
     render,
@@ -47,34 +47,34 @@ def require(ok: bool, message: str) -> None:
         pytest.skip(message)
 
 
-def doc_block() -> str:
-    text = DOC.read_text(encoding="utf-8")
-    start = text.index(BEGIN) + len(BEGIN)
-    return text[start : text.index(END, start)]
-
-
 # --- Mermaid, in the browser -------------------------------------------------------------
 
-# Renders ``text`` with Mermaid into the page and reports what was drawn: the state nodes
-# with the fill the browser computed for their shape and their boxes, and the edge labels.
-RENDER_JS = """async (text) => {
+# Renders ``text`` with Mermaid into the page and reports what was drawn: the nodes (those
+# ``selector`` finds) with the fill the browser computed for their shape and their boxes,
+# the edge labels (a line break in one is a newline), and how many edges.
+RENDER_JS = """async ([text, selector]) => {
     try { await mermaid.parse(text); } catch (e) { return {error: String((e && e.message) || e)}; }
     window.renders = (window.renders || 0) + 1;
     const {svg} = await mermaid.render(`diagram${window.renders}`, text);
     document.body.innerHTML = svg;
-    const nodes = [...document.querySelectorAll("svg g.node.statediagram-state")].map((g) => {
-        const shape = g.querySelector("rect, path, polygon");
+    const nodes = [...document.querySelectorAll(selector)].map((g) => {
+        const shape = g.querySelector("rect, path, polygon, circle");
         const box = g.getBoundingClientRect();
         return {name: g.textContent.trim(), fill: getComputedStyle(shape).fill,
                 box: [box.x, box.y, box.width, box.height]};
     });
-    const labels = [...document.querySelectorAll("svg .edgeLabel")].map((e) => e.textContent.trim());
-    return {nodes, labels: labels.filter((l) => l)};
+    const labels = [...document.querySelectorAll("svg .edgeLabel")].map((e) => {
+        e.querySelectorAll("br").forEach((br) => br.replaceWith("\\n"));
+        return e.textContent.trim();
+    });
+    const edges = document.querySelectorAll("svg .edgePaths > path, svg .edgePath path.path").length;
+    return {nodes, labels: labels.filter((l) => l), edges};
 }"""
+STATE_NODES = "svg g.node.statediagram-state"
 
 
-@pytest.fixture
-async def mermaid_page(browser_page: Page) -> Page:
+@pytest.fixture(name="mermaid_page")  # named apart from the function: other modules import it
+async def mermaid_page_fixture(browser_page: Page) -> Page:
     """A page with the pinned Mermaid loaded from tests/browser/node_modules.
 
     Loading it costs a second or two per page, so each test draws many diagrams in one.
@@ -86,9 +86,27 @@ async def mermaid_page(browser_page: Page) -> Page:
     return browser_page
 
 
+async def drawn(page: Page, text: str, selector: str) -> dict[str, Any]:
+    """What Mermaid drew of ``text`` (see ``RENDER_JS``); ``error`` when it refused it."""
+    result: dict[str, Any] = await page.evaluate(RENDER_JS, [text, selector])
+    return result
+
+
+def overlaps(boxes: list[list[float]]) -> list[str]:
+    """Drawn for real: every node has a box of its own, none on top of another."""
+    found = []
+    if not all(w > 10 and h > 10 for _, _, w, h in boxes):
+        found.append(f"nodes without a visible box: {boxes}")
+    for i, (x1, y1, w1, h1) in enumerate(boxes):
+        for x2, y2, w2, h2 in boxes[i + 1 :]:
+            if not (x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1):
+                found.append(f"overlapping nodes: {boxes}")
+    return found
+
+
 async def problems(page: Page, text: str, highlight: str | None) -> list[str]:
     """What is wrong with ``text`` drawn as a diagram of the machine; empty when nothing is."""
-    result = await page.evaluate(RENDER_JS, text)
+    result = await drawn(page, text, STATE_NODES)
     if "error" in result:
         return [f"Mermaid rejected it: {result['error']}"]
     found = []
@@ -100,20 +118,12 @@ async def problems(page: Page, text: str, highlight: str | None) -> list[str]:
     filled = sorted(node["name"] for node in result["nodes"] if node["fill"] == HIGHLIGHT_RGB)
     if filled != ([highlight] if highlight else []):
         found.append(f"highlighted {filled}, expected {highlight!r}")
-    # Drawn for real: every state has a box of its own, none on top of another.
-    boxes = [node["box"] for node in result["nodes"]]
-    if not all(w > 10 and h > 10 for _, _, w, h in boxes):
-        found.append(f"states without a visible box: {boxes}")
-    for i, (x1, y1, w1, h1) in enumerate(boxes):
-        for x2, y2, w2, h2 in boxes[i + 1 :]:
-            if not (x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1):
-                found.append(f"overlapping states: {boxes}")
-    return found
+    return found + overlaps([node["box"] for node in result["nodes"]])
 
 
 async def test_mermaid_draws_every_state_arrow_and_highlight(mermaid_page: Page) -> None:
     found = {f"highlight={h}": await problems(mermaid_page, mermaid(h), h) for h in HIGHLIGHTS}
-    found["docs/state-machine.md"] = await problems(mermaid_page, doc_block(), None)
+    found["docs/state-machine.md"] = await problems(mermaid_page, doc_block(DOC), None)
     assert {name: wrong for name, wrong in found.items() if wrong} == {}
 
 
