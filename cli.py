@@ -24,6 +24,10 @@ from rich.table import Table
 
 from adapters import inspection
 from adapters.inspector import CallInspector
+from adapters.keys import CallField
+from orchestrator import flow_diagram
+from orchestrator.callflow import CallFlow, load_callflow
+from orchestrator.errors import ConfigError
 from orchestrator.turn import Outcome
 from simulator.cli import simulate
 from states import State
@@ -277,27 +281,53 @@ def reconcile(options: dict[str, Any]) -> None:
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="mermaid", show_default=True)
-@click.option("--call", "conversation_id", help="Highlight this call's current state (reads Redis).")
+@click.option(
+    "--flow",
+    "flow_file",
+    is_flag=False,
+    flag_value="",
+    metavar="[FILE]",
+    help="Draw the call flow in FILE instead; without FILE, the bot's (CALLFLOW_FILE, or the built-in one).",
+)
+@click.option(
+    "--call",
+    "conversation_id",
+    help="Highlight this call's current state, or node with --flow (reads Redis).",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
 @click.pass_obj
-def diagram(options: dict[str, Any], fmt: str, conversation_id: str | None, output: Path | None) -> None:
-    """The call state machine, drawn from the definition the bot runs.
+def diagram(
+    options: dict[str, Any], fmt: str, flow_file: str | None, conversation_id: str | None, output: Path | None
+) -> None:
+    """The call state machine, drawn from the definition the bot runs; with --flow, a call flow.
 
     mermaid and dot need nothing installed; svg and png need Graphviz's `dot`."""
+    flow = None if flow_file is None else _callflow(flow_file)
     highlight = None
     if conversation_id is not None:
         record = _run(options, lambda inspector: inspector.store.record(conversation_id))
         if not record:
             raise click.ClickException(f"no call {conversation_id!r} (unknown, or expired)")
-        highlight = record.get("state")
+        highlight = record.get(CallField.STATE if flow is None else CallField.NODE) or None
     try:
-        drawing = render(fmt, highlight)
+        drawing = render(fmt, highlight) if flow is None else flow_diagram.render(flow, fmt, highlight)
     except DiagramError as e:
         raise click.ClickException(str(e)) from None
     if output is not None:
         output.write_bytes(drawing)
     else:
         click.get_binary_stream("stdout").write(drawing)
+
+
+def _callflow(path: str) -> CallFlow:
+    """The flow in ``path``, or ("") the one the bot is configured with; a bad file or
+    setting is one line and exit 1."""
+    from orchestrator.config import load_settings
+
+    try:
+        return load_callflow(Path(path) if path else load_settings().CALLFLOW_FILE)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _echo_json(data: Any) -> None:

@@ -23,6 +23,7 @@ from adapters.inspection import redact
 from adapters.keys import Keyspace
 from adapters.store import RedisCallStore
 from cli import cli
+from orchestrator import flow_diagram
 from orchestrator.callflow import load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
@@ -216,6 +217,57 @@ def test_diagram_as_svg_with_graphviz(tmp_path: Any) -> None:
     target = tmp_path / "machine.svg"
     assert invoke("diagram", "--format", "svg", "-o", str(target)).exit_code == 0
     assert "<svg" in target.read_text() and "transferring" in target.read_text()
+
+
+def test_diagram_flow_draws_a_flow_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = load_callflow(SAMPLE_FLOW)
+    assert invoke("diagram", "--flow", str(SAMPLE_FLOW)).output == flow_diagram.mermaid(sample)
+    target = tmp_path / "flow.dot"
+    assert invoke("diagram", "--flow", str(SAMPLE_FLOW), "--format", "dot", "-o", str(target)).exit_code == 0
+    assert target.read_text() == flow_diagram.dot(sample)
+    # Without FILE: the flow the bot is configured with, or the built-in one.
+    monkeypatch.setenv("CALLFLOW_FILE", str(SAMPLE_FLOW))
+    assert invoke("diagram", "--flow").output == flow_diagram.mermaid(sample)
+    monkeypatch.delenv("CALLFLOW_FILE")
+    assert invoke("diagram", "--flow", "--format", "dot").output == flow_diagram.dot(load_callflow())
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (None, "cannot read the call flow file"),
+        ("nodes: [", "not valid YAML"),
+        ("prompts: {}\nstart: main\nnodes: {main: {type: menu, routes: [{key: '1', to: gone}]}}\n", "gone"),
+    ],
+)
+def test_diagram_flow_of_a_bad_file_is_one_line(tmp_path: Path, text: str | None, error: str) -> None:
+    path = tmp_path / "flow.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = CliRunner().invoke(cli, ["diagram", "--flow", str(path)])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"Error: {path}") and error in result.output
+
+
+def test_diagram_flow_highlights_a_calls_node(call_in_redis: str, tmp_path: Path) -> None:
+    base = [
+        "--redis-url",
+        REAL_REDIS_URL,
+        "--prefix",
+        call_in_redis,
+        "diagram",
+        "--call",
+        "call-42",
+        "--flow",
+    ]
+    result = invoke(*base, str(SAMPLE_FLOW))  # the call waited at main before its transfer
+    assert result.output == flow_diagram.mermaid(load_callflow(SAMPLE_FLOW), "main")
+    renamed = tmp_path / "renamed.yaml"  # a flow without that node: the call is not in it
+    renamed.write_text(SAMPLE_FLOW.read_text().replace("main", "lobby"))
+    missing = CliRunner().invoke(cli, [*base, str(renamed)])
+    assert missing.exit_code == 1
+    assert "unknown node 'main': this flow's nodes are lobby, billing, agent" in missing.output
 
 
 def test_calls_watch_shows_steps_committed_after_it_started(call_in_redis: str) -> None:
