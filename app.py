@@ -227,7 +227,7 @@ def create_app(config: Settings | None = None) -> web.Application:
     add_routes(APP)
     add_socket_routes(APP, CONNECTIONS)
     if CONFIG.OPERATOR_TOKEN is not None:
-        add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value())
+        add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value(), FLOW)
     else:
         log.info("OPERATOR_TOKEN is not set: the operator API, /metrics and /dashboard are off")
     return APP

@@ -21,12 +21,18 @@ from aiohttp import web
 from adapters import inspection
 from adapters.http import METRICS_KEY, STORE_KEY, problem
 from adapters.inspector import CallInspector
+from adapters.keys import CallField
+from orchestrator.callflow import CallFlow
 from orchestrator.errors import StoreUnavailable
+from orchestrator.flow_diagram import render as flow_diagram_render
 from states import State
 from states.diagram import FORMATS, DiagramError, GraphvizMissing, render
 
 INSPECTOR_KEY = web.AppKey("inspector", CallInspector)
 TOKEN_KEY = web.AppKey("operator_token", bytes)
+FLOW_KEY = web.AppKey("flow", CallFlow)
+# The flow's drawings, by format and highlight: each drawn once.
+FLOW_DRAWING_KEY = web.AppKey[Callable[[str, str | None], bytes]]("flow_drawing")
 
 MAX_LIST = 1000  # the CLI lists up to 10,000; a page of an HTTP API stays smaller
 MAX_TRANSITIONS = 500
@@ -50,6 +56,13 @@ class BadQuery(ValueError):
     """A query parameter out of range: a 400 with this reason."""
 
 
+class NoCall(LookupError):
+    """The call a request names is not stored: a 404."""
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(f"no call {conversation_id!r} (unknown, or expired)")
+
+
 def operator_only(handler: Handler) -> Handler:
     """Require the operator's bearer token; answer 503 when Redis fails."""
 
@@ -68,6 +81,8 @@ def operator_only(handler: Handler) -> Handler:
             return await handler(request)
         except BadQuery as e:
             return problem(400, str(e))
+        except NoCall as e:
+            return problem(404, str(e))
         except StoreUnavailable as e:
             return problem(503, f"call state is temporarily unavailable: {e}", **{"Retry-After": "1"})
 
@@ -103,7 +118,7 @@ async def show_call(request: web.Request) -> web.StreamResponse:
     conversation_id = request.match_info["id"]
     call = await inspection.call_details(request.app[INSPECTOR_KEY], conversation_id)
     if call is None:
-        return problem(404, f"no call {conversation_id!r} (unknown, or expired)")
+        raise NoCall(conversation_id)
     return web.json_response(call)
 
 
@@ -136,17 +151,44 @@ async def machine(request: web.Request) -> web.StreamResponse:
 @operator_only
 async def diagram(request: web.Request) -> web.StreamResponse:
     """``GET /api/diagram[?format=mermaid|dot|svg|png&call=ID]``"""
+    fmt = _format(request)
+    highlight = await _current(request, CallField.STATE)
+    return await _drawn(fmt, functools.partial(_drawing, fmt, highlight))
+
+
+@operator_only
+async def flow_diagram(request: web.Request) -> web.StreamResponse:
+    """``GET /api/flow/diagram[?format=mermaid|dot|svg|png&call=ID]``: the call flow this
+    bot runs, the call's node highlighted."""
+    fmt = _format(request)
+    node = await _current(request, CallField.NODE)
+    if node is not None and node not in request.app[FLOW_KEY].nodes:  # a flow since changed
+        return problem(
+            409, f"call {request.query['call']!r} is at node {node!r}: this bot's flow has no such node"
+        )
+    return await _drawn(fmt, functools.partial(request.app[FLOW_DRAWING_KEY], fmt, node))
+
+
+def _format(request: web.Request) -> str:
     fmt = request.query.get("format", "mermaid")
     if fmt not in FORMATS:
-        return problem(400, f"format must be one of {', '.join(FORMATS)}")
-    highlight = None
-    if "call" in request.query:
-        record = await request.app[INSPECTOR_KEY].store.record(request.query["call"])
-        if not record:
-            return problem(404, f"no call {request.query['call']!r} (unknown, or expired)")
-        highlight = record.get("state")
+        raise BadQuery(f"format must be one of {', '.join(FORMATS)}")
+    return fmt
+
+
+async def _current(request: web.Request, field: str) -> str | None:
+    """``field`` of the record of the ``call`` asked for (its state or node), if one is."""
+    if "call" not in request.query:
+        return None
+    record = await request.app[INSPECTOR_KEY].store.record(request.query["call"])
+    if not record:
+        raise NoCall(request.query["call"])
+    return record.get(field) or None
+
+
+async def _drawn(fmt: str, draw: Callable[[], bytes]) -> web.StreamResponse:
     try:
-        drawing = await asyncio.to_thread(_drawing, fmt, highlight)  # Graphviz runs as a process
+        drawing = await asyncio.to_thread(draw)  # Graphviz runs as a process
     except GraphvizMissing as e:
         return problem(501, str(e))
     except DiagramError as e:  # Graphviz failed, or a state this version does not know
@@ -186,10 +228,16 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     )
 
 
-def add_operator_routes(app: web.Application, token: str) -> None:
-    """Serve the operator API on ``app``, opened by ``token``."""
+def add_operator_routes(app: web.Application, token: str, flow: CallFlow) -> None:
+    """Serve the operator API on ``app``, opened by ``token``; ``flow`` is the call flow
+    the bot runs."""
     app[TOKEN_KEY] = token.encode()
     app[INSPECTOR_KEY] = CallInspector(app[STORE_KEY])
+    app[FLOW_KEY] = flow
+    drawing: Callable[[str, str | None], bytes] = functools.lru_cache(maxsize=64)(
+        functools.partial(flow_diagram_render, flow)
+    )
+    app[FLOW_DRAWING_KEY] = drawing
     routes: dict[str, Any] = {
         "/api/calls": list_calls,
         "/api/calls/{id:.+}": show_call,  # ids may hold { } and /
@@ -197,6 +245,7 @@ def add_operator_routes(app: web.Application, token: str) -> None:
         "/api/transitions": transitions,
         "/api/machine": machine,
         "/api/diagram": diagram,
+        "/api/flow/diagram": flow_diagram,
         "/metrics": prometheus,
         "/dashboard": dashboard,
     }

@@ -14,11 +14,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.http import STORE_KEY
+from adapters.keys import CallField
 from app import create_app
+from orchestrator import flow_diagram
+from orchestrator.callflow import load_callflow
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
 from states.diagram import mermaid
-from tests.conftest import delete_prefix
+from tests.conftest import SAMPLE_FLOW, delete_prefix
 
 TOKEN = "operator-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -141,6 +144,28 @@ async def test_the_machine_and_its_diagrams(bot: TestClient[Any, Any], calls: di
         assert svg.status == 200 and svg.content_type == "image/svg+xml" and b"<svg" in await svg.read()
 
 
+async def test_the_flow_diagram(bot: TestClient[Any, Any], calls: dict[str, Caller]) -> None:
+    flow = load_callflow(SAMPLE_FLOW)  # the tests' bots run it
+    assert (await get(bot, "/api/flow/diagram")).decode() == flow_diagram.mermaid(flow)
+    chatting = calls["chatting"].conversation_id  # said "one": at the billing menu
+    text = await get(bot, f"/api/flow/diagram?call={chatting}")
+    assert text.decode() == flow_diagram.mermaid(flow, "billing")
+    dot = await get(bot, f"/api/flow/diagram?format=dot&call={calls['failed'].conversation_id}")
+    assert dot.decode() == flow_diagram.dot(flow, "main")
+    if shutil.which("dot"):
+        svg = await bot.get("/api/flow/diagram?format=svg", headers=AUTH)
+        assert (
+            svg.status == 200
+            and svg.content_type == "image/svg+xml"
+            and b"agent (queue agents)" in await svg.read()
+        )
+    # A call at a node the flow no longer has (it changed since): a conflict that says so.
+    store = bot.app[STORE_KEY]
+    await store.redis.hset(store.keys.call(chatting).call, CallField.NODE, "gone")
+    answer = await get(bot, f"/api/flow/diagram?call={chatting}", 409)
+    assert answer["error"] == f"call {chatting!r} is at node 'gone': this bot's flow has no such node"
+
+
 async def test_diagram_without_graphviz_is_a_501_that_says_so(
     bot: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,6 +185,8 @@ async def test_diagram_without_graphviz_is_a_501_that_says_so(
         ("/api/stats?window=30d", "window"),
         ("/api/diagram?format=gif", "format must be"),
         ("/api/diagram?call=nobody", "no call"),
+        ("/api/flow/diagram?format=gif", "format must be"),
+        ("/api/flow/diagram?call=nobody", "no call"),
         ("/api/calls?limit=%C2%B2", "limit must be"),  # a digit to str.isdigit, not to int()
         ("/api/calls?limit=" + "9" * 5000, "limit must be"),
         ("/api/stats?window=%D9%A1h", "window"),  # an Arabic-Indic one
@@ -198,6 +225,7 @@ async def test_bad_queries_get_a_reason_and_change_nothing(
         "/api/transitions",
         "/api/machine",
         "/api/diagram",
+        "/api/flow/diagram",
         "/metrics",
     ],
 )
@@ -243,7 +271,15 @@ async def test_with_no_operator_token_there_is_no_operator_api(
     monkeypatch.delenv("OPERATOR_TOKEN", raising=False)
     client = await serve(load_settings(REDIS_URL=None, REDIS_KEY_PREFIX=key_prefix))
     try:
-        for path in ["/api/calls", "/api/calls/x", "/api/stats", "/api/diagram", "/metrics", "/dashboard"]:
+        for path in [
+            "/api/calls",
+            "/api/calls/x",
+            "/api/stats",
+            "/api/diagram",
+            "/api/flow/diagram",
+            "/metrics",
+            "/dashboard",
+        ]:
             assert (await client.get(path, headers=AUTH)).status == 404, path
     finally:
         await client.close()
