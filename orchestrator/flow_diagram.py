@@ -30,10 +30,10 @@ from orchestrator.callflow import (
     shipped_flow,
 )
 from states.diagram import (
-    HIGHLIGHT_FILL,
-    HIGHLIGHT_STROKE,
+    DOT_HIGHLIGHT,
     DiagramError,
     dot_string,
+    mermaid_highlight,
     render_source,
     replace_block,
 )
@@ -203,8 +203,7 @@ def mermaid(flow: CallFlow, highlight: str | None = None) -> str:
         lines.append("    classDef note stroke-dasharray:5 3")
         lines.append(f"    class {','.join(notes)} note")
     if current is not None:
-        lines.append(f"    classDef current fill:{HIGHLIGHT_FILL},stroke:{HIGHLIGHT_STROKE},stroke-width:3px")
-        lines.append(f"    class {ids[current]} current")
+        lines += mermaid_highlight(ids[current])
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +222,7 @@ def dot(flow: CallFlow, highlight: str | None = None) -> str:
         style = [shape.dot_style] if shape.dot_style else []
         if box.name == current:
             style.append("filled")
-            attributes += [f'fillcolor="{HIGHLIGHT_FILL}"', f'color="{HIGHLIGHT_STROKE}"', "penwidth=3"]
+            attributes.append(DOT_HIGHLIGHT)
         if style:
             attributes.append(f"style={dot_string(','.join(style))}")
         lines.append(f"    {dot_string(box.name)} [{', '.join(attributes)}];")

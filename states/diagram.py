@@ -23,6 +23,8 @@ BEGIN, END = "```mermaid\n", "```\n"
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 HIGHLIGHT_FILL, HIGHLIGHT_STROKE = "#ffd54f", "#e65100"
+# A highlighted box in DOT, beside its style (which must add ``filled``).
+DOT_HIGHLIGHT = f'fillcolor="{HIGHLIGHT_FILL}", color="{HIGHLIGHT_STROKE}", penwidth=3'
 GRAPHVIZ_TIMEOUT_SECONDS = 20.0  # the machine has five states: dot takes milliseconds, unless wedged
 
 
@@ -84,11 +86,18 @@ def mermaid(highlight: str | None = None) -> str:
     lines += [f"    {a.source} --> {a.dest} : {a.label}" for a in arrows()]
     lines.append(f"    {State.ENDED.value} --> [*]")
     if current is not None:
-        # Lower-case ``class``, the documented form: transitions 0.9.3 writes ``Class``, which
-        # Mermaid 11 accepts only because its lexer ignores case; other readers need not.
-        lines.append(f"    classDef current fill:{HIGHLIGHT_FILL},stroke:{HIGHLIGHT_STROKE},stroke-width:3px")
-        lines.append(f"    class {current.value} current")
+        lines += mermaid_highlight(current.value)
     return "\n".join(lines) + "\n"
+
+
+def mermaid_highlight(name: str) -> list[str]:
+    """The lines of a Mermaid diagram that draw ``name`` (its id there) filled."""
+    # Lower-case ``class``, the documented form: transitions 0.9.3 writes ``Class``, which
+    # Mermaid 11 accepts only because its lexer ignores case; other readers need not.
+    return [
+        f"    classDef current fill:{HIGHLIGHT_FILL},stroke:{HIGHLIGHT_STROKE},stroke-width:3px",
+        f"    class {name} current",
+    ]
 
 
 def dot_string(text: str) -> str:
@@ -109,7 +118,7 @@ def dot(highlight: str | None = None) -> str:
         '    __start__ [shape=point, width=0.2, label=""];',
         '    __end__ [shape=doublecircle, style=filled, fillcolor=black, width=0.12, label=""];',
     ]
-    filled = f'style="rounded,filled", fillcolor="{HIGHLIGHT_FILL}", color="{HIGHLIGHT_STROKE}", penwidth=3'
+    filled = f'style="rounded,filled", {DOT_HIGHLIGHT}'
     for state in State:
         lines.append(f"    {dot_string(state.value)}{f' [{filled}]' if state is current else ''};")
     lines.append(f"    __start__ -> {dot_string(State.BOT.value)};")
