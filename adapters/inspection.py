@@ -102,8 +102,7 @@ async def call_details(inspector: CallInspector, conversation_id: str) -> dict[s
     record = await store.record(conversation_id)
     if not record:
         return None
-    loaded = (await store.load(conversation_id)).call
-    transcript = loaded.transcript if loaded is not None else []
+    transcript = await store.transcript(conversation_id)
     history = await store.history(conversation_id)
     shown: dict[str, Any] = {k: v for k, v in record.items() if k != "reference"}
     shown["reference"] = shown_reference(record.get("reference", ""))

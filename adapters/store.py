@@ -481,6 +481,13 @@ class RedisCallStore:
             record: dict[str, str] = await self.redis.hgetall(self.keys.call(conversation_id).call)  # type: ignore[assignment]
         return record
 
+    async def transcript(self, conversation_id: str) -> list[Line]:
+        """The call's transcript, oldest first: what views show, read without opening the
+        call's sealed variables (which an operator's tools have no keys for, nor need)."""
+        with unavailable_while("reading a transcript"):
+            raw: list[str] = await self.redis.lrange(self.keys.call(conversation_id).transcript, 0, -1)  # type: ignore[assignment]
+        return [decode_line(line) for line in raw]
+
     async def history(self, conversation_id: str) -> list[tuple[int, Step]]:
         """The call's history, oldest first, as (ms Redis time of its commit, step)."""
         keys = self.keys.call(conversation_id)
