@@ -43,6 +43,7 @@ DOC = Path(__file__).parents[1] / "docs" / "call-flows.md"
 DOC_SECTIONS = {
     "## The default flow, drawn": DEFAULT_CALLFLOW,
     "## The sample flow, drawn": SAMPLE_CALLFLOW,
+    "## The account-lookup flow, drawn": "account-lookup.yaml",
 }
 
 # Drawn boxes that are no node of the flow; parentheses keep them apart from node names.
