@@ -10,6 +10,7 @@ import io
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,25 +40,46 @@ OPEN = datetime.fromisoformat("2026-12-07T10:00-05:00")  # a Monday morning
 CLOSED = datetime.fromisoformat("2026-12-05T10:00-05:00")  # a Saturday
 
 
+@asynccontextmanager
+async def serving(
+    flow: dict[str, Any], tmp_path: Path, key_prefix: str, **settings: Any
+) -> AsyncIterator[str]:
+    """The bot as `make run` starts it (embedded Redis) on ``flow``, on a loopback port: its URL."""
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
+    server = TestServer(
+        create_app(
+            load_settings(
+                REDIS_URL=None,
+                REDIS_KEY_PREFIX=key_prefix,
+                CALLFLOW_FILE=tmp_path / "flow.yaml",
+                SCHEDULER_POLL_SECONDS=0.1,
+                **settings,
+            )
+        ),
+        host="127.0.0.1",
+    )
+    await server.start_server()
+    try:
+        yield str(server.make_url("/"))
+    finally:
+        await server.close()
+
+
 @pytest.fixture
-async def bot_url(tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    """The bot as `make run` starts it (embedded Redis), on the transfer sample flow with a 2 s
-    no-answer watchdog so the no-answer scenario ends quickly; on a loopback port."""
+def bot_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's environment kept out of the bots this file starts."""
     for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def bot_url(tmp_path: Path, key_prefix: str, bot_environment: None) -> AsyncIterator[str]:
+    """The bot on the transfer sample flow with a 2 s no-answer watchdog, so the no-answer
+    scenario ends quickly."""
     flow = yaml.safe_load(SAMPLE_FLOW.read_text())
     flow["queues"]["agents"]["timeout_seconds"] = 2
-    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
-    settings = load_settings(
-        REDIS_URL=None,
-        REDIS_KEY_PREFIX=key_prefix,
-        CALLFLOW_FILE=tmp_path / "flow.yaml",
-        SCHEDULER_POLL_SECONDS=0.1,
-    )
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/"))
-    await server.close()
+    async with serving(flow, tmp_path, key_prefix) as url:
+        yield url
 
 
 def quick(flow: dict[str, Any]) -> dict[str, Any]:
@@ -76,26 +98,14 @@ def quick(flow: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(params=[("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN)], ids=str)
 async def flow_bot(
-    request: pytest.FixtureRequest, tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, tmp_path: Path, key_prefix: str, bot_environment: None
 ) -> AsyncIterator[tuple[str, str, datetime]]:
     """The bot on a shipped flow with its clock pinned (HOURS_CLOCK) in or out of opening
     hours: (its URL, the flow's name, its clock)."""
-    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"):
-        monkeypatch.delenv(name, raising=False)
     flow_name, clock = request.param
     flow = quick(yaml.safe_load(shipped_flow(f"{flow_name}.yaml").read_text()))
-    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(flow))
-    settings = load_settings(
-        REDIS_URL=None,
-        REDIS_KEY_PREFIX=key_prefix,
-        CALLFLOW_FILE=tmp_path / "flow.yaml",
-        SCHEDULER_POLL_SECONDS=0.1,
-        HOURS_CLOCK=clock,
-    )
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/")), flow_name, clock
-    await server.close()
+    async with serving(flow, tmp_path, key_prefix, HOURS_CLOCK=clock) as url:
+        yield url, flow_name, clock
 
 
 def console() -> tuple[Console, io.StringIO]:
