@@ -20,6 +20,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.fernet import Fernet
 from rich.console import Console
 
 from adapters.framing import CONTENT_TYPE, Request, Response, new_id
@@ -31,7 +32,8 @@ from simulator import scenario as scenarios
 from simulator.call import Transport
 from simulator.channel import Caller
 from simulator.cli import run_scripted, wired
-from tests.process import ROOT
+from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
+from tests.process import ROOT, BotProcess, flow_doc, write_flow
 
 SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 SAMPLE = "transfer-sample"  # its scenarios, which most tests here play
@@ -585,3 +587,45 @@ async def test_a_hang_up_nobody_expected_is_named(stub: StubBot) -> None:
     stub.answer = hangs_up_on_bye
     result = await play(stub, ["start", {"say": "bye"}, {"expect_prompt": {"contains": "Goodbye"}}], "http")
     assert not result.passed and result.unexpected == ("a hang-up (endOfConversation)",)
+
+
+@pytest.mark.parametrize(
+    ("flow_name", "clock"),
+    [("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN), (SAMPLE, OPEN)],
+    ids=["default-open", "default-closed", "account-lookup", SAMPLE],
+)
+async def test_the_shipped_scenarios_pass_across_real_instances_on_real_redis(
+    flow_name: str, clock: datetime, tmp_path: Path, key_prefix: str, bot_environment: None
+) -> None:
+    """Two `python app.py` processes on the real Redis, behind a round-robin "load
+    balancer" (the simulator's), over both transports: every activity of a call may land
+    on either instance, and the timers fire on whichever claims them."""
+    redis = await real_redis_or_skip()
+    keys = Fernet.generate_key().decode()
+    env = {
+        "REDIS_URL": REAL_REDIS_URL,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "CALLFLOW_FILE": write_flow(tmp_path, quick(flow_doc(f"{flow_name}.yaml"))),
+        "HOURS_CLOCK": clock.isoformat(),
+        "VARIABLES_KEYS": keys,
+        "SCHEDULER_POLL_SECONDS": "0.1",
+    }
+    bots = [BotProcess(env, tmp_path, f"bot-{n}") for n in range(2)]
+    try:
+        await asyncio.gather(*(bot.start() for bot in bots))
+        hours = scenarios.BotHours.of(load_callflow(shipped_flow(f"{flow_name}.yaml")), clock)
+        files = scenarios.shipped(flow_name)
+        for transport in ("http", "websocket"):
+            screen, out = console()
+            code = await run_scripted(
+                [bot.url for bot in bots], files, "127.0.0.1:0", screen, transport, hours
+            )
+            report = out.getvalue()
+            assert code == 0, f"{transport}:\n{report}\n" + "\n".join(bot.log()[-3000:] for bot in bots)
+            ran = sum(not hours.skip_reason(scenarios.load(path)) for path in files)
+            assert f"{ran} passed, 0 failed" in report and ran > 0
+    finally:
+        for bot in bots:
+            bot.stop()
+        await delete_prefix(redis, key_prefix)
+        await redis.aclose()
