@@ -42,6 +42,8 @@ SHARED = {
     ":due": "due schedules",
     ":feed": "feeds",
     ":stats:": "transfer counters",
+    ":node:": "node indexes",
+    ":nodes": "node lists",
     ":instance:": "instance leases",  # one per running instance, not per call
 }
 KEPT_EVERY = 10  # every tenth call has a reply kept in its outbox

@@ -167,7 +167,8 @@ def render_from_scratch(flow: CallFlow, name: str, caller_input: str) -> SpokenP
         text = text.replace("{input}", clean_text(caller_input))
         ssml_text = ssml_text.replace("{input}", xml_text(caller_input))
     ssml = speak(ssml_text, prompt.voice or flow.voice, prompt.locale or flow.locale)
-    return SpokenPrompt(name=name, text=text, ssml=ssml, hint=BARGE_IN_HINTS[prompt.barge_in])
+    hint = BARGE_IN_HINTS[prompt.barge_in]
+    return SpokenPrompt(name=name, text=text, ssml=ssml, hint=hint, seconds=len(text) / flow.speaking_rate)
 
 
 @settings(max_examples=200, deadline=None)
