@@ -249,7 +249,7 @@ class Gather(_Node):
     invalid: Prompts = ()  # said when the digits do not fit, before asking again
     attempts: int = Field(3, ge=1, le=10)
     next: Name
-    on_fail: Name  # after ``attempts`` entries that do not fit, or no input past its max
+    on_fail: Name  # after ``attempts`` entries that do not fit (silence goes by its no_input)
     no_input: NoInput | Literal["default"] | None = "default"
 
     @model_validator(mode="after")
@@ -291,7 +291,8 @@ class Action(_Node):
 
     type: Literal["action"]
     action: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
-    timeout_seconds: float = Field(5.0, gt=0, le=30)
+    # Well inside a turn's budget (the channel's answer is due in 15 s) and a timer's claim.
+    timeout_seconds: float = Field(5.0, gt=0, le=10)
     next: Name
     on_error: Name
     may_go: list[Name] = Field(default_factory=list)  # other nodes the function may send the call to
@@ -556,7 +557,8 @@ class CallFlow(_Strict):
             for route, shared in routes:
                 if route.to is not None:
                     yield Edge(_route_label(route), route.to, shared)
-            for field in ("no_input", "no_match"):
+            # A gather's misfits go to on_fail by its attempts: it has no no_match.
+            for field in ("no_input",) if isinstance(node, Gather) else ("no_input", "no_match"):
                 retry = self.retry_of(node, field)
                 if retry is not None and retry.then is not None:
                     yield Edge(field, retry.then, getattr(node, field, "default") == "default")

@@ -892,3 +892,21 @@ def test_non_mapping_document(raw: str) -> None:
     error = config_error(raw)
     assert error.where == LABEL
     assert "mapping" in str(error)
+
+
+def test_a_gather_has_no_no_match_so_it_reaches_nothing_by_one() -> None:
+    """Entries that do not fit go to on_fail by the gather's attempts: a node only the
+    default no_match leads to is unreachable from a flow of gathers."""
+    doc = {
+        "prompts": {"ask": {"text": "Enter digits."}, "bye": {"text": "Bye."}},
+        "start": "entry",
+        "defaults": {"no_input": None, "no_match": {"max": 1, "then": "only_by_no_match"}},
+        "nodes": {
+            "entry": {"type": "gather", "say": "ask", "into": "digits", "next": "done", "on_fail": "done"},
+            "done": {"type": "hang_up", "say": "bye"},
+            "only_by_no_match": {"type": "hang_up", "say": "bye"},
+        },
+    }
+    assert doc_error(doc) == (
+        "flow.yaml: nodes.only_by_no_match: unreachable: no route, next or other node leads to it"
+    )
