@@ -43,7 +43,7 @@ from adapters.sealing import Sealer
 from adapters.socket_api import CONNECTIONS_KEY, add_socket_routes
 from adapters.store import RedisCallStore, Retention
 from orchestrator.actions import load_actions
-from orchestrator.callflow import load_callflow
+from orchestrator.callflow import Action, load_callflow
 from orchestrator.config import Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import ConfigError, StoreUnavailable
@@ -76,6 +76,17 @@ def create_app(config: Settings | None = None) -> web.Application:
             raise ConfigError(
                 name, f"must be at least twice queues.{longest[1]}.timeout_seconds ({longest[0]} s)"
             )
+    # A timer turn that runs an action must commit before its claim lapses, or another
+    # instance claims the timer and runs the user's code again.
+    slowest = max(
+        ((n.timeout_seconds, name) for name, n in FLOW.nodes.items() if isinstance(n, Action)), default=None
+    )
+    if slowest is not None and 2 * slowest[0] > CONFIG.SCHEDULER_LEASE_SECONDS:
+        raise ConfigError(
+            "SCHEDULER_LEASE_SECONDS",
+            f"must be at least twice nodes.{slowest[1]}.timeout_seconds ({slowest[0]:g} s): a timer "
+            "that runs the action must be done before another instance may claim it",
+        )
     keys = CONFIG.VARIABLES_KEYS.get_secret_value() if CONFIG.VARIABLES_KEYS else None
     if keys is None and CONFIG.REDIS_URL is not None and FLOW.collects_variables:
         raise ConfigError(

@@ -166,7 +166,9 @@ class Engine:
             if call is None and isinstance(event, CallStarted):
                 call = Call(id=conversation_id)
         guessed = call is not None
-        ran: dict[str, ActionOutcome] = {}  # action node -> what its code returned, this activity
+        # What the user's code returned this activity, by what it was given: a rerun after a
+        # conflict that reaches it with the same node, variables and input reuses it.
+        ran: dict[tuple[str, frozenset[tuple[str, str]], str], ActionOutcome] = {}
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             if call is None:
                 loaded = await self.store.load(conversation_id, activity_id)
@@ -183,9 +185,10 @@ class Engine:
             while turn.action:  # the flow runs the user's code: outside the commit, bounded
                 node = self.runner.flow.nodes[turn.action]
                 assert isinstance(node, Action)
-                if turn.action not in ran:  # a rerun after a conflict reuses what it returned
-                    ran[turn.action] = await run_action(self.actions[node.action], node, turn)
-                turn = self.runner.after_action(turn, ran[turn.action])
+                given = (turn.action, frozenset(turn.call.variables.items()), turn.caller_input)
+                if given not in ran:
+                    ran[given] = await run_action(self.actions[node.action], node, turn)
+                turn = self.runner.after_action(turn, ran[given])
             if only_if_changed and (turn.is_empty or call.is_new):
                 return None
             outbox = ""

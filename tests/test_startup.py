@@ -60,3 +60,25 @@ def test_a_bad_call_flow_stops_start_up_naming_the_field(tmp_path: Path) -> None
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"configuration error: {path}: queues.agents.targets.0: '+1 425-123-1234'"), last
     assert "Traceback" not in result.stderr
+
+
+def test_a_lease_shorter_than_an_action_may_take_stops_start_up() -> None:
+    """A timer that runs the account lookup (3 s) must be done before its 5 s claim lapses."""
+    flow = str(ROOT / "orchestrator" / "flows" / "account-lookup.yaml")
+    result = start({"CALLFLOW_FILE": flow, "SCHEDULER_LEASE_SECONDS": "5"})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "configuration error: SCHEDULER_LEASE_SECONDS: must be at least twice "
+        "nodes.lookup.timeout_seconds (3 s): a timer that runs the action must be done "
+        "before another instance may claim it"
+    ), result.stderr
+
+
+def test_an_action_may_not_take_longer_than_a_turn_allows(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "orchestrator" / "flows" / "account-lookup.yaml").read_text())
+    data["nodes"]["lookup"]["timeout_seconds"] = 20
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    last = start({"CALLFLOW_FILE": str(path)}).stderr.strip().splitlines()[-1]
+    assert last.startswith(f"configuration error: {path}: nodes.lookup"), last
+    assert "timeout_seconds" in last and "10" in last, last
