@@ -198,9 +198,15 @@ def simulate(
         if calls is not None:
             from simulator.load import run_load
 
-            mix = [p for p in chosen if hours is None or not hours.skip_reason(scenarios.load(p))]
+            mix = []
+            for path in chosen:
+                why = hours.skip_reason(scenarios.load(path)) if hours else ""
+                if why:
+                    console.print(f"left out: {path.name}: {why}", markup=False)
+                else:
+                    mix.append(path)
             if not mix:
-                raise click.ClickException(f"no scenario can run at this clock: {hours}")
+                raise click.ClickException(f"no scenario can run: {hours}")
             code = asyncio.run(run_load(urls, mix, calls, rate, listen, console, transport))
         elif chosen:
             code = asyncio.run(run_scripted(urls, chosen, listen, console, transport, hours))

@@ -216,21 +216,25 @@ class BotHours:
 
     said: str | None  # "open" or "closed" by every hours of the flow; None: none, or they differ
     at: datetime
+    has_hours: bool = True
 
     @classmethod
     def of(cls, flow: CallFlow, at: datetime) -> BotHours:
         said = {hours.is_open(at) for hours in flow.hours.values()}
-        return cls(None if len(said) != 1 else ("open" if said.pop() else "closed"), at)
+        return cls(None if len(said) != 1 else ("open" if said.pop() else "closed"), at, bool(flow.hours))
+
+    def __str__(self) -> str:
+        at = self.at.isoformat(timespec="minutes")
+        if not self.has_hours:
+            return "the flow has no opening hours"
+        return f"at {at} the flow's hours are {self.said or 'not all the same'}"
 
     def skip_reason(self, scenario: Scenario) -> str:
         """Why ``scenario`` cannot run against this bot ("": it can)."""
         if scenario.hours is None or scenario.hours == self.said:
             return ""
-        return (
-            f"needs the flow's hours {scenario.hours}; at {self.at.isoformat(timespec='minutes')} "
-            f"they are {self.said or 'not all the same'} (pin the bot's clock with HOURS_CLOCK "
-            "and pass the same --clock)"
-        )
+        pin = " (pin the bot's clock with HOURS_CLOCK and pass the same --clock)" if self.has_hours else ""
+        return f"needs the flow's hours {scenario.hours}; {self}{pin}"
 
 
 @dataclass(frozen=True)

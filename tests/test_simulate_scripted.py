@@ -629,3 +629,21 @@ async def test_the_shipped_scenarios_pass_across_real_instances_on_real_redis(
             bot.stop()
         await delete_prefix(redis, key_prefix)
         await redis.aclose()
+
+
+def test_a_scenario_that_needs_hours_says_why_it_cannot_run() -> None:
+    needs_open = scenarios.Scenario.model_validate({"name": "x", "hours": "open", "steps": ["start"]})
+    anytime = scenarios.Scenario.model_validate({"name": "y", "steps": ["start"]})
+    default = load_callflow(shipped_flow("default.yaml"))
+    closed = scenarios.BotHours.of(default, CLOSED)
+    assert closed.said == "closed" and scenarios.BotHours.of(default, OPEN).said == "open"
+    assert (
+        closed.skip_reason(anytime) == ""
+        and scenarios.BotHours.of(default, OPEN).skip_reason(needs_open) == ""
+    )
+    assert closed.skip_reason(needs_open) == (
+        "needs the flow's hours open; at 2026-12-05T10:00-05:00 the flow's hours are closed "
+        "(pin the bot's clock with HOURS_CLOCK and pass the same --clock)"
+    )
+    no_hours = scenarios.BotHours.of(load_callflow(SAMPLE_FLOW), OPEN)
+    assert no_hours.skip_reason(needs_open) == "needs the flow's hours open; the flow has no opening hours"
