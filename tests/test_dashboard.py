@@ -145,12 +145,12 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     (row,) = stats["targets"]
     assert (row["target"], row["started"], row["failed"], row["success_rate"]) == (TARGET, 2, 1, 0)
     target_row = page.locator("#targets tbody tr", has_text=TARGET)
-    await expect(target_row.locator("td")).to_have_text([TARGET, "2", "0", "1", "0", "0%"])
+    await expect(target_row.locator("td")).to_have_text([TARGET, "2", "0", "1", "0", "0", "0%"])
     # ... and per queue: the flow's one queue took them all.
     (row,) = stats["queues"]
     assert (row["queue"], row["started"], row["failed"]) == ("agents", 2, 1)
-    await expect(page.locator("#queues tbody tr td")).to_have_text(["agents", "2", "0", "1", "0", "0%"])
-    columns = ["Started", "Accepted", "Failed", "Timeout", "Success rate"]
+    await expect(page.locator("#queues tbody tr td")).to_have_text(["agents", "2", "0", "1", "0", "0", "0%"])
+    columns = ["Started", "Accepted", "Failed", "Timeout", "Late accepted", "Success rate"]
     await expect(page.locator("#queues thead th")).to_have_text(["Queue", *columns])
     await expect(page.locator("#targets thead th")).to_have_text(["Target", *columns])
 
