@@ -4,6 +4,7 @@ Calls are spread over ``SHARDS`` Redis Cluster hash tags by a hash of the conver
 id (never the raw id: a ``{`` or ``}`` in it would move the slot). All keys of one call,
 and the due-work schedule of its shard, carry that tag, so every script and
 transaction on a call touches one slot, and no schedule key holds every call's timers.
+A number pool's keys share the tag ``{pool:<name>}``, so its script touches one slot too.
 See docs/redis-keys.md.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import NamedTuple
 
 from orchestrator.scheduler import OUTBOX, TIMER
 
 SHARDS = 64  # part of every key name: changing it orphans existing calls
+POOL_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a flow name: nothing that could end a hash tag
 
 
 class CallKeys(NamedTuple):
@@ -26,6 +29,14 @@ class CallKeys(NamedTuple):
     history: str  # LIST: a JSON array per transition or ignored event, capped
     seen: str  # HASH: activity id -> "<version>:<commit token>", for de-duplication, bounded
     outbox: str  # HASH: outbox key (the activity id) -> "<ms>:<JSON activities>" not yet acknowledged
+
+
+class PoolKeys(NamedTuple):
+    """The keys of one number pool, in the order pool_lease.lua takes them (one hash slot)."""
+
+    leases: str  # HASH: number -> its lease, JSON {"call", "lease" (key), "since", "until", "claimed"}
+    holders: str  # HASH: JSON [conversation id, lease key] -> the number that lease holds
+    free_at: str  # ZSET: number -> when it comes free (ms, Redis time): its lease's end, or release
 
 
 # commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
@@ -194,6 +205,13 @@ class Keyspace:
     def inbox(self, name: str) -> str:
         """Sharded Pub/Sub channel: sends other instances route to ``name``'s sockets."""
         return f"{self.prefix}:inbox:{{{name}}}"
+
+    def pool(self, name: str) -> PoolKeys:
+        """A number pool's keys, under the tag ``{pool:<name>}``: a pool's script touches one slot."""
+        if not POOL_NAME.fullmatch(name):
+            raise ValueError(f"pool name {name!r}: letters, digits, '_' and '-' only")
+        base = f"{self.prefix}:{{pool:{name}}}"
+        return PoolKeys(*(f"{base}:{field}" for field in PoolKeys._fields))
 
     def due_for(self, conversation_id: str) -> str:
         return self.due(self.locate(conversation_id)[0])
