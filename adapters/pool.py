@@ -1,0 +1,118 @@
+"""Number pools for warm transfers: a number leased to one call at a time, on every instance.
+
+A transfer to a pooled queue dials a number leased from the pool, and the agent side
+looks the call up by the number it sees dialled. Each operation is one run of
+pool_lease.lua on the pool's keys, which share one hash slot.
+
+Design:
+
+- The lease is taken before the call's commit, not inside it: the call's keys and the
+  pool's are in different Cluster slots, so no one script can write both.
+- That is safe because a lease is idempotent by (conversation id, lease key): a turn that
+  is redelivered, or rerun after a commit conflict, leases again with the same key (the
+  call's transfer attempt) and gets the number it already holds, not a second one.
+- A lease lapses at its ``until`` (Redis time), and a lapsed number is leased again: an
+  instance that dies between lease and release, or whose commit never lands, loses the
+  number for one lease at most, with nothing left to clean up. Release is the fast path;
+  lapse is what makes the pool safe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from adapters.keys import Keyspace
+from adapters.store import load_script, unavailable_while
+
+POOL_SCRIPT = load_script("pool_lease.lua")
+
+
+@dataclass(slots=True, frozen=True)
+class Lease:
+    """A number's lease, as stored: times in ms, Redis time."""
+
+    number: str
+    call: str  # the conversation id holding it
+    key: str  # the holder's lease key (its transfer attempt)
+    since: int
+    until: int  # it lapses then
+    claimed: int  # when the agent side first claimed it; 0 = not yet
+
+    @classmethod
+    def parse(cls, number: str, raw: str) -> Lease:
+        data = json.loads(raw)
+        return cls(
+            number=number,
+            call=str(data["call"]),
+            key=str(data["lease"]),
+            since=int(data["since"]),
+            until=int(data["until"]),
+            claimed=int(data["claimed"]),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class PoolStatus:
+    """How a pool's configured numbers stand; each is counted once.
+
+    ``lapsed`` numbers are as available as ``free`` ones: their holder never released them."""
+
+    free: int
+    leased: int  # live and not yet claimed
+    claimed: int  # live and claimed by the agent side
+    lapsed: int
+
+
+class PoolStore:
+    """Lease, release, claim and count a pool's numbers; one round trip each."""
+
+    def __init__(self, redis: Redis | RedisCluster, keyspace: Keyspace) -> None:
+        self.keys = keyspace
+        self._script = redis.register_script(POOL_SCRIPT)
+
+    async def _run(self, action: str, pool: str, *args: str | int) -> Any:
+        keys = list(self.keys.pool(pool))
+        with unavailable_while(action):
+            return await self._script(keys=keys, args=list(args))
+
+    async def lease(
+        self, pool: str, numbers: list[str], conversation_id: str, lease_key: str, seconds: float
+    ) -> Lease | None:
+        """Lease one of ``numbers`` (the pool's, in order) to the call for ``seconds``: the one
+        this (call, lease key) already holds, else the one free longest; None when every
+        number is held."""
+        if seconds <= 0:
+            raise ValueError(f"a lease lasts a positive time, not {seconds}")
+        ms = max(1, round(seconds * 1000))
+        reply = await self._run(
+            "leasing a pool number", pool, "lease", conversation_id, lease_key, ms, *numbers
+        )
+        if not reply:
+            return None
+        number, raw = reply
+        return Lease.parse(number, raw)
+
+    async def release(self, pool: str, number: str, conversation_id: str, lease_key: str) -> int | None:
+        """End the call's lease on ``number``: when it ended (ms, Redis time), or None when
+        the call does not hold it (it lapsed and another call leased it, or was released)."""
+        ended = await self._run(
+            "releasing a pool number", pool, "release", conversation_id, lease_key, number
+        )
+        return None if ended is None else int(ended)
+
+    async def claim(self, pool: str, number: str, grace_seconds: float = 0) -> Lease | None:
+        """The live lease on ``number``, for the agent side; the first claim marks it claimed
+        and, with a grace, shortens it to lapse that long after. None if no call holds it."""
+        grace_ms = round(grace_seconds * 1000)
+        raw = await self._run("claiming a pool number", pool, "claim", number, grace_ms)
+        return Lease.parse(number, raw) if isinstance(raw, str) else None
+
+    async def status(self, pool: str, numbers: list[str]) -> PoolStatus:
+        """How ``numbers`` (the pool's) stand now."""
+        counts = await self._run("reading a pool", pool, "status", *numbers)
+        return PoolStatus(*(int(n) for n in counts))

@@ -1,0 +1,127 @@
+-- A number pool's leases, atomically: one number holds one call at a time, on every
+-- instance. A lease is live while its 'until' is after now (Redis TIME, this node's
+-- clock); a lapsed one is free, and its entry goes when the number is leased again.
+--
+-- KEYS (adapters/keys.py PoolKeys, one hash slot): leases, holders, free_at
+local leases, holders, free_at = unpack(KEYS)
+-- ARGV[1] is the operation; the rest are its arguments:
+--   lease   call, key, ms, number...  the holder's live lease, else the configured number
+--                                     free longest (never leased first, then in order)
+--                                     for ms; returns {number, lease JSON}, or false when
+--                                     every number is held (the pool is exhausted)
+--   release call, key, number         ends the holder's lease on number; returns when it
+--                                     ended (now, or its 'until' if it had lapsed), or
+--                                     false when the holder holds none there
+--   claim   number, grace_ms          the live lease on number, its 'claimed' set to now
+--                                     at the first claim (and its 'until' brought to
+--                                     within grace_ms of it when grace_ms > 0); returns
+--                                     its JSON, or false for a free or lapsed number
+--   status  number...                 returns {free, leased, claimed, lapsed} counts
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local op = ARGV[1]
+
+local function holder_of(lease)
+  return cjson.encode({lease.call, lease.lease})
+end
+
+-- Remove number's lease and mark the number free from 'at'; the holder's entry goes
+-- with it only if it still points here.
+local function drop(number, lease, at)
+  redis.call('HDEL', leases, number)
+  local holder = holder_of(lease)
+  if redis.call('HGET', holders, holder) == number then
+    redis.call('HDEL', holders, holder)
+  end
+  redis.call('ZADD', free_at, at, number)
+end
+
+local function read(number)
+  local raw = redis.call('HGET', leases, number)
+  return raw and cjson.decode(raw), raw
+end
+
+if op == 'lease' then
+  local call, key, ms = ARGV[2], ARGV[3], tonumber(ARGV[4])
+  local holder = cjson.encode({call, key})
+  local held = redis.call('HGET', holders, holder)
+  if held then
+    local lease, raw = read(held)
+    local ours = lease and lease.call == call and lease.lease == key
+    if ours and lease['until'] > now then
+      return {held, raw}  -- the same call and key again: the number it already holds
+    end
+    if ours then
+      drop(held, lease, lease['until'])  -- lapsed: leased afresh below, perhaps the same number
+    else
+      redis.call('HDEL', holders, holder)
+    end
+  end
+  local best, best_at
+  for i = 5, #ARGV do
+    local at = tonumber(redis.call('ZSCORE', free_at, ARGV[i]) or '-1')
+    if at <= now and (best == nil or at < best_at) then
+      best, best_at = ARGV[i], at
+    end
+  end
+  if not best then
+    return false
+  end
+  local lapsed = read(best)
+  if lapsed then
+    drop(best, lapsed, lapsed['until'])
+  end
+  local raw = cjson.encode({call = call, lease = key, since = now, ['until'] = now + ms, claimed = 0})
+  redis.call('HSET', leases, best, raw)
+  redis.call('HSET', holders, holder, best)
+  redis.call('ZADD', free_at, now + ms, best)
+  return {best, raw}
+end
+
+if op == 'release' then
+  local number = ARGV[4]
+  local lease = read(number)
+  if not lease or lease.call ~= ARGV[2] or lease.lease ~= ARGV[3] then
+    return false
+  end
+  local ended = math.min(now, lease['until'])
+  drop(number, lease, ended)
+  return ended
+end
+
+if op == 'claim' then
+  local number, grace = ARGV[2], tonumber(ARGV[3])
+  local lease, raw = read(number)
+  if not lease or lease['until'] <= now then
+    return false
+  end
+  if lease.claimed == 0 then
+    lease.claimed = now
+    if grace > 0 and now + grace < lease['until'] then
+      lease['until'] = now + grace
+      redis.call('ZADD', free_at, lease['until'], number)
+    end
+    raw = cjson.encode(lease)
+    redis.call('HSET', leases, number, raw)
+  end
+  return raw
+end
+
+if op == 'status' then
+  local free, leased, claimed, lapsed = 0, 0, 0, 0
+  for i = 2, #ARGV do
+    local lease = read(ARGV[i])
+    if not lease then
+      free = free + 1
+    elseif lease['until'] <= now then
+      lapsed = lapsed + 1
+    elseif lease.claimed > 0 then
+      claimed = claimed + 1
+    else
+      leased = leased + 1
+    end
+  end
+  return {free, leased, claimed, lapsed}
+end
+
+return redis.error_reply('pool_lease.lua: unknown operation ' .. tostring(op))
