@@ -281,6 +281,7 @@ class Connections:
                     self._resubscribe.set()
             except UNAVAILABLE as e:
                 log.warning("instance lease not renewed: %r", e)
+            stop_if_cancelled()  # a cancellation the Redis calls lost: not after a third of a lease
             await asyncio.sleep(self.lease_seconds / 3)
 
     async def _serve_inbox(self) -> None:

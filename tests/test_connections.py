@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from adapters.framing import CONTENT_TYPE, Request, new_id
 from adapters.http import STORE_KEY
 from adapters.keys import Due
 from adapters.socket_api import CONNECTIONS_KEY
+from adapters.store import RedisCallStore
 from app import create_app
 from orchestrator.config import load_settings
 from simulator.channel import Caller
@@ -176,3 +178,25 @@ async def test_replies_kept_without_a_socket_are_due_once_the_call_is_on_one_aga
         assert (await js.send("s2", caller.say("hello again")))["status"] == 200
         assert await store.redis.zscore(due, member) == 0  # due now
         assert await store.redis.get(store.keys.socket(cid)) == connections(second).instance
+
+
+async def test_the_lease_stops_at_once_when_a_redis_call_lost_the_cancellation(
+    store: RedisCallStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11 a Redis call can swallow a cancellation and return normally
+    (gh-86296): the lease loop must end then, not sleep out a third of its lease."""
+    connections = Connections(store, lease_seconds=600)
+    renewing = asyncio.Event()
+
+    async def set_losing_the_cancellation(*args: Any, **kwargs: Any) -> bool:
+        renewing.set()
+        with contextlib.suppress(asyncio.CancelledError):  # as asyncio.wait_for can drop one
+            await asyncio.sleep(60)
+        return True  # the command returns as if nothing had happened
+
+    monkeypatch.setattr(connections.redis, "set", set_losing_the_cancellation)
+    lease = asyncio.create_task(connections._keep_lease())
+    await renewing.wait()
+    lease.cancel()
+    done, _ = await asyncio.wait({lease}, timeout=30)  # a hang guard: the bug sleeps 200 s
+    assert done and lease.cancelled()
