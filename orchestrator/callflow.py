@@ -111,6 +111,7 @@ class _Strict(BaseModel):
 # --- prompts -----------------------------------------------------------------------------
 
 # What a prompt lets interrupt it (the channel's barge-in, set by each message's inputHint).
+BargeIn = Literal["any", "keys", "speech", "none"]
 BARGE_IN_HINTS = {
     "any": "acceptingInput",
     "keys": "ignoringSpeechInput",  # only a key press interrupts
@@ -126,7 +127,7 @@ class Prompt(_Strict):
     text: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
     voice: Voice | None = None
     locale: Locale | None = None
-    barge_in: Literal["any", "keys", "speech", "none"] = "any"
+    barge_in: BargeIn = "any"
 
     @property
     def variables(self) -> set[str]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.callflow import BARGE_IN_HINTS, CallFlow
+from orchestrator.callflow import BARGE_IN_HINTS, BargeIn, CallFlow
 from simulator.call import (
     EXPECT_SECONDS,
     Bots,
@@ -50,9 +50,6 @@ MAX_WITHIN = 600  # the longest an expect_* step may wait, in seconds
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-BargeIn = Literal["any", "keys", "speech", "none"]  # as a flow's prompt says it
 
 
 class ExpectPrompt(_Strict):
