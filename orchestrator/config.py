@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigError, describe_validation
@@ -66,6 +66,14 @@ class Settings(BaseSettings):
 
     # The operator API, /metrics and the dashboard exist only when this is set.
     OPERATOR_TOKEN: SecretStr | None = None
+
+    # Warm transfers (docs/warm-transfer.md). The agent side's own token: the context API
+    # and the /agent page exist only when it is set; never the operator's or the channel's.
+    AGENT_TOKEN: SecretStr | None = None
+    AGENT_RATE_LIMIT: int = Field(60, ge=1, le=100_000)  # context requests per minute per client
+    # Optionally POST each transfer's context here, signed with PUSH_SECRET (HMAC-SHA256).
+    PUSH_URL: HttpUrl | None = None
+    PUSH_SECRET: SecretStr | None = None
 
     APP_ID: str = Field("", validation_alias="MicrosoftAppId")
     APP_PASSWORD: str = Field("", validation_alias="MicrosoftAppPassword", repr=False)
@@ -156,9 +164,9 @@ class Settings(BaseSettings):
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "REDIS_URL" and value else value)
 
-    @field_validator("OPERATOR_TOKEN", mode="before")
+    @field_validator("OPERATOR_TOKEN", "AGENT_TOKEN", "PUSH_SECRET", mode="before")
     @classmethod
-    def _operator_token(cls, value: Any) -> Any:
+    def _token(cls, value: Any) -> Any:
         value = value.strip() if isinstance(value, str) else value  # a secret file's newline
         if value and len(str(value)) < OPERATOR_TOKEN_MIN:  # the error must not echo it
             raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters (try: openssl rand -hex 32)")
@@ -183,6 +191,12 @@ class Settings(BaseSettings):
             raise ConfigError("MicrosoftAppId", f"required when MicrosoftAppType is {self.APP_TYPE}")
         if self.APP_TYPE != "MultiTenant" and not self.APP_TENANTID:
             raise ConfigError("MicrosoftAppTenantId", f"required when MicrosoftAppType is {self.APP_TYPE}")
+        if (self.PUSH_URL is None) != (self.PUSH_SECRET is None):
+            missing = "PUSH_SECRET" if self.PUSH_SECRET is None else "PUSH_URL"
+            raise ConfigError(missing, "PUSH_URL and PUSH_SECRET go together: pushes are always signed")
+        tokens = [t.get_secret_value() for t in (self.AGENT_TOKEN, self.OPERATOR_TOKEN) if t is not None]
+        if len(tokens) == 2 and tokens[0] == tokens[1]:
+            raise ConfigError("AGENT_TOKEN", "must differ from OPERATOR_TOKEN: agents must not open the operator API")
         return self
 
     @field_validator("LOG_LEVEL")
