@@ -16,6 +16,7 @@ from botbuilder.integration.aiohttp import (
     ConfigurationBotFrameworkAuthentication,
 )
 
+from adapters.agent_api import AgentApi, add_agent_routes
 from adapters.auth import (
     CheckedAuthentication,
     channel_metadata_url,
@@ -38,6 +39,7 @@ from adapters.http import (
 )
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
+from adapters.pool import PoolStore
 from adapters.redis_client import connection_problem, create_redis
 from adapters.sealing import Sealer
 from adapters.socket_api import CONNECTIONS_KEY, add_socket_routes
@@ -88,11 +90,11 @@ def create_app(config: Settings | None = None) -> web.Application:
             "that runs the action must be done before another instance may claim it",
         )
     keys = CONFIG.VARIABLES_KEYS.get_secret_value() if CONFIG.VARIABLES_KEYS else None
-    if keys is None and CONFIG.REDIS_URL is not None and FLOW.collects_variables:
+    if keys is None and CONFIG.REDIS_URL is not None and (FLOW.collects_variables or FLOW.pools):
         raise ConfigError(
             "VARIABLES_KEYS",
-            "required with REDIS_URL when the call flow collects variables: every instance "
-            "must open what another sealed (see docs/call-flows.md)",
+            "required with REDIS_URL when the call flow collects variables or leases pool "
+            "numbers: every instance must open what another sealed (see docs/call-flows.md)",
         )
     # Every authentication failure a 401; signing keys fetched off the event loop.
     install_key_cache()
@@ -105,6 +107,8 @@ def create_app(config: Settings | None = None) -> web.Application:
         Sealer.from_setting(keys),
     )
     METRICS = Metrics()
+    # Warm transfers' numbers, leased by every instance from the same pools in Redis.
+    POOLS = PoolStore(STORE.redis, STORE.keys, STORE.sealer) if FLOW.pools else None
     # The streaming sockets of this instance, and the way to other instances' sockets.
     CONNECTIONS = Connections(
         STORE,
@@ -120,6 +124,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         cache_size=CONFIG.CALL_CACHE_SIZE,
         clock=fixed_clock(CONFIG.HOURS_CLOCK) if CONFIG.HOURS_CLOCK else None,
         actions=load_actions(FLOW),
+        pools=POOLS,
     )
     BOT = CallBot(ENGINE, STORE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
@@ -161,6 +166,22 @@ def create_app(config: Settings | None = None) -> web.Application:
         lambda: SCHEDULER.fired,
     )
     METRICS.tally("cc_replies_resent", "Outbox entries sent again by the scheduler", lambda: SCHEDULER.resent)
+    if FLOW.pools:
+        METRICS.tally(
+            "cc_pool_leases", "Warm transfers that leased a pool number", lambda: ENGINE.leases, "pool"
+        )
+        METRICS.tally(
+            "cc_pool_exhausted",
+            "Warm transfers that found every number of the pool held",
+            lambda: ENGINE.exhausted,
+            "pool",
+        )
+        METRICS.tally(
+            "cc_pool_lapses",
+            "Lapsed leases (never released: their instance died, or a release failed) leased again",
+            lambda: ENGINE.lapses,
+            "pool",
+        )
 
     METRICS.level("cc_streaming_connections", "Open streaming connections", lambda: len(CONNECTIONS.sockets))
     METRICS.level(
@@ -237,6 +258,17 @@ def create_app(config: Settings | None = None) -> web.Application:
     APP.on_shutdown.append(drain)  # as a fallback: serve() drains before aiohttp's shutdown
     add_routes(APP)
     add_socket_routes(APP, CONNECTIONS)
+    if CONFIG.AGENT_TOKEN is not None and POOLS is not None:
+        AGENT = AgentApi(FLOW, POOLS, CONFIG.AGENT_TOKEN.get_secret_value(), CONFIG.AGENT_RATE_LIMIT)
+        add_agent_routes(APP, AGENT)
+        METRICS.tally(
+            "cc_pool_claims",
+            "Contexts claimed by the agent side (first claims)",
+            lambda: AGENT.claims,
+            "pool",
+        )
+    elif POOLS is not None:
+        log.info("AGENT_TOKEN is not set: the context API and /agent are off (pushes still go)")
     if CONFIG.OPERATOR_TOKEN is not None:
         add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value(), FLOW)
     else:

@@ -8,6 +8,7 @@ here first, so a client's mistake is a 4xx with a reason and never reaches the b
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -57,6 +58,15 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 def problem(status: int, reason: str, **headers: str) -> web.Response:
     """An error response with its reason, as JSON."""
     return web.json_response({"error": reason}, status=status, headers=headers or None)
+
+
+def bearer_is(request: web.Request, expected: bytes) -> bool:
+    """Whether the request carries ``Authorization: Bearer <expected>``, compared in
+    constant time."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Header bytes that are not UTF-8 arrive as surrogates: encode them back, never fail.
+    offered = given.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(offered, expected)
 
 
 def parse_activity(body: bytes, content_type: str) -> Activity | web.Response:

@@ -62,6 +62,7 @@ class CallField:
     SILENCES = "silences"  # at this node: no-input timeouts
     VARIABLES = "variables"  # sealed JSON: what the flow collected, and a gather's entry so far
     SHOWN = "shown"  # JSON: the collected variables, masked, for views
+    HOLDING = "holding"  # "<holds> <transfer node>" while a warm transfer waits for a pool number, else ""
 
 
 class HistoryField:
@@ -212,6 +213,16 @@ class Keyspace:
             raise ValueError(f"pool name {name!r}: letters, digits, '_' and '-' only")
         base = f"{self.prefix}:{{pool:{name}}}"
         return PoolKeys(*(f"{base}:{field}" for field in PoolKeys._fields))
+
+    def agent_requests(self, client: str, minute: int) -> str:
+        """STRING with a TTL: the context API requests of one client (its address) in one
+        epoch minute, for the rate limit, shared by every instance."""
+        return f"{self.prefix}:agent-requests:{client}:{minute}"
+
+    def pool_context(self, name: str, number: str) -> str:
+        """STRING with a TTL: the sealed context of the call holding ``number`` (it lapses
+        with the lease, never later)."""
+        return f"{self.pool(name).leases.rpartition(':')[0]}:context:{number}"
 
     def due_for(self, conversation_id: str) -> str:
         return self.due(self.locate(conversation_id)[0])

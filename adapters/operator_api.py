@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from adapters import inspection
-from adapters.http import METRICS_KEY, STORE_KEY, problem
+from adapters.http import METRICS_KEY, STORE_KEY, bearer_is, problem
 from adapters.inspector import CallInspector
 from adapters.keys import CallField
 from orchestrator.callflow import CallFlow
@@ -67,11 +66,7 @@ def operator_only(handler: Handler) -> Handler:
     """Require the operator's bearer token; answer 503 when Redis fails."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        expected = request.app[TOKEN_KEY]
-        # Header bytes that are not UTF-8 arrive as surrogates: encode them back, never fail.
-        offered = given.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, expected):
+        if not bearer_is(request, request.app[TOKEN_KEY]):
             return problem(
                 401,
                 "the operator API needs Authorization: Bearer <OPERATOR_TOKEN>",

@@ -20,13 +20,15 @@ Design:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from adapters.keys import Keyspace
+from adapters.sealing import Sealer
 from adapters.store import load_script, unavailable_while
 
 POOL_SCRIPT = load_script("pool_lease.lua")
@@ -42,6 +44,10 @@ class Lease:
     since: int
     until: int  # it lapses then
     claimed: int  # when the agent side first claimed it; 0 = not yet
+    # Not stored in the lease: its context as opened (a claim's, "" when none or it cannot be
+    # opened), and whether this operation reclaimed a lapsed lease or made the first claim.
+    context: str = field(default="", compare=False)
+    fresh: bool = field(default=False, compare=False)
 
     @classmethod
     def parse(cls, number: str, raw: str) -> Lease:
@@ -69,50 +75,74 @@ class PoolStatus:
 
 
 class PoolStore:
-    """Lease, release, claim and count a pool's numbers; one round trip each."""
+    """Lease, release, claim and count a pool's numbers; one round trip each.
 
-    def __init__(self, redis: Redis | RedisCluster, keyspace: Keyspace) -> None:
+    A lease's context (what the agent is told) is sealed with ``sealer`` in Redis: it holds
+    what the call flow collected."""
+
+    def __init__(self, redis: Redis | RedisCluster, keyspace: Keyspace, sealer: Sealer | None = None) -> None:
         self.keys = keyspace
+        self.sealer = sealer or Sealer.from_setting(None)
         self._script = redis.register_script(POOL_SCRIPT)
 
-    async def _run(self, action: str, pool: str, *args: str | int) -> Any:
-        keys = list(self.keys.pool(pool))
+    async def _run(self, action: str, pool: str, args: list[str | int], numbers: Sequence[str] = ()) -> Any:
+        keys = [*self.keys.pool(pool), *(self.keys.pool_context(pool, n) for n in numbers)]
         with unavailable_while(action):
-            return await self._script(keys=keys, args=list(args))
+            return await self._script(keys=keys, args=args)
 
     async def lease(
-        self, pool: str, numbers: list[str], conversation_id: str, lease_key: str, seconds: float
+        self,
+        pool: str,
+        numbers: list[str],
+        conversation_id: str,
+        lease_key: str,
+        seconds: float,
+        context: str = "",
     ) -> Lease | None:
         """Lease one of ``numbers`` (the pool's, in order) to the call for ``seconds``: the one
         this (call, lease key) already holds, else the one free longest; None when every
-        number is held."""
+        number is held. ``context`` (JSON) is kept, sealed, under the number as long as the
+        lease. The lease is ``fresh`` when it reclaimed another call's lapsed one."""
         if seconds <= 0:
             raise ValueError(f"a lease lasts a positive time, not {seconds}")
         ms = max(1, round(seconds * 1000))
-        reply = await self._run(
-            "leasing a pool number", pool, "lease", conversation_id, lease_key, ms, *numbers
-        )
+        sealed = self.sealer.seal(context) if context else ""
+        args: list[str | int] = ["lease", conversation_id, lease_key, ms, sealed, *numbers]
+        reply = await self._run("leasing a pool number", pool, args, numbers)
         if not reply:
             return None
-        number, raw = reply
-        return Lease.parse(number, raw)
+        number, raw, reclaimed = reply
+        return replace(Lease.parse(number, raw), fresh=bool(reclaimed))
 
     async def release(self, pool: str, number: str, conversation_id: str, lease_key: str) -> int | None:
         """End the call's lease on ``number``: when it ended (ms, Redis time), or None when
         the call does not hold it (it lapsed and another call leased it, or was released)."""
-        ended = await self._run(
-            "releasing a pool number", pool, "release", conversation_id, lease_key, number
-        )
+        args: list[str | int] = ["release", conversation_id, lease_key, number]
+        ended = await self._run("releasing a pool number", pool, args, [number])
         return None if ended is None else int(ended)
 
+    async def settle(
+        self, pool: str, number: str, conversation_id: str, lease_key: str, seconds: float
+    ) -> int | None:
+        """Bring the call's live lease on ``number`` to end within ``seconds`` (a connected
+        transfer's grace for the agent side): its new end (ms), or None if it holds none."""
+        args: list[str | int] = ["settle", conversation_id, lease_key, number, round(seconds * 1000)]
+        ends = await self._run("settling a pool number", pool, args, [number])
+        return None if ends is None else int(ends)
+
     async def claim(self, pool: str, number: str, grace_seconds: float = 0) -> Lease | None:
-        """The live lease on ``number``, for the agent side; the first claim marks it claimed
-        and, with a grace, shortens it to lapse that long after. None if no call holds it."""
-        grace_ms = round(grace_seconds * 1000)
-        raw = await self._run("claiming a pool number", pool, "claim", number, grace_ms)
-        return Lease.parse(number, raw) if isinstance(raw, str) else None
+        """The live lease on ``number`` and its context, for the agent side; the first claim
+        (``fresh``) marks it claimed and, with a grace, shortens it (and the context) to
+        lapse that long after. None if no call holds it."""
+        args: list[str | int] = ["claim", number, round(grace_seconds * 1000)]
+        reply = await self._run("claiming a pool number", pool, args, [number])
+        if not reply:
+            return None
+        raw, sealed, first = reply
+        context = (self.sealer.open(sealed) or "") if sealed else ""
+        return replace(Lease.parse(number, raw), context=context, fresh=bool(first))
 
     async def status(self, pool: str, numbers: list[str]) -> PoolStatus:
         """How ``numbers`` (the pool's) stand now."""
-        counts = await self._run("reading a pool", pool, "status", *numbers)
+        counts = await self._run("reading a pool", pool, ["status", *numbers])
         return PoolStatus(*(int(n) for n in counts))

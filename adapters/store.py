@@ -392,6 +392,7 @@ class RedisCallStore:
             CallField.SILENCES: str(call.silences),
             CallField.VARIABLES: self._sealed_variables(call),
             CallField.SHOWN: _compact(call.shown) if call.shown else "",
+            CallField.HOLDING: f"{call.holds} {call.holding}" if call.holding else "",
         }
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
@@ -460,7 +461,11 @@ class RedisCallStore:
             queue=record.get(CallField.QUEUE, ""),
             tries=int(record.get(CallField.TRIES, 0)),
             silences=int(record.get(CallField.SILENCES, 0)),
+            created_ms=int(record.get(CallField.CREATED, 0)),
         )
+        if holding := record.get(CallField.HOLDING):
+            holds, _, call.holding = holding.partition(" ")
+            call.holds = int(holds)
         if shown := record.get(CallField.SHOWN):
             call.shown = json.loads(shown)
         if sealed := record.get(CallField.VARIABLES):

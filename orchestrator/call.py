@@ -68,6 +68,11 @@ class Call:
     confirming: bool = False
     variables: dict[str, str] = field(default_factory=dict)  # collected: kept sealed in Redis
     shown: dict[str, str] = field(default_factory=dict)  # the same, masked: what views show
+    # A warm transfer waiting for a free pool number: the transfer node it holds for, and
+    # how many holds so far ("", 0: not holding).
+    holding: str = ""
+    holds: int = 0
+    created_ms: int = 0  # Redis server time the call was first committed (0: not yet)
 
     @property
     def is_new(self) -> bool:

@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -305,8 +306,39 @@ WAITING = (Menu, Gather)
 NODE_TYPES = ("menu", "say", "gather", "transfer", "hang_up", "hours", "action")
 
 
+class Pool(_Strict):
+    """Numbers the telephony side routes to the same agents: a warm transfer leases one to a
+    call and dials it, and the agent side looks the call up by the number it sees dialled
+    (docs/warm-transfer.md)."""
+
+    numbers: Annotated[list[PhoneNumber], Field(min_length=1, max_length=1000)]
+    # How long a number stays the call's after its transfer connects or its context is
+    # claimed: for the agent side to look it up (again).
+    grace_seconds: Seconds = 30.0
+
+    @field_validator("numbers")
+    @classmethod
+    def _distinct(cls, numbers: list[str]) -> list[str]:
+        if len(set(numbers)) != len(numbers):
+            twice = sorted({n for n in numbers if numbers.count(n) > 1})
+            raise ValueError(f"{', '.join(twice)} listed twice")
+        return numbers
+
+
+class PoolExhausted(_Strict):
+    """What a transfer to a queue does when every number of its pool is held."""
+
+    then: Literal["target", "hold", "fail"] = "target"  # dial the queue's target, cold
+    # hold: said at each hold; fail: said instead of the queue's ``final`` (which holds that
+    # run out say)
+    say: Prompts = ()
+    seconds: Seconds = 15.0  # hold: how long before leasing again
+    max: Annotated[int, Field(ge=1, le=100)] = 4  # hold: holds before it fails
+
+
 class Queue(_Strict):
-    """Where a transfer goes: targets in order (wrapping), attempts, watchdog, prompts, hours."""
+    """Where a transfer goes: targets in order (wrapping), attempts, watchdog, prompts, hours,
+    and the pool a warm transfer leases its number from."""
 
     targets: Annotated[list[PhoneNumber], Field(min_length=1)]
     timeout_seconds: Seconds = 60.0  # no-answer watchdog: the channel redials for ever and never says
@@ -319,6 +351,8 @@ class Queue(_Strict):
     closed: Name | None = None  # where a call goes when the hours say closed
     on_failure: Name | None = None  # where a call waits after a failure (default: where it was)
     after_final: Name | None = None  # where a call goes after the last failure (default: stays)
+    pool: Name | None = None  # lease a number from this pool and dial it instead of the target
+    pool_exhausted: PoolExhausted = PoolExhausted()
 
     @model_validator(mode="after")
     def _closed(self) -> Self:
@@ -362,6 +396,8 @@ class Privacy(_Strict):
     # stored: a re-sent handoff, and lines another instance or an earlier process took,
     # carry the redacted text).
     agent_transcript: Literal["redacted", "full"] = "redacted"
+    # The caller's number in a warm transfer's context: masked (all but keep_last_digits) or full.
+    agent_caller_number: Literal["masked", "full"] = "masked"
 
     @property
     def full_transcript(self) -> bool:
@@ -376,6 +412,21 @@ class Privacy(_Strict):
             caller_number=self.caller_number,
             patterns=[(compile_pattern(p.pattern), p.replace_with) for p in self.patterns],
         )
+
+    def caller_for_agent(self, number: str) -> str:
+        """The caller's number as a warm transfer's context shows it to the agent."""
+        if self.agent_caller_number == "full" or not number:
+            return number
+        digits = sum(c.isdigit() for c in number)
+        keep = min(self.keep_last_digits, digits // 3)
+        masked, left = [], digits - keep
+        for c in number:
+            if c.isdigit() and left > 0:
+                masked.append("*")
+                left -= 1
+            else:
+                masked.append(c)
+        return "".join(masked)
 
     def mask_value(self, value: str) -> str:
         """A collected value as stored for views and logs: a ``*`` per character but the
@@ -409,6 +460,7 @@ class CallFlow(_Strict):
     nodes: dict[Name, Node]
     queues: dict[Name, Queue] = Field(default_factory=dict)
     hours: dict[Name, Hours] = Field(default_factory=dict)
+    pools: dict[Name, Pool] = Field(default_factory=dict)
     privacy: Privacy = Privacy()  # frozen: one shared default is safe
 
     @model_validator(mode="after")
@@ -419,6 +471,7 @@ class CallFlow(_Strict):
                 "node": self.nodes,
                 "queue": self.queues,
                 "hours": self.hours,
+                "pool": self.pools,
             }
             table = tables[kind]
             if name not in table:
@@ -428,6 +481,7 @@ class CallFlow(_Strict):
             if isinstance(node, Menu):
                 self._check_routes(f"nodes.{name}.routes", node.routes)
         self._check_variables()
+        self._check_pools()
         self._check_loops()
         self._check_reachable()
         return self
@@ -465,6 +519,10 @@ class CallFlow(_Strict):
             for field in ("closed", "on_failure", "after_final"):
                 if (value := getattr(queue, field)) is not None:
                     yield f"{where}.{field}", "node", value
+            if queue.pool is not None:
+                yield f"{where}.pool", "pool", queue.pool
+            for prompt in queue.pool_exhausted.say:
+                yield f"{where}.pool_exhausted.say", "prompt", prompt
 
     @staticmethod
     def _retry_references(where: str, retry: Retry) -> Iterator[tuple[str, str, str]]:
@@ -505,6 +563,15 @@ class CallFlow(_Strict):
                     f"prompts.{name}.text: {{{variable}}} is no variable of this flow "
                     f"(a gather's 'into', an action's 'sets', or {{input}} and {{caller}})"
                 )
+
+    def _check_pools(self) -> None:
+        """A number is in one pool only: the agent side finds a call by the number alone."""
+        owner: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for i, number in enumerate(pool.numbers):
+                if number in owner:
+                    raise ValueError(f"pools.{name}.numbers.{i}: {number} is also in pool {owner[number]!r}")
+                owner[number] = name
 
     def _check_loops(self) -> None:
         """A cycle of nodes that never wait for the caller would spin for ever (a transfer
@@ -598,6 +665,11 @@ class CallFlow(_Strict):
         """Whether calls collect values (gathers, actions' ``sets``): they are sealed in Redis."""
         return any(isinstance(n, Gather) or (isinstance(n, Action) and n.sets) for n in self.nodes.values())
 
+    @cached_property
+    def pool_of_number(self) -> dict[str, str]:
+        """Each pooled number's pool."""
+        return {number: name for name, pool in self.pools.items() for number in pool.numbers}
+
     def retry_of(self, node: Menu | Gather, field: str) -> Retry | None:
         """The node's ``no_input`` or ``no_match``, or the flow's default."""
         value: Retry | str | None = getattr(node, field, "default")
@@ -645,7 +717,8 @@ class CallFlow(_Strict):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy without the caches: pydantic copies ``__dict__``, where they live."""
         copied = super().model_copy(update=update, deep=deep)
-        for cache in ("_global_routes", "_node_routes", "_renderings", "redact", "first_stop"):
+        caches = ("_global_routes", "_node_routes", "_renderings", "redact", "first_stop", "pool_of_number")
+        for cache in caches:
             copied.__dict__.pop(cache, None)
         return copied
 

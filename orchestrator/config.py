@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import AwareDatetime, Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import ConfigError, describe_validation
@@ -196,7 +204,9 @@ class Settings(BaseSettings):
             raise ConfigError(missing, "PUSH_URL and PUSH_SECRET go together: pushes are always signed")
         tokens = [t.get_secret_value() for t in (self.AGENT_TOKEN, self.OPERATOR_TOKEN) if t is not None]
         if len(tokens) == 2 and tokens[0] == tokens[1]:
-            raise ConfigError("AGENT_TOKEN", "must differ from OPERATOR_TOKEN: agents must not open the operator API")
+            raise ConfigError(
+                "AGENT_TOKEN", "must differ from OPERATOR_TOKEN (agents must not open the operator API)"
+            )
         return self
 
     @field_validator("LOG_LEVEL")

@@ -61,7 +61,16 @@ class TimerExpired:
     now_ms: int
 
 
-Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | TimerExpired
+@dataclass(slots=True, frozen=True)
+class ContextClaimed:
+    """The agent side claimed the context of the call's warm transfer to ``number``; ``by``
+    says who (as the context API saw them), for the call's history."""
+
+    number: str
+    by: str
+
+
+Event = CallStarted | CallerInput | HandoffStatus | InvalidStatus | CallEnded | TimerExpired | ContextClaimed
 
 
 def status_from_value(value: object) -> HandoffStatus | InvalidStatus:

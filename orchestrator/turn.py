@@ -30,6 +30,7 @@ from orchestrator.callflow import (
     Gather,
     HangUp,
     Menu,
+    Pool,
     Queue,
     Retry,
     Say,
@@ -42,6 +43,7 @@ from orchestrator.events import (
     CallEnded,
     CallerInput,
     CallStarted,
+    ContextClaimed,
     Event,
     HandoffStates,
     HandoffStatus,
@@ -49,6 +51,7 @@ from orchestrator.events import (
     TimerExpired,
 )
 from orchestrator.redact import MARGIN
+from orchestrator.warm import context_document
 from states import State, Trigger, build_machine
 from states.dispatch import Dispatch
 
@@ -76,6 +79,9 @@ NO_MATCH = "no_match"
 NO_INPUT = "no_input"
 GATHERED = "gathered"
 ACTION = "action"
+POOL = "pool"  # a warm transfer's pool was exhausted
+CLAIMED = "claimed"  # the agent side claimed a warm transfer's context
+HOLD_OVER = "hold over"
 
 MAX_HOPS = 32  # nodes one turn may pass through (the flow's validation forbids loops)
 MIN_HANG_UP_SECONDS = 1.0  # a hang-up after prompts waits at least this for them to be said
@@ -191,6 +197,37 @@ Effect = Speak | Handoff | EndCall
 
 
 @dataclass(slots=True, frozen=True)
+class LeaseRequest:
+    """A warm transfer needs a number: lease one of ``pool`` for the call's transfer ``key``
+    for ``seconds``, keeping ``context`` under it. The engine does, and carries the turn on
+    with ``TurnRunner.after_lease``."""
+
+    pool: str
+    key: str
+    seconds: float
+    context: Mapping[str, Any]
+    node: str  # the transfer node, and why the call came to it
+    why: str
+
+
+@dataclass(slots=True, frozen=True)
+class PoolRelease:
+    """Give a leased number back: at once, or with ``grace_seconds`` > 0, that long from now
+    (a connected transfer: the agent side may still look the call up)."""
+
+    pool: str
+    number: str
+    key: str
+    grace_seconds: float = 0.0
+
+
+def lease_key(queue: str, attempt: int) -> str:
+    """A warm transfer's lease key: the call's attempt at the queue (a redelivered or rerun
+    turn leases with the same key, and gets the same number back)."""
+    return f"{queue}:{attempt}"
+
+
+@dataclass(slots=True, frozen=True)
 class ActionOutcome:
     """What a flow action returned: variables to set and the node to go to (None: its
     ``next``); or why it failed."""
@@ -219,6 +256,8 @@ class Turn:
     action: str = ""  # an action node the turn stopped at: the engine runs it, then ``after_action``
     secret: bool = False  # its replies carry collected values: the outbox keeps them sealed
     caller_input: str = ""  # what the caller said this turn, as redacted (for an action)
+    lease: LeaseRequest | None = None  # a warm transfer waits on a number: the engine leases it
+    releases: list[PoolRelease] = field(default_factory=list)  # numbers to give back once committed
     now: str = ""  # when the turn ran (ISO 8601), and the caller's id: for ``after_action``
     caller: str = ""
 
@@ -267,6 +306,8 @@ class TurnRunner:
         self._turn = Turn(call=Call(id=""))
         self._now = ""
         self._then: tuple[str, str] | None = None  # where a machine callback sends the call next
+        self._leased: tuple[str, str | None] | None = None  # (lease key, number or None: exhausted)
+        self._dial = ""  # the leased number the transfer being started dials
         self.machine = build_machine(self)
         self.fire_trigger: Callable[..., bool] = (
             Dispatch(self.machine, self).fire if compiled else self.trigger  # type: ignore[attr-defined]
@@ -291,6 +332,7 @@ class TurnRunner:
         turn.now, turn.caller = now, caller
         self._now = now
         self._caller = caller
+        self._leased, self._dial = None, ""
         if reference and reference != call.reference:
             call.reference = reference
             turn.reference_changed = True
@@ -316,6 +358,20 @@ class TurnRunner:
                 if call.state == State.TRANSFERRING:
                     self._fire(Trigger.ACCEPT, reason=TELEPHONY_TRANSFERRED)
                 self._fire(Trigger.HANG_UP, reason=CALLER_HUNG_UP)
+            case ContextClaimed(number=number, by=by):
+                self._step(CLAIMED, f"the context of {number} was claimed by {by}"[:500])
+        return self._finish()
+
+    def after_lease(self, turn: Turn, number: str | None) -> Turn:
+        """Carry on a turn that stopped for a pool number: ``number`` leased, or None when
+        the pool is exhausted."""
+        self._turn, self._now, self._caller = turn, turn.now, turn.caller
+        request, turn.lease = turn.lease, None
+        assert request is not None
+        self._leased = (request.key, number)
+        node = self.flow.nodes[request.node]
+        assert isinstance(node, TransferTo)
+        self._transfer(request.node, node.queue, request.why)
         return self._finish()
 
     def after_action(self, turn: Turn, outcome: ActionOutcome) -> Turn:
@@ -379,6 +435,12 @@ class TurnRunner:
             return  # the goodbye is being said: the call ends when it has been
         if node is None:  # the flow changed under a live call: start it afresh
             self._go(self.flow.start, f"node {call.node!r} is no longer in the flow")
+            return
+        if call.holding:  # on hold for a pool number: only a route takes the caller elsewhere
+            route = self.flow.route_for(call.node, text, keypad=keypad)
+            if route is not None and route.to is not None:
+                self._disarm()
+                self._go(route.to, f"pressed {text.strip()}" if keypad else f'said "{said[:80]}"')
             return
         self._disarm()  # any input ends the wait; whatever waits next arms it again
         if isinstance(node, Gather):
@@ -521,7 +583,9 @@ class TurnRunner:
             return
         node = self.flow.nodes.get(call.node)
         self._disarm()
-        if isinstance(node, HangUp):
+        if call.holding and isinstance(self.flow.nodes.get(call.holding), TransferTo):
+            self._go(call.holding, HOLD_OVER)
+        elif isinstance(node, HangUp):
             self._end(node.reason)
         elif isinstance(node, Gather) and call.entry and not call.confirming:
             self._check_entry(node, call.entry)  # the caller stopped pressing: take what came
@@ -574,6 +638,7 @@ class TurnRunner:
             if isinstance(node, Menu | Gather | HangUp):
                 call.node, call.tries, call.silences = name, 0, 0
                 call.entry, call.confirming = "", False
+                call.holding, call.holds = "", 0
             self._step(MOVE, why, node=name)
             for prompt in node.say:
                 self._say(prompt)
@@ -587,7 +652,7 @@ class TurnRunner:
                     is_open = self.flow.hours[node.hours].is_open(self.clock())
                     name, why = (node.open, "open") if is_open else (node.closed, "closed")
                 case TransferTo():
-                    self._transfer(node.queue)
+                    self._transfer(name, node.queue, why)
                     return
                 case HangUp():
                     self._hang_up(node)
@@ -599,17 +664,71 @@ class TurnRunner:
                 return
         raise RuntimeError(f"call {call.id}: more than {MAX_HOPS} nodes in one turn")
 
-    def _transfer(self, name: str) -> None:
+    def _transfer(self, node: str, name: str, why: str) -> None:
         call, queue = self._turn.call, self.flow.queues[name]
         if queue.hours is not None and not self.flow.hours[queue.hours].is_open(self.clock()):
             assert queue.closed is not None
+            call.holding, call.holds = "", 0
             self._go(queue.closed, f"queue {name} closed")
             return
         if call.queue != name:  # attempts count per queue ("": a call from before queues)
             call.attempts = call.attempts if not call.queue else 0
             call.queue = name
+        if (
+            queue.pool is not None
+            and call.state in (State.BOT, State.FAILED)
+            and call.attempts < queue.max_attempts
+        ):
+            key = lease_key(name, call.attempts + 1)
+            if self._leased is None or self._leased[0] != key:
+                self._turn.lease = self._lease_request(node, queue, queue.pool, key, why)
+                return  # the engine leases a number, then after_lease comes back here
+            number, self._leased = self._leased[1], None
+            if number is None and self._pool_exhausted(node, queue, queue.pool):
+                return
+            self._dial = number or ""
+        call.holding, call.holds = "", 0
         self._fire(Trigger.REQUEST_AGENT, reason=f"transfer to {name}")
         self._follow()
+
+    def _lease_request(self, node: str, queue: Queue, pool: str, key: str, why: str) -> LeaseRequest:
+        call = self._turn.call
+        context = context_document(
+            call,
+            pool=pool,
+            queue=call.queue,
+            reason=why,
+            attempt=call.attempts + 1,
+            privacy=self.flow.privacy,
+            now=self._now,
+        )
+        seconds = queue.timeout_seconds + self.flow.pools[pool].grace_seconds
+        return LeaseRequest(pool, key, seconds, context, node, why)
+
+    def _pool_exhausted(self, node: str, queue: Queue, pool: str) -> bool:
+        """Every number of the pool is held: dial the queue's target cold (False: carry on
+        with the transfer), or hold and lease again later, or fail (True)."""
+        call, then = self._turn.call, queue.pool_exhausted
+        if then.then == "target":
+            self._step(POOL, f"pool {pool} exhausted: transferring to the queue's target")
+            return False
+        if then.then == "hold" and call.holds < then.max:
+            call.holding, call.holds = node, call.holds + 1
+            self._step(POOL, f"pool {pool} exhausted: hold {call.holds} of {then.max}")
+            for prompt in then.say:
+                self._say(prompt)
+            self._arm(then.seconds + self._speaking_seconds())
+            return True
+        held = f" after {call.holds} holds" if call.holds else ""
+        self._step(POOL, f"pool {pool} exhausted{held}: the transfer fails")
+        call.holding, call.holds = "", 0
+        for prompt in then.say if then.then == "fail" and then.say else queue.final:
+            self._say(prompt)
+        if queue.after_final is not None:
+            self._go(queue.after_final, f"pool {pool} exhausted")
+        else:
+            self._rest()
+        return True
 
     def _hang_up(self, node: HangUp) -> None:
         """End the call once this turn's prompts have been said (the channel would cut
@@ -696,7 +815,7 @@ class TurnRunner:
     def start_transfer(self, event: EventData) -> None:
         call, queue = self._turn.call, self._current_queue()
         call.attempts += 1
-        call.target = queue.target_for(call.attempts)
+        call.target, self._dial = self._dial or queue.target_for(call.attempts), ""
         call.failure = ""
         self._arm(queue.timeout_seconds)
         for prompt in queue.announce:
@@ -715,8 +834,8 @@ class TurnRunner:
             self._say(prompt)
         if queue.on_failure is not None:
             self._then = (queue.on_failure, "transfer failed")
-        elif call.node in self.flow.nodes:
-            self._wait(call.node)
+        else:
+            self._rest()
 
     def say_no_agents(self, event: EventData) -> None:
         self._ignore(Trigger.REQUEST_AGENT.value, "no transfer attempts left")
@@ -727,13 +846,17 @@ class TurnRunner:
             self._say(prompt)
         if queue.after_final is not None:
             self._then = (queue.after_final, "no transfer attempts left")
-        elif self._turn.call.node in self.flow.nodes:
-            self._wait(self._turn.call.node)
+        else:
+            self._rest()
 
     def say_handback(self, event: EventData) -> None:
         for prompt in self._current_queue().handback:
             self._say(prompt)
-        if self._turn.call.node in self.flow.nodes:
+        self._rest()
+
+    def _rest(self) -> None:
+        """The call stays where it was: waiting again there, if that node waits."""
+        if isinstance(self.flow.nodes.get(self._turn.call.node), WAITING):
             self._wait(self._turn.call.node)
 
     def disarm_timer(self, event: EventData) -> None:
@@ -750,3 +873,23 @@ class TurnRunner:
         if outcome is not None:
             call = self._turn.call
             self._turn.outcomes.append(Counted(outcome, call.queue, call.target))
+        self._give_back(transition.source, transition.dest)
+
+    def _give_back(self, source: str, dest: str) -> None:
+        """A warm transfer's number goes back when its transfer fails, or the call comes back
+        from or ends at it; a connected one is kept a grace for the agent side's look-up."""
+        call = self._turn.call
+        queue = self.flow.queues.get(call.queue)
+        pool: Pool | None = self.flow.pools.get(queue.pool) if queue and queue.pool else None
+        if pool is None or call.target not in pool.numbers or dest == State.TRANSFERRING:
+            return
+        assert queue is not None and queue.pool is not None
+        key = lease_key(call.queue, call.attempts)
+        if dest == State.ACCEPTED:
+            self._turn.releases.append(PoolRelease(queue.pool, call.target, key, pool.grace_seconds))
+        elif (
+            dest == State.FAILED
+            or source == State.TRANSFERRING
+            or (source, dest) == (State.ACCEPTED, State.BOT)
+        ):
+            self._turn.releases.append(PoolRelease(queue.pool, call.target, key))  # (accepted, ended): grace

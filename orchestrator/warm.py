@@ -1,0 +1,53 @@
+"""What the agent is told before picking up a warm transfer: the call's context document.
+
+It is stored (sealed) under the pool number the call was transferred to, and handed to
+the agent side by the context API and the push. Its schema is documented in
+docs/warm-transfer.md; ``CONTEXT_VERSION`` changes when a field changes meaning or goes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.call import Call, timestamp
+from orchestrator.callflow import Privacy
+
+CONTEXT_VERSION = 1
+
+
+def caller_number(call: Call) -> str:
+    """The caller's id (on the Telephony channel, their number) from the call's stored
+    conversation reference; "" when there is none."""
+    try:
+        user = json.loads(call.reference).get("user") if call.reference else None
+    except ValueError:
+        return ""
+    return str(user.get("id") or "") if isinstance(user, dict) else ""
+
+
+def context_document(
+    call: Call,
+    *,
+    pool: str,
+    queue: str,
+    reason: str,
+    attempt: int,
+    privacy: Privacy,
+    now: str,
+) -> dict[str, Any]:
+    """The context of ``call`` as its transfer ``attempt`` to ``queue`` starts: the collected
+    variables as collected (the agent needs them; Redis only ever holds them sealed), the
+    caller's number masked or full per ``privacy``, and the transcript as stored (redacted)."""
+    return {
+        "version": CONTEXT_VERSION,
+        "pool": pool,
+        "queue": queue,
+        "reason": reason,
+        "attempt": attempt,
+        "caller": privacy.caller_for_agent(caller_number(call)),
+        "started": timestamp(call.created_ms) if call.created_ms else now,
+        "transferred": now,
+        "variables": dict(call.variables),
+        "transcript": [{"role": line.role, "text": line.text, "at": line.at} for line in call.transcript],
+    }

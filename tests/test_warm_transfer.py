@@ -1,0 +1,311 @@
+"""Warm transfers through the turn path: a pooled queue leases a number, dials it, keeps
+the call's context under it and gives it back; on fake, real and Cluster Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from adapters.keys import Keyspace
+from adapters.pool import PoolStatus, PoolStore
+from adapters.store import RedisCallStore
+from orchestrator.callflow import CallFlow, Pool, PoolExhausted, load_callflow
+from orchestrator.engine import Engine
+from orchestrator.events import (
+    CallEnded,
+    CallerInput,
+    CallStarted,
+    ContextClaimed,
+    HandoffStatus,
+    TimerExpired,
+)
+from orchestrator.turn import Handoff, Speak, Turn
+from orchestrator.warm import CONTEXT_VERSION
+from tests.conftest import SAMPLE_FLOW, with_agents
+
+POOL = "agents-pool"
+NUMBERS = [f"+1425555{i:04d}" for i in range(3)]
+CALLER = "+14255550199"
+REFERENCE = json.dumps({"user": {"id": CALLER}, "conversation": {"id": "x"}, "channelId": "telephony"})
+
+
+def pooled_flow(size: int = 3, then: str = "target", **exhausted: Any) -> CallFlow:
+    flow = load_callflow(SAMPLE_FLOW)
+    flow = flow.model_copy(update={"pools": {POOL: Pool(numbers=NUMBERS[:size], grace_seconds=5)}})
+    flow = with_agents(
+        flow,
+        pool=POOL,
+        pool_exhausted=PoolExhausted.model_validate({"then": then, **exhausted}),
+        max_attempts=5,
+        timeout_seconds=30,
+    )
+    return CallFlow.model_validate(flow.model_dump())  # validated whole, as a file would be
+
+
+@pytest.fixture
+async def redis(redis_client: Redis) -> AsyncIterator[Redis | RedisCluster]:
+    if isinstance(redis_client, RedisCluster):
+        await redis_client.initialize()  # as the app's start-up ping does
+    yield redis_client
+
+
+def engine_for(redis: Redis | RedisCluster, key_prefix: str, flow: CallFlow, store: RedisCallStore) -> Engine:
+    return Engine(store, flow, pools=PoolStore(redis, Keyspace(key_prefix), store.sealer), cache_size=0)
+
+
+async def start(engine: Engine, call: str) -> None:
+    await engine.handle(call, CallStarted(), activity_id=f"{call}-start", reference=REFERENCE, caller=CALLER)
+
+
+async def ask_for_agent(engine: Engine, call: str, activity: str = "") -> Turn | None:
+    return await engine.handle(
+        call,
+        CallerInput("agent"),
+        activity_id=activity or f"{call}-agent-{time.monotonic_ns()}",
+        caller=CALLER,
+    )
+
+
+def dialled(turn: Turn | None) -> str | None:
+    handoffs = [e for e in (turn.effects if turn else []) if isinstance(e, Handoff)]
+    return handoffs[0].target if handoffs else None
+
+
+def said(turn: Turn | None) -> list[str]:
+    return [e.prompt.name for e in (turn.effects if turn else []) if isinstance(e, Speak)]
+
+
+async def test_a_transfer_dials_a_leased_number_whose_context_the_agent_side_claims(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(), store)
+    await start(engine, "c1")
+    await engine.handle("c1", CallerInput("my order is late"), activity_id="c1-said", caller=CALLER)
+    turn = await ask_for_agent(engine, "c1")
+    number = dialled(turn)
+    assert number in NUMBERS
+    assert turn is not None and turn.call.target == number
+    assert engine.leases[POOL] == 1
+
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)  # the agent side: any instance
+    claimed = await pools.claim(POOL, number, grace_seconds=5)
+    assert claimed is not None and claimed.call == "c1" and claimed.fresh
+    context = json.loads(claimed.context)
+    assert context["version"] == CONTEXT_VERSION
+    assert (context["pool"], context["queue"], context["attempt"]) == (POOL, "agents", 1)
+    assert context["reason"] == 'said "agent"'
+    assert context["caller"] == "+********199"  # masked: the last third at most
+    assert [line["text"] for line in context["transcript"] if line["role"] == "caller"] == [
+        "my order is late",
+        "agent",
+    ]
+    assert context["started"] <= context["transferred"]
+    # The context is sealed in Redis: the caller's words are not there in clear.
+    raw = await redis.get(Keyspace(key_prefix).pool_context(POOL, number))
+    assert raw and "late" not in raw and "199" not in raw
+    assert claimed.until <= claimed.claimed + 5000  # a claim brings the lease to its grace
+
+    await engine.handle("c1", ContextClaimed(number, "ana from 127.0.0.1"), activity_id=f"claim:{number}:x")
+    steps = [step for _, step in await store.history("c1")]
+    assert steps[-1].trigger == "claimed" and "ana from 127.0.0.1" in steps[-1].reason
+
+
+async def test_a_failed_transfer_gives_its_number_back_and_the_retry_leases_again(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1), store)
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
+    await start(engine, "c1")
+    assert dialled(await ask_for_agent(engine, "c1")) == NUMBERS[0]
+    assert await pools.status(POOL, NUMBERS[:1]) == PoolStatus(free=0, leased=1, claimed=0, lapsed=0)
+    await engine.handle("c1", HandoffStatus("failed", "busy"), activity_id="c1-failed")
+    await engine.settled()
+    assert await pools.status(POOL, NUMBERS[:1]) == PoolStatus(free=1, leased=0, claimed=0, lapsed=0)
+    assert await redis.get(Keyspace(key_prefix).pool_context(POOL, NUMBERS[0])) is None
+    turn = await ask_for_agent(engine, "c1")
+    assert dialled(turn) == NUMBERS[0] and turn is not None and turn.call.attempts == 2
+    lease = await pools.claim(POOL, NUMBERS[0])
+    assert lease is not None and lease.key == "agents:2" and json.loads(lease.context)["attempt"] == 2
+
+
+@pytest.mark.parametrize("connected", ["accepted", "telephony"])
+async def test_a_connected_transfer_keeps_its_number_for_the_grace_then_the_handback_frees_it(
+    redis: Redis, key_prefix: str, store: RedisCallStore, connected: str
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1), store)
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
+    await start(engine, "c1")
+    await ask_for_agent(engine, "c1")
+    before = await pools.claim(POOL, NUMBERS[0])  # no grace: the lease stays as it was
+    assert before is not None and before.until - before.since == 35_000  # watchdog 30 s + grace 5 s
+    if connected == "accepted":
+        await engine.handle("c1", HandoffStatus("accepted"), activity_id="c1-accepted")
+    else:  # the Telephony channel: the bot is dropped from the call when it connects
+        await engine.handle("c1", CallEnded(), activity_id="c1-ended")
+    await engine.settled()
+    after = await pools.claim(POOL, NUMBERS[0])
+    assert after is not None and after.until < before.until  # within the grace of the connect
+    assert await redis.pttl(Keyspace(key_prefix).pool_context(POOL, NUMBERS[0])) <= 5000
+    if connected == "accepted":
+        await engine.handle("c1", HandoffStatus("completed"), activity_id="c1-completed")
+        await engine.settled()
+        assert (await pools.status(POOL, NUMBERS[:1])).free == 1
+
+
+async def test_redeliveries_and_racing_deliveries_hold_one_number(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(), store)
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
+    await start(engine, "c1")
+    turns = await asyncio.gather(*(ask_for_agent(engine, "c1", "one-activity") for _ in range(5)))
+    applied = [turn for turn in turns if turn is not None]
+    assert len(applied) == 1
+    await engine.settled()
+    assert await pools.status(POOL, NUMBERS) == PoolStatus(free=2, leased=1, claimed=0, lapsed=0)
+    assert engine.leases[POOL] == 1
+
+
+async def test_an_exhausted_pool_dials_the_queues_target_when_it_says_so(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1), store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    assert dialled(await ask_for_agent(engine, "c1")) == NUMBERS[0]
+    turn = await ask_for_agent(engine, "c2")
+    assert dialled(turn) == "+14251231234"  # the queue's own target, cold
+    assert engine.exhausted[POOL] == 1
+    steps = [step for _, step in await store.history("c2")]
+    assert any(
+        s.trigger == "pool" and "exhausted: transferring to the queue's target" in s.reason for s in steps
+    )
+    await engine.handle("c2", HandoffStatus("failed"), activity_id="c2-failed")
+    await engine.settled()  # a cold transfer's failure gives back nothing it does not hold
+    assert (await PoolStore(redis, Keyspace(key_prefix)).status(POOL, NUMBERS[:1])).leased == 1
+
+
+async def test_an_exhausted_pool_fails_the_transfer_with_the_queues_final_prompt(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1, then="fail"), store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    await ask_for_agent(engine, "c1")
+    turn = await ask_for_agent(engine, "c2")
+    assert dialled(turn) is None and said(turn) == ["transfer_final"]
+    assert turn is not None and turn.call.state == "bot" and turn.call.attempts == 0
+
+
+async def test_an_exhausted_pool_holds_the_caller_then_leases_when_a_number_comes_free(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    flow = pooled_flow(size=1, then="hold", say=["handback"], seconds=1, max=2)
+    engine = engine_for(redis, key_prefix, flow, store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    await ask_for_agent(engine, "c1")
+    held = await ask_for_agent(engine, "c2")
+    assert held is not None and dialled(held) is None and said(held) == ["handback"]
+    assert held.call.holding == "agent" and held.call.holds == 1 and held.timer_seconds > 1
+    # On hold, what no route takes changes nothing (the hold's timer stands).
+    assert await engine.handle("c2", CallerInput("hello?"), activity_id="c2-hello") is not None
+    call = (await store.load("c2")).call
+    assert call is not None and call.holding == "agent" and call.deadline_ms == held.call.deadline_ms
+    # The hold is over while the pool is still exhausted: hold 2.
+    again = await engine.handle("c2", TimerExpired(call.deadline_ms), only_if_changed=True)
+    assert again is not None and again.call.holds == 2 and said(again) == ["handback"]
+    await engine.handle("c1", HandoffStatus("failed"), activity_id="c1-failed")
+    await engine.settled()
+    call = (await store.load("c2")).call
+    assert call is not None
+    turn = await engine.handle("c2", TimerExpired(call.deadline_ms), only_if_changed=True)
+    assert dialled(turn) == NUMBERS[0]
+    assert turn is not None and turn.call.holding == "" and turn.call.holds == 0
+
+
+async def test_holds_run_out_into_the_final_prompt(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    flow = pooled_flow(size=1, then="hold", say=["handback"], seconds=1, max=1)
+    engine = engine_for(redis, key_prefix, flow, store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    await ask_for_agent(engine, "c1")
+    held = await ask_for_agent(engine, "c2")
+    assert held is not None and held.call.holds == 1
+    turn = await engine.handle("c2", TimerExpired(held.call.deadline_ms + 1), only_if_changed=True)
+    assert said(turn) == ["transfer_final"] and dialled(turn) is None
+    assert turn is not None and turn.call.holding == "" and turn.call.deadline_ms == 0
+    steps = [step.reason for _, step in await store.history("c2")]
+    assert "pool agents-pool exhausted after 1 holds: the transfer fails" in steps
+
+
+async def test_a_caller_who_hangs_up_on_hold_leaves_nothing_held(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    flow = pooled_flow(size=1, then="hold", seconds=1)
+    engine = engine_for(redis, key_prefix, flow, store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    await ask_for_agent(engine, "c1")
+    await ask_for_agent(engine, "c2")
+    turn = await engine.handle("c2", CallEnded(), activity_id="c2-ended")
+    assert turn is not None and turn.call.state == "ended" and dialled(turn) is None
+
+
+async def test_many_transfers_on_three_instances_never_share_a_number(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """Contention through the turn path: 120 calls on 3 engines ask for an agent at once on
+    a pool of 20; each dialled number is held by one call from its dial to its outcome."""
+    numbers = [f"+1425556{i:04d}" for i in range(20)]
+    flow = pooled_flow(then="target")
+    flow = flow.model_copy(update={"pools": {POOL: Pool(numbers=numbers, grace_seconds=5)}})
+    engines = [engine_for(redis, key_prefix, flow, store) for _ in range(3)]
+    holding: dict[str, str] = {}  # number -> the call that holds it, by what the turns returned
+    overlaps: list[tuple[str, str, str]] = []
+    rng = random.Random(15)
+    lines = asyncio.Semaphore(60)  # calls at once: within redis-py's 100 connections a client
+
+    async def caller(i: int) -> None:
+        async with lines:
+            await one_call(i)
+
+    async def one_call(i: int) -> None:
+        call = f"call-{i}"
+        await start(engines[i % 3], call)
+        for attempt in range(2):
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            number = dialled(await ask_for_agent(engines[(i + attempt) % 3], call))
+            if number in numbers:
+                if number in holding:
+                    overlaps.append((number, holding[number], call))
+                holding[number] = call
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            outcome = rng.choice(["failed", "failed", "ended"])
+            if number in numbers and holding.get(number) == call:
+                del holding[number]  # before the outcome's commit: the number is still held
+            if outcome == "ended":
+                await engines[i % 3].handle(call, CallEnded(), activity_id=f"{call}-ended")
+                return
+            await engines[(i + 1) % 3].handle(call, HandoffStatus("failed"), activity_id=f"{call}-f{attempt}")
+
+    await asyncio.gather(*(caller(i) for i in range(120)))
+    for engine in engines:
+        await engine.settled()
+    assert overlaps == []
+    leased = sum(e.leases[POOL] for e in engines)
+    exhausted = sum(e.exhausted[POOL] for e in engines)
+    assert leased > 20 and leased + exhausted >= 120
+    status = await PoolStore(redis, Keyspace(key_prefix)).status(POOL, numbers)
+    # Released on failure; a hang-up while transferring connected: its number is kept a grace.
+    assert status.leased + status.free == 20 and status.claimed == status.lapsed == 0
