@@ -40,6 +40,7 @@ from adapters.http import (
 from adapters.keys import Keyspace
 from adapters.operator_api import add_operator_routes
 from adapters.pool import PoolStore
+from adapters.push import Pusher
 from adapters.redis_client import connection_problem, create_redis
 from adapters.sealing import Sealer
 from adapters.socket_api import CONNECTIONS_KEY, add_socket_routes
@@ -109,6 +110,12 @@ def create_app(config: Settings | None = None) -> web.Application:
     METRICS = Metrics()
     # Warm transfers' numbers, leased by every instance from the same pools in Redis.
     POOLS = PoolStore(STORE.redis, STORE.keys, STORE.sealer) if FLOW.pools else None
+    # Each warm transfer's context, POSTed (signed) to the agent side, off the call's path.
+    PUSHER = (
+        Pusher(str(CONFIG.PUSH_URL), CONFIG.PUSH_SECRET.get_secret_value())
+        if CONFIG.PUSH_URL is not None and CONFIG.PUSH_SECRET is not None
+        else None
+    )
     # The streaming sockets of this instance, and the way to other instances' sockets.
     CONNECTIONS = Connections(
         STORE,
@@ -125,6 +132,7 @@ def create_app(config: Settings | None = None) -> web.Application:
         clock=fixed_clock(CONFIG.HOURS_CLOCK) if CONFIG.HOURS_CLOCK else None,
         actions=load_actions(FLOW),
         pools=POOLS,
+        notify=None if PUSHER is None else lambda event, document: PUSHER.submit(event, dict(document)),
     )
     BOT = CallBot(ENGINE, STORE, ADAPTER, CONFIG.APP_ID)
     SCHEDULER = Scheduler(
@@ -269,6 +277,20 @@ def create_app(config: Settings | None = None) -> web.Application:
         )
     elif POOLS is not None:
         log.info("AGENT_TOKEN is not set: the context API and /agent are off (pushes still go)")
+    if PUSHER is not None:
+        METRICS.tally(
+            "cc_push",
+            "Context pushes, by how they ended (retried: tries after the first)",
+            PUSHER.counts,
+            "result",
+        )
+
+        async def push_lifetime(app: web.Application) -> AsyncIterator[None]:
+            PUSHER.start()
+            yield
+            await PUSHER.close(flush_timeout=CLEANUP_SECONDS)
+
+        APP.cleanup_ctx.append(push_lifetime)
     if CONFIG.OPERATOR_TOKEN is not None:
         add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value(), FLOW)
     else:
