@@ -194,6 +194,49 @@ async def test_a_first_claim_with_a_grace_shortens_the_lease(pool: PoolStore, re
     assert (await pool.lease(POOL, NUMBERS[:1], "c2", "t", LONG)) is not None
 
 
+async def test_a_context_lives_sealed_with_its_lease_and_never_longer(
+    pool: PoolStore, redis_client: Redis
+) -> None:
+    lease = await pool.lease(POOL, NUMBERS, "c1", "t1", LONG, context='{"caller": "+14255550199"}')
+    assert lease is not None and not lease.fresh
+    key = pool.keys.pool_context(POOL, lease.number)
+    sealed = await redis_client.get(key)
+    assert sealed and "14255550199" not in sealed  # sealed: never in clear in Redis
+    assert 0 < await redis_client.pttl(key) <= LONG * 1000
+    first = await pool.claim(POOL, lease.number, grace_seconds=SHORT)
+    assert first is not None and first.fresh and first.context == '{"caller": "+14255550199"}'
+    assert await redis_client.pttl(key) <= SHORT * 1000  # brought in with the lease
+    again = await pool.claim(POOL, lease.number)
+    assert again == first and not again.fresh and again.context == first.context
+    await wait_for(pool, lambda s: s.lapsed == 1)
+    assert await redis_client.exists(key) == 0  # gone with the lease's end, not after it
+
+
+async def test_a_release_takes_the_context_with_it(pool: PoolStore, redis_client: Redis) -> None:
+    lease = await pool.lease(POOL, NUMBERS, "c1", "t1", LONG, context="{}")
+    assert lease is not None
+    assert await pool.release(POOL, lease.number, "c1", "t1") is not None
+    assert await redis_client.exists(pool.keys.pool_context(POOL, lease.number)) == 0
+
+
+async def test_a_settled_lease_ends_within_its_grace_for_its_holder_only(
+    pool: PoolStore, redis_client: Redis
+) -> None:
+    lease = await pool.lease(POOL, NUMBERS, "c1", "t1", LONG, context="{}")
+    assert lease is not None
+    assert await pool.settle(POOL, lease.number, "c2", "t1", SHORT) is None  # not its holder
+    assert await pool.settle(POOL, lease.number, "c1", "t9", SHORT) is None  # nor this lease
+    ends = await pool.settle(POOL, lease.number, "c1", "t1", SHORT)
+    assert ends is not None and ends < lease.until
+    assert await pool.settle(POOL, lease.number, "c1", "t1", LONG) == ends  # never lengthened
+    assert await redis_client.pttl(pool.keys.pool_context(POOL, lease.number)) <= SHORT * 1000
+    await check_invariants(redis_client, pool)
+    await wait_for(pool, lambda s: s.lapsed == 1)
+    taken = await pool.lease(POOL, [lease.number], "c2", "t", LONG)
+    assert taken is not None and taken.fresh  # another call's lapsed lease, reclaimed
+    assert await pool.settle(POOL, lease.number, "c1", "t1", SHORT) is None
+
+
 async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
     dead = Redis.from_url("redis://127.0.0.1:1", decode_responses=True, socket_connect_timeout=1)
     pool = PoolStore(dead, Keyspace("x"))
