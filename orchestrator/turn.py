@@ -150,7 +150,8 @@ class Outcome(StrEnum):
 
 class Counted(NamedTuple):
     """A transfer outcome and the queue and target it counts for, as they were at its step
-    (a failure's next transfer, in the same turn, may go to another queue)."""
+    (a failure's next transfer, in the same turn, may go to another queue); a pool number
+    counts as ``pool:<name>``."""
 
     outcome: Outcome
     queue: str
@@ -872,7 +873,10 @@ class TurnRunner:
         outcome = outcome_of(transition.source, transition.dest, reason)
         if outcome is not None:
             call = self._turn.call
-            self._turn.outcomes.append(Counted(outcome, call.queue, call.target))
+            # A pool's numbers count as one target, the pool: per number is noise, and
+            # a large pool would swell every counter by its size.
+            pool = self.flow.pool_of_number.get(call.target)
+            self._turn.outcomes.append(Counted(outcome, call.queue, f"pool:{pool}" if pool else call.target))
         self._give_back(transition.source, transition.dest)
 
     def _give_back(self, source: str, dest: str) -> None:

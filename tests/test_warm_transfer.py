@@ -94,6 +94,7 @@ async def test_a_transfer_dials_a_leased_number_whose_context_the_agent_side_cla
     assert number in NUMBERS
     assert turn is not None and turn.call.target == number
     assert engine.leases[POOL] == 1
+    assert [(o.outcome, o.target) for o in turn.outcomes] == [("started", f"pool:{POOL}")]  # not per number
 
     pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)  # the agent side: any instance
     claimed = await pools.claim(POOL, number, grace_seconds=5)
@@ -309,3 +310,67 @@ async def test_many_transfers_on_three_instances_never_share_a_number(
     status = await PoolStore(redis, Keyspace(key_prefix)).status(POOL, numbers)
     # Released on failure; a hang-up while transferring connected: its number is kept a grace.
     assert status.leased + status.free == 20 and status.claimed == status.lapsed == 0
+
+
+async def test_a_number_leased_by_a_turn_that_lost_its_race_is_given_back(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """An instance with a stale copy of the call leases for a transfer; its commit finds the
+    call ended meanwhile by another instance, the rerun transfers nothing, and the number
+    goes back rather than waiting out its lease."""
+    flow = pooled_flow(size=1)
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
+    stale = Engine(store, flow, pools=pools, cache_size=100)
+    other = Engine(store, flow, pools=pools, cache_size=100)
+    await start(stale, "c1")  # the stale instance keeps its copy of the call
+    await other.handle("c1", CallEnded(), activity_id="c1-ended")
+    turn = await ask_for_agent(stale, "c1")
+    assert stale.cache.stale == 1, "the test must actually start from a stale copy"
+    assert turn is not None and turn.call.state == "ended" and dialled(turn) is None
+    await stale.settled()
+    assert await pools.status(POOL, NUMBERS[:1]) == PoolStatus(free=1, leased=0, claimed=0, lapsed=0)
+    assert stale.leases[POOL] == 0
+
+
+async def test_a_started_warm_transfer_is_pushed_signed_with_its_number(
+    redis: Redis, key_prefix: str, store: RedisCallStore, unused_tcp_port: int
+) -> None:
+    from aiohttp import web
+
+    from adapters.push import Pusher, verify
+
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        assert verify("push-secret-0123456789", request.headers["X-CC-Signature"], body)
+        received.append({"id": request.headers["X-CC-Event-Id"], **json.loads(body)})
+        arrived.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    pusher = Pusher(f"http://127.0.0.1:{unused_tcp_port}/hook", "push-secret-0123456789")
+    pusher.start()
+    try:
+        engine = Engine(
+            store,
+            pooled_flow(),
+            pools=PoolStore(redis, Keyspace(key_prefix), store.sealer),
+            notify=lambda event, document: pusher.submit(event, dict(document)),
+        )
+        await start(engine, "c1")
+        turn = await ask_for_agent(engine, "c1")
+        await asyncio.wait_for(arrived.wait(), 10)
+    finally:
+        await pusher.close()
+        await runner.cleanup()
+    assert len(received) == 1 and turn is not None
+    push = received[0]
+    assert push["id"] == "c1:agents:1" and push["number"] == dialled(turn)
+    assert (push["queue"], push["attempt"], push["caller"]) == ("agents", 1, "+********199")
+    assert pusher.counts()["sent"] == 1
