@@ -66,7 +66,9 @@ class Lease:
 class PoolStatus:
     """How a pool's configured numbers stand; each is counted once.
 
-    ``lapsed`` numbers are as available as ``free`` ones: their holder never released them."""
+    ``lapsed`` numbers are as available as ``free`` ones, but their lease ended with nobody
+    giving them back (no release, no connect, no claim): an instance died, or a release
+    failed. A lease that ended after its transfer connected or was claimed counts free."""
 
     free: int
     leased: int  # live and not yet claimed
@@ -102,7 +104,8 @@ class PoolStore:
         """Lease one of ``numbers`` (the pool's, in order) to the call for ``seconds``: the one
         this (call, lease key) already holds, else the one free longest; None when every
         number is held. ``context`` (JSON) is kept, sealed, under the number as long as the
-        lease. The lease is ``fresh`` when it reclaimed another call's lapsed one."""
+        lease. The lease is ``fresh`` when it reclaimed another call's lapsed one (ended
+        with nobody giving it back)."""
         if seconds <= 0:
             raise ValueError(f"a lease lasts a positive time, not {seconds}")
         ms = max(1, round(seconds * 1000))

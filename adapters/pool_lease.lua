@@ -16,14 +16,16 @@ local leases, holders, free_at = KEYS[1], KEYS[2], KEYS[3]
 --                                     ended (now, or its 'until' if it had lapsed), or
 --                                     false when the holder holds none there
 --   settle  call, key, number, ms     the holder's live lease ends within ms from now (a
---                                     connected transfer's grace); returns its 'until',
---                                     or false when the holder holds none there
+--                                     connected transfer's grace), marked 'settled' so
+--                                     its end is no lapse; returns its 'until', or false
+--                                     when the holder holds none there
 --   claim   number, grace_ms          the live lease on number, its 'claimed' set to now
 --                                     at the first claim (and its 'until' brought to
 --                                     within grace_ms of it when grace_ms > 0); returns
 --                                     {its JSON, its context, 1 if this claim was the
 --                                     first else 0}, or false for a free or lapsed number
---   status  number...                 returns {free, leased, claimed, lapsed} counts
+--   status  number...                 returns {free, leased, claimed, lapsed} counts: a
+--                                     lease that ended settled or claimed counts free
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local op = ARGV[1]
@@ -44,6 +46,12 @@ local function drop(number, lease, at, context)
     redis.call('HDEL', holders, holder)
   end
   redis.call('ZADD', free_at, at, number)
+end
+
+-- A lease that ended as it should (its transfer connected, or the agent side claimed it)
+-- is no lapse: only one nobody gave back is.
+local function given_back(lease)
+  return lease.claimed > 0 or lease.settled ~= nil
 end
 
 local function read(number)
@@ -90,7 +98,7 @@ if op == 'lease' then
   local reclaimed = 0
   if lapsed then
     drop(best, lapsed, lapsed['until'], contexts[best])
-    if lapsed.call ~= call then
+    if lapsed.call ~= call and not given_back(lapsed) then
       reclaimed = 1
     end
   end
@@ -128,14 +136,12 @@ if op == 'settle' then
   if not lease or lease['until'] <= now then
     return false
   end
-  local ends = now + tonumber(ARGV[5])
-  if ends < lease['until'] then
-    lease['until'] = ends
-    redis.call('HSET', leases, number, cjson.encode(lease))
-    redis.call('ZADD', free_at, ends, number)
-    redis.call('PEXPIREAT', KEYS[4], ends)
-  end
-  return lease['until']
+  local ends = math.min(now + tonumber(ARGV[5]), lease['until'])
+  lease.settled, lease['until'] = now, ends
+  redis.call('HSET', leases, number, cjson.encode(lease))
+  redis.call('ZADD', free_at, ends, number)
+  redis.call('PEXPIREAT', KEYS[4], ends)
+  return ends
 end
 
 if op == 'claim' then
@@ -163,7 +169,7 @@ if op == 'status' then
   local free, leased, claimed, lapsed = 0, 0, 0, 0
   for i = 2, #ARGV do
     local lease = read(ARGV[i])
-    if not lease then
+    if not lease or (lease['until'] <= now and given_back(lease)) then
       free = free + 1
     elseif lease['until'] <= now then
       lapsed = lapsed + 1

@@ -99,6 +99,33 @@ async def redis_client(request: pytest.FixtureRequest, key_prefix: str) -> Async
     await client.aclose()
 
 
+@pytest.fixture
+async def instance_clients(
+    request: pytest.FixtureRequest, redis_client: Redis
+) -> AsyncIterator[list[Redis | RedisCluster]]:
+    """Three instances' clients of ``redis_client``'s Redis, each with connections of its
+    own (redis-py allows a client 100), as three bot instances would have."""
+    backend = request.node.callspec.params["redis_client"]
+    clients: list[Redis | RedisCluster] = [redis_client]
+    for _ in range(2):
+        if backend == "fake":
+            server = redis_client.connection_pool.connection_kwargs["server"]
+            clients.append(FakeRedis(server=server, decode_responses=True))
+        elif backend == "cluster":
+            url = request.getfixturevalue("redis_cluster").url
+            clients.append(RedisCluster.from_url(url, decode_responses=True))
+        else:
+            clients.append(Redis.from_url(REAL_REDIS_URL, decode_responses=True))
+    for client in clients:
+        if isinstance(client, RedisCluster):
+            # As an instance's start-up ping does: redis-py's async cluster client, sent
+            # commands at once before it has read the slots, fails some with AttributeError.
+            await client.initialize()
+    yield clients
+    for client in clients[1:]:
+        await client.aclose()
+
+
 async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> None:
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
     for key in keys:  # one by one: on a cluster they live in many slots
@@ -117,6 +144,10 @@ BOT_ENVIRONMENT = (
     "REDIS_TLS_CERT_FILE",
     "REDIS_TLS_KEY_FILE",
     "OPERATOR_TOKEN",
+    "AGENT_TOKEN",
+    "AGENT_RATE_LIMIT",
+    "PUSH_URL",
+    "PUSH_SECRET",
     "CHANNEL_SERVICE",
     "TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL",
     "TO_BOT_FROM_CHANNEL_TOKEN_ISSUER",
