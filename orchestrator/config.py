@@ -123,7 +123,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
         return value
 
-    @field_validator("REDIS_USERNAME", "REDIS_PASSWORD", mode="before")
+    @field_validator(
+        "REDIS_USERNAME", "REDIS_PASSWORD", "VARIABLES_KEYS", "PUSH_URL", "CALLFLOW_FILE", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None

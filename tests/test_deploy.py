@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tomllib
@@ -9,7 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
+from app import create_app
+from orchestrator.config import load_settings
+from orchestrator.errors import ConfigError
 from tests.conftest import IN_CI
 from tests.process import ROOT
 
@@ -42,6 +47,34 @@ def test_three_bot_replicas_behind_a_load_balancer_on_3978(compose: dict[str, An
     assert services["bot"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     nginx = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
     assert "http://bot:3978" in nginx and "listen 3978" in nginx
+
+
+def compose_environment(compose: dict[str, Any], **dotenv: str) -> dict[str, str]:
+    """The bot service's environment as Compose resolves it with ``dotenv`` as its .env."""
+    resolved = {}
+    for name, value in compose["services"]["bot"]["environment"].items():
+        match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
+        resolved[name] = dotenv.get(match[1], match[2]) if match else str(value)
+    return resolved
+
+
+@pytest.mark.parametrize(
+    "flow", ["default.yaml", "transfer-sample.yaml", "account-lookup.yaml", "warm-transfer.yaml"]
+)
+def test_the_replicas_start_with_the_settings_the_compose_file_names(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, flow: str
+) -> None:
+    """Every shipped flow runs on the replicas with VARIABLES_KEYS from .env (the replicas
+    share Redis); without it, start-up stops naming it; unset optional settings pass as
+    empty values and mean unset."""
+    dotenv = {"VARIABLES_KEYS": Fernet.generate_key().decode(), "CALLFLOW_FILE": f"orchestrator/flows/{flow}"}
+    for name, value in compose_environment(compose, **dotenv).items():
+        monkeypatch.setenv(name, value)
+    create_app(load_settings())
+    monkeypatch.setenv("VARIABLES_KEYS", "")
+    if flow != "transfer-sample.yaml":  # it collects nothing and leases no numbers
+        with pytest.raises(ConfigError, match="VARIABLES_KEYS"):
+            create_app(load_settings())
 
 
 def test_redis_persists_with_aof(compose: dict[str, Any]) -> None:
