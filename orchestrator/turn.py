@@ -30,7 +30,6 @@ from orchestrator.callflow import (
     Gather,
     HangUp,
     Menu,
-    Pool,
     Queue,
     Retry,
     Say,
@@ -356,6 +355,7 @@ class TurnRunner:
                 if 0 < call.deadline_ms <= now_ms:
                     self._on_timer()
             case CallEnded():
+                call.holding, call.holds = "", 0
                 if call.state == State.TRANSFERRING:
                     self._fire(Trigger.ACCEPT, reason=TELEPHONY_TRANSFERRED)
                 self._fire(Trigger.HANG_UP, reason=CALLER_HUNG_UP)
@@ -883,17 +883,16 @@ class TurnRunner:
         """A warm transfer's number goes back when its transfer fails, or the call comes back
         from or ends at it; a connected one is kept a grace for the agent side's look-up."""
         call = self._turn.call
-        queue = self.flow.queues.get(call.queue)
-        pool: Pool | None = self.flow.pools.get(queue.pool) if queue and queue.pool else None
-        if pool is None or call.target not in pool.numbers or dest == State.TRANSFERRING:
+        name = self.flow.pool_of_number.get(call.target)
+        if name is None or dest == State.TRANSFERRING:
             return
-        assert queue is not None and queue.pool is not None
         key = lease_key(call.queue, call.attempts)
         if dest == State.ACCEPTED:
-            self._turn.releases.append(PoolRelease(queue.pool, call.target, key, pool.grace_seconds))
+            grace = self.flow.pools[name].grace_seconds
+            self._turn.releases.append(PoolRelease(name, call.target, key, grace))
         elif (
             dest == State.FAILED
             or source == State.TRANSFERRING
             or (source, dest) == (State.ACCEPTED, State.BOT)
         ):
-            self._turn.releases.append(PoolRelease(queue.pool, call.target, key))  # (accepted, ended): grace
+            self._turn.releases.append(PoolRelease(name, call.target, key))  # (accepted, ended): grace

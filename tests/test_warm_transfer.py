@@ -262,6 +262,7 @@ async def test_a_caller_who_hangs_up_on_hold_leaves_nothing_held(
     await ask_for_agent(engine, "c2")
     turn = await engine.handle("c2", CallEnded(), activity_id="c2-ended")
     assert turn is not None and turn.call.state == "ended" and dialled(turn) is None
+    assert turn.call.holding == "" and turn.call.deadline_ms == 0
 
 
 class RecordingPools(PoolStore):
