@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -25,6 +26,8 @@ from rich.table import Table
 from adapters import inspection
 from adapters.inspector import CallInspector
 from adapters.keys import CallField
+from adapters.pool import Lease
+from adapters.store import unavailable_while
 from orchestrator import flow_diagram
 from orchestrator.callflow import CallFlow, load_callflow
 from orchestrator.errors import ConfigError
@@ -262,6 +265,129 @@ def _transfer_table(column: str, rows: list[dict[str, Any]], totals: dict[str, A
             row[column] or "(none)", *(str(row[o]) for o in outcomes), "-" if rate is None else f"{rate:.0%}"
         )
     return table
+
+
+# A pool number's states, as pool_lease.lua's status counts them.
+POOL_STATES = ("free", "leased", "claimed", "lapsed")
+
+
+@cli.group("pool")
+def pool_group() -> None:
+    """Number pools of warm transfers."""
+
+
+@pool_group.command("status")
+@click.argument("name", required=False)
+@click.option(
+    "--flow",
+    "flow_file",
+    default="",
+    metavar="FILE",
+    help="The pools of the call flow in FILE (default: the bot's, CALLFLOW_FILE, else the built-in one).",
+)
+@click.option(
+    "--numbers", "each", is_flag=True, help="Each number's state too: which call holds it, since when."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def pool_status(options: dict[str, Any], name: str | None, flow_file: str, each: bool, as_json: bool) -> None:
+    """How the numbers of each pool of the call flow (or of pool NAME) stand now: free,
+    leased (the transfer rings), claimed (by the agent side) or lapsed (never given back:
+    leased again like a free one)."""
+    flow = _callflow(flow_file)
+    if name is not None and name not in flow.pools:
+        known = (
+            f"this call flow's pools are {', '.join(flow.pools)}" if flow.pools else "this call flow has none"
+        )
+        raise click.BadParameter(f"no pool {name!r}: {known}", param_hint="NAME")
+    names = list(flow.pools) if name is None else [name]
+    leases = _run(options, lambda inspector: _pool_leases(inspector, flow, names)) if names else {}
+    # This machine's clock: TIME is not a read an operator user may run. The bots judge a
+    # lapse by Redis's clock, so a lease within the clocks' skew of its end may show either way.
+    now = int(time.time() * 1000)
+    figures = {pool: _pool_figures(flow, pool, leases[pool], now, each) for pool in names}
+    if as_json:
+        _echo_json({"pools": figures})
+        return
+    console = Console()
+    if not figures:
+        console.print("this call flow has no number pools")
+        return
+    table = Table("pool", "numbers", *POOL_STATES, "grace", "queues", title="number pools, now")
+    for pool, row in figures.items():
+        table.add_row(
+            pool,
+            str(row["numbers"]),
+            *(str(row[state]) for state in POOL_STATES),
+            f"{row['grace_seconds']:g} s",
+            ", ".join(row["queues"]) or "(none)",
+        )
+    console.print(table)
+    for pool, row in figures.items() if each else ():
+        numbers = Table("number", "state", "call", "since", "until", "claimed", title=f"pool {pool}")
+        for line in row["by_number"]:
+            numbers.add_row(
+                line["number"],
+                line["state"],
+                *(line[k] or "-" for k in ("call", "since", "until", "claimed")),
+            )
+        console.print(numbers)
+
+
+async def _pool_leases(
+    inspector: CallInspector, flow: CallFlow, names: list[str]
+) -> dict[str, list[str | None]]:
+    """The stored lease (JSON, None: none) of each number of each pool in ``names``: one
+    HMGET per pool, pipelined. Plain reads, not pool_lease.lua's ``status``, so that a
+    read-only operator user (no EVALSHA) can run it."""
+    with unavailable_while("reading the number pools"):
+        async with inspector.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(inspector.keys.pool(name).leases, flow.pools[name].numbers)
+            replies = await pipe.execute()
+    return dict(zip(names, replies, strict=True))
+
+
+def _pool_figures(
+    flow: CallFlow, name: str, leases: list[str | None], now: int, each: bool
+) -> dict[str, Any]:
+    """Pool ``name``'s numbers per state at ``now`` (ms) as ``GET /api/pools`` gives them,
+    and with ``each`` every number's line: the lease stored for it (times ISO 8601), or
+    nulls when none is (a free number's ended lease stays until the number is leased again)."""
+    pool = flow.pools[name]
+    counts = dict.fromkeys(POOL_STATES, 0)
+    lines: list[dict[str, Any]] = []
+    for number, raw in zip(pool.numbers, leases, strict=True):
+        lease = Lease.parse(number, raw) if raw else None
+        # As pool_lease.lua's status judges it: a lease that ended is a lapse only if nobody
+        # gave the number back (its transfer never connected, the agent side never claimed it).
+        if lease is None:
+            state = "free"
+        elif lease.until <= now:
+            given_back = lease.claimed > 0 or json.loads(str(raw)).get("settled") is not None
+            state = "free" if given_back else "lapsed"
+        else:
+            state = "claimed" if lease.claimed else "leased"
+        counts[state] += 1
+        lines.append(
+            {
+                "number": number,
+                "state": state,
+                "call": lease and lease.call,
+                "since": lease and inspection.when(lease.since),
+                "until": lease and inspection.when(lease.until),
+                "claimed": inspection.when(lease.claimed) if lease and lease.claimed else None,
+            }
+        )
+    figures: dict[str, Any] = {
+        "numbers": len(pool.numbers),
+        **counts,
+        "grace_seconds": pool.grace_seconds,
+        "queues": sorted(queue for queue, q in flow.queues.items() if q.pool == name),
+    }
+    if each:
+        figures["by_number"] = lines
+    return figures
 
 
 @cli.command()

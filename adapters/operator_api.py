@@ -10,6 +10,7 @@ does not open it. What callers said is redacted before it is shown
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -21,6 +22,7 @@ from adapters import inspection
 from adapters.http import METRICS_KEY, STORE_KEY, bearer_is, problem
 from adapters.inspector import CallInspector
 from adapters.keys import CallField
+from adapters.pool import PoolStatus, PoolStore
 from orchestrator.callflow import CallFlow
 from orchestrator.errors import StoreUnavailable
 from orchestrator.flow_diagram import render as flow_diagram_render
@@ -30,6 +32,7 @@ from states.diagram import FORMATS, DiagramError, GraphvizMissing, render
 INSPECTOR_KEY = web.AppKey("inspector", CallInspector)
 TOKEN_KEY = web.AppKey("operator_token", bytes)
 FLOW_KEY = web.AppKey("flow", CallFlow)
+POOLS_KEY = web.AppKey("pools", PoolStore)  # only when the flow has pools
 # The flow's drawings, by format and highlight: each drawn once.
 FLOW_DRAWING_KEY = web.AppKey[Callable[[str, str | None], bytes]]("flow_drawing")
 
@@ -138,6 +141,38 @@ async def transitions(request: web.Request) -> web.StreamResponse:
 
 
 @operator_only
+async def pools(request: web.Request) -> web.StreamResponse:
+    """``GET /api/pools``: each pool of the flow, its numbers per state now, its grace
+    and the queues that lease from it."""
+    flow = request.app[FLOW_KEY]
+    statuses = await _pool_statuses(request.app)
+    return web.json_response(
+        {
+            "pools": {
+                name: {
+                    "numbers": len(pool.numbers),
+                    **dataclasses.asdict(statuses[name]),
+                    "grace_seconds": pool.grace_seconds,
+                    "queues": sorted(queue for queue, q in flow.queues.items() if q.pool == name),
+                }
+                for name, pool in flow.pools.items()
+            }
+        }
+    )
+
+
+async def _pool_statuses(app: web.Application) -> dict[str, PoolStatus]:
+    """Each pool's status, by Redis time: one round trip per pool, all at once."""
+    flow = app[FLOW_KEY]
+    if not flow.pools:
+        return {}
+    store = app[POOLS_KEY]
+    names = list(flow.pools)
+    found = await asyncio.gather(*(store.status(name, flow.pools[name].numbers) for name in names))
+    return dict(zip(names, found, strict=True))
+
+
+@operator_only
 async def machine(request: web.Request) -> web.StreamResponse:
     """``GET /api/machine``: the state machine as data."""
     return web.json_response(inspection.machine())
@@ -200,12 +235,20 @@ def _drawing(fmt: str, highlight: str | None) -> bytes:
 @operator_only
 async def prometheus(request: web.Request) -> web.StreamResponse:
     """``GET /metrics``: Prometheus text format. With Redis down the instance's own
-    metrics are still served, ``cc_calls`` left out and ``cc_redis_up`` 0."""
+    metrics are still served, ``cc_calls`` and ``cc_pool_numbers`` left out and
+    ``cc_redis_up`` 0."""
     try:
         counts: dict[str, int] | None = await request.app[INSPECTOR_KEY].state_counts()
     except StoreUnavailable:
         counts = None
-    body = request.app[METRICS_KEY].exposition(counts)
+    numbers: dict[str, dict[str, int]] | None = None
+    if counts is not None:  # Redis down: no second wait for it
+        try:
+            statuses = await _pool_statuses(request.app)
+            numbers = {name: dataclasses.asdict(status) for name, status in statuses.items()}
+        except StoreUnavailable:
+            pass
+    body = request.app[METRICS_KEY].exposition(counts, numbers)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -229,6 +272,9 @@ def add_operator_routes(app: web.Application, token: str, flow: CallFlow) -> Non
     app[TOKEN_KEY] = token.encode()
     app[INSPECTOR_KEY] = CallInspector(app[STORE_KEY])
     app[FLOW_KEY] = flow
+    if flow.pools:
+        store = app[STORE_KEY]
+        app[POOLS_KEY] = PoolStore(store.redis, store.keys, store.sealer)
     drawing: Callable[[str, str | None], bytes] = functools.lru_cache(maxsize=64)(
         functools.partial(flow_diagram_render, flow)
     )
@@ -238,6 +284,7 @@ def add_operator_routes(app: web.Application, token: str, flow: CallFlow) -> Non
         "/api/calls/{id:.+}": show_call,  # ids may hold { } and /
         "/api/stats": stats,
         "/api/transitions": transitions,
+        "/api/pools": pools,
         "/api/machine": machine,
         "/api/diagram": diagram,
         "/api/flow/diagram": flow_diagram,

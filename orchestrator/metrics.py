@@ -1,8 +1,8 @@
 """Prometheus metrics of one bot instance (``GET /metrics``).
 
 Counters and histograms are this instance's own: Prometheus sums them over instances.
-``cc_calls`` is read from Redis at scrape time and is the same on every instance (use
-``max``, not ``sum``, across instances).
+``cc_calls`` and ``cc_pool_numbers`` are read from Redis at scrape time and are the same
+on every instance (use ``max``, not ``sum``, across instances).
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = Gauge("cc_calls", "Calls per state, in all of Redis", ["state"], registry=self.registry)
+        self.pool_numbers = Gauge(
+            "cc_pool_numbers",
+            "Numbers of each pool per status (free, leased, claimed, lapsed), in all of Redis",
+            ["pool", "status"],
+            registry=self.registry,
+        )
         self.redis_up = Gauge("cc_redis_up", "1 if Redis answered this scrape", registry=self.registry)
         self.transfers = Counter(
             "cc_transfers",
@@ -121,10 +127,17 @@ class Metrics:
                 rang = max(0.0, time.time() - turn.loaded_since_ms / 1000)
                 self.outcome_seconds.labels(queue, outcome.value).observe(rang)
 
-    def exposition(self, calls: dict[str, int] | None) -> bytes:
-        """The text format, with the state counts just read from Redis (None: unreadable)."""
+    def exposition(
+        self, calls: Mapping[str, int] | None, pools: Mapping[str, Mapping[str, int]] | None = None
+    ) -> bytes:
+        """The text format, with the state counts and each pool's numbers per status just
+        read from Redis (None: unreadable)."""
         self.redis_up.set(calls is not None)
         self.calls.clear()  # stale counts would lie: no samples while Redis is unreadable
         for state, count in (calls or {}).items():
             self.calls.labels(state).set(count)
+        self.pool_numbers.clear()
+        for pool, statuses in (pools or {}).items():
+            for status, count in statuses.items():
+                self.pool_numbers.labels(pool, status).set(count)
         return generate_latest(self.registry)

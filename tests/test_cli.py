@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from adapters.inspection import redact
+from adapters.inspector import CallInspector
 from adapters.keys import Keyspace
+from adapters.pool import PoolStatus, PoolStore
 from adapters.store import RedisCallStore
-from cli import cli
+from cli import _pool_figures, _pool_leases, cli
 from orchestrator import flow_diagram
-from orchestrator.callflow import load_callflow
+from orchestrator.callflow import Pool, load_callflow, shipped_flow
 from orchestrator.engine import Engine
 from orchestrator.events import CallerInput, HandoffStatus
 from states.diagram import mermaid
@@ -374,3 +380,188 @@ def test_the_entry_points_run_the_cli_from_the_top_level() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: python -m cli ") and "simulate" in done.stdout
+
+
+# Number pools (issue 15): the example warm-transfer flow's pool "agents", three numbers,
+# leased by its queue "agents" when a caller says "agent".
+WARM_FLOW = shipped_flow("warm-transfer.yaml")
+POOL_NUMBERS = load_callflow(WARM_FLOW).pools["agents"].numbers
+
+
+async def lapsed_once(pools: PoolStore, numbers: list[str]) -> PoolStatus:
+    """The pool's status once a lease has lapsed (by Redis time: polled until it has)."""
+    for _ in range(200):
+        status = await pools.status("agents", numbers)
+        if status.lapsed:
+            return status
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no lease lapsed: {status}")
+
+
+@pytest.fixture
+def pool_in_use(key_prefix: str) -> Iterator[dict[str, str]]:
+    """The pool "agents" with a number leased to a ringing transfer, one claimed by the
+    agent side and one lapsed (its instance died holding it): the calls' ids by state."""
+    require_real_redis_sync()
+
+    async def setup() -> dict[str, str]:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        store = RedisCallStore(client, Keyspace(key_prefix))
+        pools = PoolStore(client, store.keys, store.sealer)
+        engine = Engine(store, load_callflow(WARM_FLOW), pools=pools)
+        for call in ("ringing", "answered"):
+            await engine.handle(call, CallerInput("agent"), activity_id=f"{call}-agent")
+        answered = await store.record("answered")
+        assert await pools.claim("agents", answered["target"]) is not None
+        assert await pools.lease("agents", POOL_NUMBERS, "dead", "t", 0.2) is not None
+        assert await lapsed_once(pools, POOL_NUMBERS) == PoolStatus(free=0, leased=1, claimed=1, lapsed=1)
+        ringing = await store.record("ringing")
+        await client.aclose()
+        return {"leased": ringing["target"], "claimed": answered["target"]}
+
+    async def cleanup() -> None:
+        client = Redis.from_url(REAL_REDIS_URL, decode_responses=True)
+        await delete_prefix(client, key_prefix)
+        await client.aclose()
+
+    dialled = asyncio.run(setup())
+    yield {"prefix": key_prefix, **dialled}
+    asyncio.run(cleanup())
+
+
+def test_pool_status_counts_each_pools_numbers(
+    pool_in_use: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # a wide terminal: no cell wraps
+    base = ["--redis-url", REAL_REDIS_URL, "--prefix", pool_in_use["prefix"], "pool", "status"]
+    figures = json.loads(invoke(*base, "--flow", str(WARM_FLOW), "--json").output)
+    assert figures == {
+        "pools": {
+            "agents": {
+                "numbers": 3,
+                "free": 0,
+                "leased": 1,
+                "claimed": 1,
+                "lapsed": 1,
+                "grace_seconds": 30.0,
+                "queues": ["agents"],
+            }
+        }
+    }
+    # The flow the bot is configured with, by default; one pool by name.
+    monkeypatch.setenv("CALLFLOW_FILE", str(WARM_FLOW))
+    assert json.loads(invoke(*base, "agents", "--json").output) == figures
+    table = invoke(*base).output
+    assert "number pools" in table
+    assert re.search(r"agents\W+3\W+0\W+1\W+1\W+1\W+30 s\W+agents", table), table
+
+
+def test_pool_status_numbers_says_who_holds_each(
+    pool_in_use: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    base = ["--redis-url", REAL_REDIS_URL, "--prefix", pool_in_use["prefix"], "pool", "status"]
+    base += ["--flow", str(WARM_FLOW), "agents", "--numbers"]
+    lines = json.loads(invoke(*base, "--json").output)["pools"]["agents"]["by_number"]
+    assert [line["number"] for line in lines] == POOL_NUMBERS  # in the flow's order
+    by_number = {line["number"]: line for line in lines}
+    expected = {pool_in_use["leased"]: ("leased", "ringing"), pool_in_use["claimed"]: ("claimed", "answered")}
+    expected[POOL_NUMBERS[2]] = ("lapsed", "dead")
+    assert {n: (line["state"], line["call"]) for n, line in by_number.items()} == expected
+    assert by_number[pool_in_use["claimed"]]["claimed"].endswith("Z")
+    assert by_number[pool_in_use["leased"]]["claimed"] is None
+    for line in lines:
+        assert line["since"].endswith("Z") and line["since"] < line["until"]
+    table = invoke(*base).output
+    assert "pool agents" in table and "dead" in table and "lapsed" in table and "answered" in table
+
+
+def test_pool_status_of_an_unknown_pool_names_the_known_ones() -> None:
+    result = CliRunner().invoke(cli, ["pool", "status", "--flow", str(WARM_FLOW), "sales"])
+    assert result.exit_code == 2
+    assert "no pool 'sales': this call flow's pools are agents" in result.output
+    result = CliRunner().invoke(cli, ["pool", "status", "--flow", str(SAMPLE_FLOW), "agents"])
+    assert result.exit_code == 2 and "this call flow has none" in result.output
+
+
+def test_pool_status_of_a_flow_without_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to read: Redis is not even asked (here it is not there)."""
+    monkeypatch.setenv("CALLFLOW_FILE", str(SAMPLE_FLOW))
+    base = ["--redis-url", "redis://127.0.0.1:1/0", "pool", "status"]
+    assert invoke(*base).output.strip() == "this call flow has no number pools"
+    assert json.loads(invoke(*base, "--json").output) == {"pools": {}}
+
+
+def test_pool_status_with_redis_down_is_one_line_and_exit_1() -> None:
+    result = CliRunner().invoke(
+        cli, ["--redis-url", "redis://127.0.0.1:1/0", "pool", "status", "--flow", str(WARM_FLOW)]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: Redis at redis://127.0.0.1:1/0 is not reachable"]
+
+
+@pytest.mark.parametrize("redis_client", ["fake", "real", "cluster"], indirect=True)
+async def test_pool_status_counts_as_the_lease_script_does(redis_client: Redis, key_prefix: str) -> None:
+    """The CLI reads leases with plain reads (a read-only user runs no script) and judges
+    them as pool_lease.lua's status does, on the fake, a real Redis and a cluster: a lease
+    that ended after its transfer connected or the agent side claimed it is free, one that
+    ended with nobody giving it back lapsed."""
+    if isinstance(redis_client, RedisCluster):
+        await redis_client.initialize()
+    numbers = [f"+1425555{i:04d}" for i in range(5)]
+    flow = load_callflow(WARM_FLOW)
+    flow = flow.model_copy(update={"pools": {"agents": Pool(numbers=numbers, grace_seconds=5)}})
+    store = RedisCallStore(redis_client, Keyspace(key_prefix))
+    pools = PoolStore(redis_client, store.keys)
+    inspector = CallInspector(store)
+
+    async def figures() -> dict[str, int]:
+        leases = await _pool_leases(inspector, flow, ["agents"])
+        shown = _pool_figures(flow, "agents", leases["agents"], int(time.time() * 1000), each=False)
+        return {state: shown[state] for state in ("free", "leased", "claimed", "lapsed")}
+
+    assert await figures() == {"free": 5, "leased": 0, "claimed": 0, "lapsed": 0}
+    held = [await pools.lease("agents", numbers, f"c{i}", "t", 30) for i in range(5)]
+    assert [lease.number if lease else None for lease in held] == numbers
+    assert await pools.claim("agents", numbers[1]) is not None  # claimed, and live
+    assert await pools.claim("agents", numbers[2], grace_seconds=0.2) is not None  # ends claimed
+    assert await pools.settle("agents", numbers[3], "c3", "t", 0.2) is not None  # ends connected
+    assert await pools.release("agents", numbers[4], "c4", "t") is not None
+    assert await pools.lease("agents", numbers, "dead", "t", 0.2) is not None  # ends given back by none
+    assert await figures() == {"free": 0, "leased": 3, "claimed": 2, "lapsed": 0}
+    for _ in range(200):  # leases end by Redis time: polled until the three short ones have
+        status = await pools.status("agents", numbers)
+        if status.leased + status.claimed == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert await figures() == {"free": 2, "leased": 1, "claimed": 1, "lapsed": 1}
+    assert await figures() == {
+        name: getattr(status, name) for name in ("free", "leased", "claimed", "lapsed")
+    }
+
+
+@pytest.mark.parametrize("user", ["cc-operator", "cc-operator-strict"])
+def test_pool_status_runs_as_the_read_only_operator_users(pool_in_use: dict[str, str], user: str) -> None:
+    """The operator users of docs/redis-security.md run no script and no TIME: the CLI
+    reads the pools with what they may run. Made on the shared server for this test's
+    prefix only, under a name of its own, and deleted after."""
+    prefix = pool_in_use["prefix"]
+    doc = (Path(__file__).parents[1] / "docs" / "redis-security.md").read_text(encoding="utf-8")
+    (line,) = [line for line in doc.splitlines() if line.startswith(f"ACL SETUSER {user} ")]
+    name, password = f"{prefix}-{user}", f"pw-{prefix}"
+    words = [
+        name if i == 2 else f">{password}" if w.startswith("><") else w.replace("~cc:", f"~{prefix}:")
+        for i, w in enumerate(shlex.split(line))
+    ]
+    admin = redis.Redis.from_url(REAL_REDIS_URL)
+    admin.execute_command(*words)  # type: ignore[no-untyped-call]
+    try:
+        base = ["--redis-url", REAL_REDIS_URL, "--prefix", prefix]
+        base += ["--redis-username", name, "--redis-password", password]
+        result = CliRunner().invoke(cli, [*base, "pool", "status", "--flow", str(WARM_FLOW), "--json"])
+        assert result.exit_code == 0, result.output
+        agents = json.loads(result.output)["pools"]["agents"]
+        assert (agents["free"], agents["leased"], agents["claimed"], agents["lapsed"]) == (0, 1, 1, 1)
+    finally:
+        admin.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
+        admin.close()

@@ -14,10 +14,14 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.fernet import Fernet
 from playwright.async_api import Page, expect
 
 from adapters.http import STORE_KEY
+from adapters.keys import CallField
+from adapters.pool import PoolStore
 from app import create_app
+from orchestrator.callflow import load_callflow
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
@@ -28,33 +32,60 @@ TOKEN = "t0ken-dashboard-3f9a"
 TOKEN_KEY = "cc-operator-token"  # the page's sessionStorage key
 TARGET = "+14251231234"
 DEFAULT_FLOW = Path(__file__).parents[1] / "orchestrator" / "flows" / "transfer-sample.yaml"
+WARM_FLOW = DEFAULT_FLOW.with_name("warm-transfer.yaml")  # its queue leases from pool "agents"
 # Caller-controlled text that would run script if the page ever parsed it as HTML.
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"> busy"
+
+
+def without_watchdog(source: Path, tmp_path: Path) -> Path:
+    """A copy of the flow in ``source`` whose watchdog never moves a call mid-test."""
+    flow = yaml.safe_load(source.read_text())
+    flow["queues"]["agents"]["timeout_seconds"] = 3600
+    flow_file = tmp_path / "callflow.yaml"
+    flow_file.write_text(yaml.safe_dump(flow))
+    return flow_file
+
+
+async def serve_flow(
+    source: Path, tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """The bot running the flow in ``source``, with the operator API on, served on a
+    loopback port."""
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    await (await real_redis_or_skip()).aclose()
+    app = create_app(
+        load_settings(
+            REDIS_URL=REAL_REDIS_URL,
+            REDIS_KEY_PREFIX=key_prefix,
+            OPERATOR_TOKEN=TOKEN,
+            CALLFLOW_FILE=without_watchdog(source, tmp_path),
+            **settings,
+        )
+    )
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    yield client
+    await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+    await client.close()
 
 
 @pytest.fixture
 async def bot(
     tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    """The bot with the operator API on, served on a loopback port."""
-    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    await (await real_redis_or_skip()).aclose()
-    flow = yaml.safe_load(DEFAULT_FLOW.read_text())
-    flow["queues"]["agents"]["timeout_seconds"] = 3600  # no watchdog may move a call mid-test
-    flow_file = tmp_path / "callflow.yaml"
-    flow_file.write_text(yaml.safe_dump(flow))
-    settings = load_settings(
-        REDIS_URL=REAL_REDIS_URL,
-        REDIS_KEY_PREFIX=key_prefix,
-        OPERATOR_TOKEN=TOKEN,
-        CALLFLOW_FILE=flow_file,
-    )
-    client = TestClient(TestServer(create_app(settings), host="127.0.0.1"))
-    await client.start_server()
-    yield client
-    await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
-    await client.close()
+    async for client in serve_flow(DEFAULT_FLOW, tmp_path, key_prefix, monkeypatch):
+        yield client
+
+
+@pytest.fixture
+async def warm_bot(
+    tmp_path: Path, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """The bot on the warm-transfer flow: a pool of three numbers."""
+    keys = Fernet.generate_key().decode()
+    async for client in serve_flow(WARM_FLOW, tmp_path, key_prefix, monkeypatch, VARIABLES_KEYS=keys):
+        yield client
 
 
 async def post(bot: TestClient[Any, Any], activity: dict[str, Any]) -> None:
@@ -126,6 +157,7 @@ async def test_the_dashboard_shows_the_calls_in_redis_and_follows_them(
     await expect(page.locator("#app")).to_be_visible()
     await expect(page.locator("#updated")).to_contain_text("Last updated")
     await expect_counts(page, stats["calls"])
+    await expect(page.locator("#pools-card")).to_be_hidden()  # this flow has no pools
 
     # The diagram is drawn from /api/machine: every state, every arrow, the self-loops.
     boxes = page.locator("#diagram [data-state]")
@@ -243,3 +275,56 @@ async def test_the_api_refuses_the_dashboard_without_the_token(bot: TestClient[A
         assert response.status == 401, path
         response = await bot.get(path, headers={"Authorization": "Bearer wrong"})
         assert response.status == 401, path
+
+
+async def expect_pool(page: Page, name: str, in_use: str, free: int, lapsed: int, queues: str) -> None:
+    row = page.locator(f'#pools tbody tr[data-pool="{name}"]')
+    await expect(row.locator('[data-figure="in-use"]')).to_have_text(in_use)
+    await expect(row.locator('[data-figure="free"]')).to_have_text(str(free))
+    await expect(row.locator('[data-figure="lapsed"]')).to_have_text(str(lapsed))
+    await expect(row.locator('[data-figure="queues"]')).to_have_text(queues)
+
+
+async def test_the_pools_panel_shows_the_numbers_in_use(
+    warm_bot: TestClient[Any, Any], channel: ChannelStandIn, browser_page: Page
+) -> None:
+    bot, page = warm_bot, browser_page
+    await record_csp_violations(page)
+    await page.goto(str(bot.make_url("/dashboard?refresh=0.5")))
+    await sign_in(page, TOKEN)
+    await expect(page.locator("#pools-card")).to_be_visible()
+    await expect(page.locator("#pools thead th")).to_have_text(
+        ["Pool", "In use", "Use", "Free", "Lapsed", "Queues"]
+    )
+    await expect_pool(page, "agents", "0 of 3", free=3, lapsed=0, queues="agents")
+
+    # Two callers transferred through the pool (one's context claimed by the agent side),
+    # shown on a refresh, without a reload.
+    await page.evaluate("window.__still_this_page = true")
+    callers = [Caller(channel.url) for _ in range(2)]
+    for caller in callers:
+        await post(bot, caller.say("agent"))
+    store = bot.app[STORE_KEY]
+    pools = PoolStore(store.redis, store.keys, store.sealer)
+    answered = (await store.record(callers[0].conversation_id))[CallField.TARGET]
+    assert await pools.claim("agents", answered) is not None
+    figures = (await api(bot, "/api/pools"))["pools"]["agents"]
+    assert (figures["leased"], figures["claimed"], figures["free"]) == (1, 1, 1)
+    await expect_pool(page, "agents", "2 of 3", free=1, lapsed=0, queues="agents")
+    used = page.locator('#pools tbody tr[data-pool="agents"] [data-figure="in-use"]')
+    await expect(used).to_have_attribute("title", "1 leased (ringing), 1 claimed by the agent side")
+
+    # The last number leased by an instance that died: it lapses (not in use, not free).
+    numbers = load_callflow(WARM_FLOW).pools["agents"].numbers
+    assert await pools.lease("agents", numbers, "dead-call", "t", 0.2) is not None
+    await expect_pool(page, "agents", "2 of 3", free=0, lapsed=1, queues="agents")
+    bar = page.locator('#pools tbody tr[data-pool="agents"] .bar')
+    await expect(bar).to_have_class("bar")
+    # A third caller's transfer leases it again: every number in use.
+    third = Caller(channel.url)
+    await post(bot, third.say("agent"))
+    assert (await store.record(third.conversation_id))[CallField.TARGET] == numbers[2]
+    await expect_pool(page, "agents", "3 of 3", free=0, lapsed=0, queues="agents")
+    await expect(bar).to_have_class("bar full")
+    assert await page.evaluate("window.__still_this_page") is True
+    assert await csp_violations(page) == []

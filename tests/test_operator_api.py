@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.fernet import Fernet
 
 from adapters.http import STORE_KEY
 from adapters.keys import CallField
+from adapters.pool import PoolStore
 from app import create_app
 from orchestrator import flow_diagram
-from orchestrator.callflow import load_callflow
+from orchestrator.callflow import load_callflow, shipped_flow
 from orchestrator.config import load_settings
 from simulator.channel import Caller, ChannelStandIn
 from states.diagram import mermaid
@@ -226,6 +228,7 @@ async def test_bad_queries_get_a_reason_and_change_nothing(
         "/api/machine",
         "/api/diagram",
         "/api/flow/diagram",
+        "/api/pools",
         "/metrics",
     ],
 )
@@ -277,6 +280,7 @@ async def test_with_no_operator_token_there_is_no_operator_api(
             "/api/stats",
             "/api/diagram",
             "/api/flow/diagram",
+            "/api/pools",
             "/metrics",
             "/dashboard",
         ]:
@@ -333,3 +337,127 @@ def test_a_short_operator_token_stops_start_up_without_echoing_it() -> None:
     assert load_settings(OPERATOR_TOKEN="").OPERATOR_TOKEN is None
     token = load_settings(OPERATOR_TOKEN=f"  {TOKEN}\n").OPERATOR_TOKEN  # as read from a secret file
     assert token is not None and token.get_secret_value() == TOKEN
+
+
+# Number pools (issue 15): the example warm-transfer flow's pool "agents", three numbers,
+# leased by its queue "agents" when a caller says "agent".
+WARM_FLOW = shipped_flow("warm-transfer.yaml")
+POOL_NUMBERS = load_callflow(WARM_FLOW).pools["agents"].numbers
+
+
+def metric(text: str, sample: str) -> float | None:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@pytest.fixture
+async def warm_bot(bot_redis: dict[str, Any], key_prefix: str) -> AsyncIterator[TestClient[Any, Any]]:
+    """A bot running the warm-transfer flow."""
+    settings = load_settings(
+        **bot_redis,
+        REDIS_KEY_PREFIX=key_prefix,
+        OPERATOR_TOKEN=TOKEN,
+        CALLFLOW_FILE=WARM_FLOW,
+        VARIABLES_KEYS=Fernet.generate_key().decode(),
+    )
+    client = await serve(settings)
+    yield client
+    if bot_redis["REDIS_URL"]:
+        await delete_prefix(client.app[STORE_KEY].redis, key_prefix)
+    await client.close()
+
+
+def pool_of(bot: TestClient[Any, Any]) -> PoolStore:
+    """The pools as any instance (or the agent side) reaches them."""
+    store = bot.app[STORE_KEY]
+    return PoolStore(store.redis, store.keys, store.sealer)
+
+
+async def pool_figures(bot: TestClient[Any, Any], **expected: int) -> dict[str, Any]:
+    """The pool "agents" as /api/pools gives it, once its counts are ``expected`` (a lease
+    lapses by Redis time: polled until it has)."""
+    for _ in range(200):
+        agents: dict[str, Any] = (await get(bot, "/api/pools"))["pools"]["agents"]
+        if all(agents[name] == count for name, count in expected.items()):
+            return agents
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the pool never got to {expected}: {agents}")
+
+
+async def test_pools_and_their_numbers_per_state(
+    warm_bot: TestClient[Any, Any], channel: ChannelStandIn
+) -> None:
+    bot = warm_bot
+    idle = {"numbers": 3, "free": 3, "leased": 0, "claimed": 0, "lapsed": 0}
+    assert await get(bot, "/api/pools") == {
+        "pools": {"agents": {**idle, "grace_seconds": 30.0, "queues": ["agents"]}}
+    }
+    # Two callers transferred through the pool: each dials a number leased to it.
+    callers = [Caller(channel.url) for _ in range(2)]
+    dialled = []
+    for caller in callers:
+        response = await bot.post("/api/messages", json=caller.say("agent"))
+        assert response.status == 201, await response.text()
+        record = await bot.app[STORE_KEY].record(caller.conversation_id)
+        assert record[CallField.STATE] == "transferring"
+        dialled.append(record[CallField.TARGET])
+    assert sorted(dialled) == sorted(POOL_NUMBERS[:2])  # never leased: taken in order
+    await pool_figures(bot, free=1, leased=2, claimed=0, lapsed=0)
+    # The agent side claims one call's context; a dead instance's lease of the last
+    # number lapses.
+    pools = pool_of(bot)
+    assert await pools.claim("agents", dialled[0]) is not None
+    dead = await pools.lease("agents", POOL_NUMBERS, "dead-call", "t", 0.2)
+    assert dead is not None and dead.number == POOL_NUMBERS[2]
+    agents = await pool_figures(bot, lapsed=1)
+    assert agents == {
+        "numbers": 3,
+        "free": 0,
+        "leased": 1,
+        "claimed": 1,
+        "lapsed": 1,
+        "grace_seconds": 30.0,
+        "queues": ["agents"],
+    }
+
+    # /metrics: the same figures, read at scrape time (as on every instance).
+    text = (await get(bot, "/metrics")).decode()
+    assert "# TYPE cc_pool_numbers gauge" in text
+    for status, count in {"free": 0, "leased": 1, "claimed": 1, "lapsed": 1}.items():
+        assert metric(text, f'cc_pool_numbers{{pool="agents",status="{status}"}}') == count, status
+    assert metric(text, 'cc_pool_leases_total{pool="agents"}') == 2  # this instance's own
+    # A number given back shows free at the next scrape.
+    lease = await pools.lease("agents", POOL_NUMBERS, "dead-call", "t", 30)  # the lapsed one, afresh
+    assert lease is not None and lease.number == POOL_NUMBERS[2]
+    assert await pools.release("agents", lease.number, "dead-call", "t") is not None
+    text = (await get(bot, "/metrics")).decode()
+    assert metric(text, 'cc_pool_numbers{pool="agents",status="free"}') == 1
+    assert metric(text, 'cc_pool_numbers{pool="agents",status="lapsed"}') == 0
+
+
+async def test_a_flow_without_pools_has_none_to_show(bot: TestClient[Any, Any]) -> None:
+    assert await get(bot, "/api/pools") == {"pools": {}}
+    text = (await get(bot, "/metrics")).decode()
+    assert "cc_pool_numbers{" not in text and "cc_redis_up 1.0" in text
+
+
+async def test_pools_with_redis_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 like the other routes; /metrics leaves the pools out like cc_calls."""
+    monkeypatch.delenv("REDIS_CLUSTER", raising=False)
+    client = await serve(
+        load_settings(
+            REDIS_URL="redis://127.0.0.1:1/0",
+            OPERATOR_TOKEN=TOKEN,
+            REDIS_TIMEOUT_SECONDS=1,
+            CALLFLOW_FILE=WARM_FLOW,
+            VARIABLES_KEYS=Fernet.generate_key().decode(),
+        )
+    )
+    try:
+        response = await client.get("/api/pools", headers=AUTH)
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert "unavailable" in (await response.json())["error"]
+        text = await (await client.get("/metrics", headers=AUTH)).text()
+        assert "cc_redis_up 0.0" in text and "cc_pool_numbers{" not in text
+    finally:
+        await client.close()
