@@ -636,6 +636,8 @@ class CallFlow(_Strict):
                 yield Edge("closed", queue.closed)
             yield Edge("transfer failed", queue.on_failure)
             yield Edge("no attempts left", queue.after_final)
+            if queue.pool is not None and queue.pool_exhausted.then != "target":
+                yield Edge("pool exhausted", queue.after_final)
             yield Edge("handback", None)
 
     def reachable(self) -> Iterator[str]:

@@ -44,6 +44,7 @@ DOC_SECTIONS = {
     "## The default flow, drawn": DEFAULT_CALLFLOW,
     "## The sample flow, drawn": SAMPLE_CALLFLOW,
     "## The account-lookup flow, drawn": "account-lookup.yaml",
+    "## The warm-transfer flow, drawn": "warm-transfer.yaml",
 }
 
 # Drawn boxes that are no node of the flow; parentheses keep them apart from node names.
@@ -111,7 +112,8 @@ def _node_label(flow: CallFlow, name: str) -> str:
     """The node's name, and what it works with when its arrows do not say."""
     match flow.nodes[name]:
         case TransferTo(queue=queue):
-            return f"{name} (queue {queue})"
+            pool = flow.queues[queue].pool
+            return f"{name} (queue {queue}, pool {pool})" if pool else f"{name} (queue {queue})"
         case CheckHours(hours=hours):
             return f"{name} ({hours} hours)"
         case Gather(into=into):
