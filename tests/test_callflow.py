@@ -910,3 +910,68 @@ def test_a_gather_has_no_no_match_so_it_reaches_nothing_by_one() -> None:
     assert doc_error(doc) == (
         "flow.yaml: nodes.only_by_no_match: unreachable: no route, next or other node leads to it"
     )
+
+
+def pooled_doc() -> dict[str, Any]:
+    doc = sample_doc()
+    doc["pools"] = {
+        "front": {"numbers": ["+14255550150", "+14255550151"]},
+        "back": {"numbers": ["+14255550160"]},
+    }
+    doc["queues"]["agents"]["pool"] = "front"
+    return doc
+
+
+def test_a_queue_leases_from_its_pool() -> None:
+    flow = parse_doc(pooled_doc())
+    assert flow.queues["agents"].pool == "front"
+    assert flow.queues["agents"].pool_exhausted.then == "target"  # the default: a cold transfer
+    assert flow.pools["front"].grace_seconds == 30
+    assert flow.pool_of_number == {"+14255550150": "front", "+14255550151": "front", "+14255550160": "back"}
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "problem"),
+    [
+        (
+            lambda d: d["queues"]["agents"].update(pool="nowhere"),
+            "queues.agents.pool",
+            "no pool named 'nowhere'",
+        ),
+        (
+            lambda d: d["pools"]["back"].update(numbers=["+14255550151"]),
+            "pools.back.numbers.0",
+            "also in pool 'front'",
+        ),
+        (
+            lambda d: d["pools"]["front"]["numbers"].append("+14255550150"),
+            "pools.front.numbers",
+            "listed twice",
+        ),
+        (lambda d: d["pools"]["front"].update(numbers=["425-555-0150"]), "pools.front.numbers.0", "E.164"),
+        (lambda d: d["pools"]["front"].update(numbers=[]), "pools.front.numbers", "at least 1"),
+        (
+            lambda d: d["pools"]["front"].update(grace_seconds=0),
+            "pools.front.grace_seconds",
+            "greater than 0",
+        ),
+        (lambda d: d["pools"].update({"a}b": d["pools"]["front"]}), "pools.a}b.[key]", "pattern"),
+        (
+            lambda d: d["queues"]["agents"].update(pool_exhausted={"then": "queue"}),
+            "queues.agents.pool_exhausted.then",
+            "'target', 'hold' or 'fail'",
+        ),
+        (
+            lambda d: d["queues"]["agents"].update(pool_exhausted={"then": "hold", "say": "nothing"}),
+            "queues.agents.pool_exhausted.say",
+            "no prompt named 'nothing'",
+        ),
+    ],
+    ids=["unknown", "two-pools", "twice", "not-e164", "empty", "no-grace", "name", "then", "prompt"],
+)
+def test_a_bad_pool_stops_start_up_naming_it(change: Any, where: str, problem: str) -> None:
+    doc = pooled_doc()
+    change(doc)
+    message = doc_error(doc)
+    assert_names(message, where)
+    assert problem in message
