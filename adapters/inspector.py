@@ -142,9 +142,11 @@ class CallInspector:
         for counters in await self._pipelined("reading transfer counters", commands):
             for field, value in counters.items():
                 bucket, outcome, rest = field.split(":", 2)
-                # Targets hold no ':'; a counter without a queue (none, or written before
-                # queues were counted) reads as queue "".
-                queue, _, target = rest.rpartition(":")
+                # Queue names hold no ':' (a pool's target, "pool:<name>", does); a counter
+                # written before queues were counted is "<target>" alone: queue "".
+                queue, counted, target = rest.partition(":")
+                if not counted:
+                    queue, target = "", rest
                 if first <= int(bucket) <= last:
                     counts.setdefault((queue, target), Counter())[outcome] += int(value)
         return TransferCounts(first * kind.seconds * 1000, now * 1000, counts)

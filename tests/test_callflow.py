@@ -940,8 +940,8 @@ def test_a_queue_leases_from_its_pool() -> None:
         ),
         (
             lambda d: d["pools"]["back"].update(numbers=["+14255550151"]),
-            "pools.back.numbers.0",
-            "also in pool 'front'",
+            "pools.front.numbers.1",
+            "also in pool 'back'",
         ),
         (
             lambda d: d["pools"]["front"]["numbers"].append("+14255550150"),

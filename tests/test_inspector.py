@@ -384,3 +384,20 @@ async def test_live_entries_older_than_the_cut_off_do_not_starve_the_pruning(sto
     removed = [await store.prune_index(batch=5) for _ in range(4)]
     assert sum(removed) == len(expired), removed
     assert sorted(await store.redis.zrange(index, 0, -1)) == sorted(live)
+
+
+async def test_a_pools_transfers_count_against_the_pool_as_their_target(store: RedisCallStore) -> None:
+    """Pooled transfers count as target ``pool:<name>``: its ':' is no queue's."""
+    minute = MINUTE.bucket(int(time.time()))
+    key = store.keys.stats(0, MINUTE, MINUTE.hash_of(minute))
+    await store.redis.hset(key, f"{minute}:started:agents:pool:front", 3)
+    await store.redis.hset(key, f"{minute}:started:agents:+15550000001", 1)
+    await store.redis.hset(key, f"{minute}:started:+15550000002", 1)  # before queues
+    await store.redis.expire(key, 600)
+    counts = await CallInspector(store).transfer_counts(120)
+    assert counts.by_queue == {"agents": {"started": 4}, "": {"started": 1}}
+    assert counts.by_target == {
+        "pool:front": {"started": 3},
+        "+15550000001": {"started": 1},
+        "+15550000002": {"started": 1},
+    }
