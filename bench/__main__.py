@@ -34,7 +34,7 @@ from rich.table import Table
 from bench.report import DEFAULT_REDIS_URL, RESULTS
 
 # In the order they run: the fast, quiet ones first, the ones that load the machine last.
-SUITES = ("machine", "codec", "roundtrips", "memory", "turns", "inspection", "timers")
+SUITES = ("machine", "codec", "roundtrips", "memory", "pool", "turns", "inspection", "timers")
 
 
 @dataclass(frozen=True, slots=True)
