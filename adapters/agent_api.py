@@ -95,13 +95,16 @@ async def context(request: web.Request) -> web.StreamResponse:
             return problem(404, NOT_HELD)
         if lease.fresh:
             api.claims[pool] += 1
-            who = f"{by or 'an agent'} from {request.remote or 'an unknown address'}"
-            await request.app[BOT_KEY].engine.handle(
-                lease.call,
-                ContextClaimed(number, who),
-                activity_id=f"claim:{number}:{lease.key}",
-                only_if_changed=True,
-            )
+        # Recorded at every claim, not only the first: the engine applies the claim once (by
+        # its activity id), and a first claim may not be seen as one (redis-py reran the claim
+        # script after its reply was lost) or its record may fail (a 503 after the claim).
+        who = f"{by or 'an agent'} from {request.remote or 'an unknown address'}"
+        await request.app[BOT_KEY].engine.handle(
+            lease.call,
+            ContextClaimed(number, who),
+            activity_id=f"claim:{number}:{lease.key}",
+            only_if_changed=True,
+        )
     except StoreUnavailable as e:
         return problem(503, f"call state is temporarily unavailable: {e}", **{"Retry-After": "1"})
     document = {**json.loads(lease.context), "number": number, "claimed": timestamp(lease.claimed)}
