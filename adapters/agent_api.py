@@ -71,7 +71,8 @@ async def context(request: web.Request) -> web.StreamResponse:
     api: AgentApi = request.app[AGENT_KEY]
     try:
         if await api.over_limit(request):
-            return problem(429, f"more than {api.per_minute} requests a minute", **{"Retry-After": "60"})
+            left = 60 - int(time.time()) % 60  # until the client's next minute
+            return problem(429, f"more than {api.per_minute} requests a minute", **{"Retry-After": str(left)})
         if not bearer_is(request, api.token):
             return problem(
                 401,
@@ -128,5 +129,6 @@ async def agent_page(request: web.Request) -> web.StreamResponse:
 def add_agent_routes(app: web.Application, api: AgentApi) -> None:
     """Serve the context API and the /agent page on ``app``."""
     app[AGENT_KEY] = api
-    app.router.add_get("/api/pool/{number}/context", context)
+    # No HEAD: a claim is a side effect, and HEAD must have none.
+    app.router.add_get("/api/pool/{number}/context", context, allow_head=False)
     app.router.add_get("/agent", agent_page)

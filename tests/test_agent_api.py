@@ -371,7 +371,8 @@ async def test_a_client_gets_agent_rate_limit_requests_a_minute_bad_tokens_inclu
     for headers in (AGENT, wrong, {}):  # the 6th, 7th, 8th: refused before the token is looked at
         response = await bot.get(f"/api/pool/{number}/context", headers=headers)
         assert response.status == 429, await response.text()
-        assert int(response.headers["Retry-After"]) > 0
+        # Until the client's next minute, by the same clock the count is kept by.
+        assert int(response.headers["Retry-After"]) == 60 - int(now[0]) % 60
         assert (await response.json())["error"] == "more than 5 requests a minute"
     store = bot.app[STORE_KEY]
     counter = store.keys.agent_requests("127.0.0.1", int(now[0]) // 60)
@@ -428,6 +429,16 @@ def test_the_agent_token_equal_to_the_operators_stops_start_up(
     with pytest.raises(ConfigError) as caught:
         create_app()
     assert "AGENT_TOKEN" in str(caught.value)
+
+
+async def test_a_head_request_claims_nothing(bot: TestClient[Any, Any], channel: ChannelStandIn) -> None:
+    caller = Caller(channel.url)
+    number = await transfer(bot, caller)
+    response = await bot.head(f"/api/pool/{number}/context", headers=AGENT)
+    assert response.status == 405  # a claim is a side effect: GET only
+    assert await claimed_steps(bot, caller) == []
+    await claim(bot, number)
+    assert len(await claimed_steps(bot, caller)) == 1
 
 
 async def test_the_page_is_served_locked_down(bot: TestClient[Any, Any]) -> None:
