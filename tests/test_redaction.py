@@ -327,16 +327,22 @@ def _new() -> Call:
 
 # Redis times in ms (record fields, scores, stream ids, the outbox's kept time): any
 # 13-digit time may hold "4111" by chance, which is no card.
-_TIMES = re.compile(r"(?<!\d)1[6-9]\d{11}(?!\d)")
+# Times in ms, or in seconds (with a fraction or not), since the epoch: 2020 to 2033.
+_TIMES = re.compile(r"(?<!\d)1[6-9](?:\d{11}|\d{8}(?:\.\d+)?)(?!\d)")
 # Hex that is no caller's (key hashes, commit tokens, object ids in conversation ids) may
 # hold "4111" by chance too; a run with a letter in it is no card or phone number.
 _HEX = re.compile(r"(?<![0-9a-f])(?=[0-9a-f]*[a-f])[0-9a-f]{12,}(?![0-9a-f])")
 
 
+def blanked(text: str) -> str:
+    """``text`` with its times and hex ids blanked out: a clock reading may hold any five
+    digits in a row (1796439788912 holds 97889), and no caller gave those."""
+    return _HEX.sub("<hex>", _TIMES.sub("<ms>", text))
+
+
 async def stored_text(client: Redis | RedisCluster, prefix: str, *, reference: bool = False) -> str:
     """``everything_stored`` as one text, with its times and hex ids blanked out."""
-    text = json.dumps(await everything_stored(client, prefix, reference=reference))
-    return _HEX.sub("<hex>", _TIMES.sub("<ms>", text))
+    return blanked(json.dumps(await everything_stored(client, prefix, reference=reference)))
 
 
 async def everything_stored(
