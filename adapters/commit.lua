@@ -4,7 +4,7 @@
 -- outbox until the sender acknowledges them.
 --
 -- KEYS (adapters/store.py COMMIT_KEYS, one hash slot):
-local call, transcript, history, seen, outbox, due, was_index, is_index, feed, minute, hour, was_node, is_node, nodes = unpack(KEYS)
+local call, transcript, history, seen, outbox, reference, variables, due, was_index, is_index, feed, minute, hour, was_node, is_node, nodes = unpack(KEYS)
 -- ARGV[1]: one JSON object; these are all its names (tests/test_store.py checks that
 -- adapters/store.py's commit_args builds exactly these):
 --   version, loaded_state  what the turn was computed from (compared, then version + 1)
@@ -14,7 +14,11 @@ local call, transcript, history, seen, outbox, due, was_index, is_index, feed, m
 --   ttl                    the keys' TTL in seconds: idle time, or an ended call's retention
 --   lifetime               a live call's maximum lifetime in seconds (0: none)
 --   transcript_max, history_max, seen_max
---   fields                 record fields to write, {name: value}
+--   fields                 record fields to write, {name: value}: a value '' is not stored
+--                          (the field is deleted: readers take it as its default); the
+--                          reference (only when it changed) and the sealed variables ('':
+--                          none) go to their own keys, never into the record, which
+--                          stays a compact listpack
 --   timer_ms               > 0 arms the call's timer this long after now (else the
 --                          deadline in fields stands: 0 means none)
 --   timer                  the call's timer member of due
@@ -29,9 +33,9 @@ local call, transcript, history, seen, outbox, due, was_index, is_index, feed, m
 -- Returns {1, version, deadline, since}  applied
 --         {2, version, deadline, since}  already applied by this same token (a retried command)
 --         {0, 0, 0, 0}                   duplicate: the activity was applied by another commit
---         {-1, version, 0, 0, record, transcript}
+--         {-1, version, 0, 0, record, transcript, reference, variables}
 --                 conflict: the call is at another version; it is handed back as it stands
---                 (HGETALL and LRANGE), so the rerun needs no separate load
+--                 (HGETALL, LRANGE, GET, GET), so the rerun needs no separate load
 local args = cjson.decode(ARGV[1])
 local key = args.activity
 -- seen holds '<version>:<token>': the token recognises this commit's own retried command,
@@ -49,11 +53,12 @@ end
 
 -- The version is the compare-and-set token; the state is compared too, so a record edited
 -- by hand (a state changed without the version) is not overwritten from a cached copy.
-local record = redis.call('HMGET', call, 'version', 'state', 'since', 'created')
+local record = redis.call('HMGET', call, 'version', 'state', 'since', 'created', 'reference')
 local version = tonumber(record[1] or '0')
 local old_state = record[2]
 if version ~= args.version or (old_state or 'bot') ~= args.loaded_state then
-  return {-1, version, 0, 0, redis.call('HGETALL', call), redis.call('LRANGE', transcript, 0, -1)}
+  return {-1, version, 0, 0, redis.call('HGETALL', call), redis.call('LRANGE', transcript, 0, -1),
+    redis.call('GET', reference), redis.call('GET', variables)}
 end
 
 local clock = redis.call('TIME')
@@ -68,9 +73,19 @@ if version == 1 then
   fields[#fields + 1] = 'created'
   fields[#fields + 1] = now
 end
+-- Empty fields are deleted, not stored; so are the reference and variables a record written
+-- by an earlier version holds: they live in keys of their own now (the reference moves there
+-- below, the variables are written whole every commit).
+local empty = {'reference', 'variables'}
 for name, value in pairs(args.fields) do
-  fields[#fields + 1] = name
-  fields[#fields + 1] = value
+  if name ~= 'reference' and name ~= 'variables' then
+    if value == '' then
+      empty[#empty + 1] = name
+    else
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
+  end
 end
 if state ~= old_state then
   fields[#fields + 1] = 'since'
@@ -83,7 +98,12 @@ if args.timer_ms > 0 then
   fields[#fields + 1] = 'deadline'
   fields[#fields + 1] = deadline
 end
+redis.call('HDEL', call, unpack(empty))
 redis.call('HSET', call, unpack(fields))
+local moved = args.fields.reference or record[5]
+if moved then
+  redis.call('SET', reference, moved)
+end
 
 -- The shard's per-state index (conversation id -> since) follows the call.
 if state ~= old_state then
@@ -116,7 +136,7 @@ end
 -- The call's one timer (a transfer's watchdog, a no-input or inter-digit timeout, a
 -- hang-up after its prompt) is scheduled exactly while it has a deadline.
 if deadline == 0 then
-  deadline = tonumber(args.fields.deadline or '0')
+  deadline = tonumber(args.fields.deadline or '') or 0
 end
 if deadline > 0 and state ~= 'ended' then
   redis.call('ZADD', due, deadline, args.timer)
@@ -189,8 +209,13 @@ if state ~= 'ended' and args.lifetime > 0 then
     ttl = math.max(left, 1)
   end
 end
-for _, k in ipairs({call, seen, transcript, history, outbox}) do
+for _, k in ipairs({call, seen, transcript, history, outbox, reference}) do
   redis.call('EXPIRE', k, ttl)
+end
+if (args.fields.variables or '') ~= '' then
+  redis.call('SET', variables, args.fields.variables, 'EX', ttl)
+else
+  redis.call('DEL', variables)
 end
 if since == 0 then  -- the state did not change: nor did its since
   since = tonumber(record[3] or '0')

@@ -29,6 +29,11 @@ class CallKeys(NamedTuple):
     history: str  # LIST: a JSON array per transition or ignored event, capped
     seen: str  # HASH: activity id -> "<version>:<commit token>", for de-duplication, bounded
     outbox: str  # HASH: outbox key (the activity id) -> "<ms>:<JSON activities>" not yet acknowledged
+    # The record's long values, each a STRING of its own, so the record stays a compact
+    # listpack (Redis keeps a hash one only while every value is <= hash-max-listpack-value,
+    # 64 bytes by default): absent when there is none.
+    reference: str  # STRING: the JSON conversation reference, written when it changes
+    variables: str  # STRING: what the flow collected, sealed (see CallField.VARIABLES)
 
 
 class PoolKeys(NamedTuple):
@@ -39,7 +44,15 @@ class PoolKeys(NamedTuple):
     free_at: str  # ZSET: number -> when it comes free (ms, Redis time): its lease's end, or release
 
 
+# The longest value the record stores: Redis' default hash-max-listpack-value. One value
+# longer makes the hash a hashtable (~1 KB more, and it never converts back).
+RECORD_VALUE_MAX = 64
+
 # commit.lua spells the field names below too; tests/test_store.py checks it uses no others.
+# A field whose value is "" (or, for a count or time, 0) is not stored: readers take an
+# absent field as its default. REFERENCE and VARIABLES are named here, but their values live
+# in their own keys (CallKeys.reference, CallKeys.variables); a record written by an
+# earlier version may still hold them, and its next commit moves them.
 
 
 class CallField:
@@ -51,8 +64,8 @@ class CallField:
     ATTEMPTS = "attempts"
     TARGET = "target"
     DEADLINE = "deadline"  # ms since the epoch, Redis server time; 0 = none
-    FAILURE = "failure"
-    REFERENCE = "reference"  # JSON conversation reference
+    FAILURE = "failure"  # cut to RECORD_VALUE_MAX bytes (the history keeps the whole reason)
+    REFERENCE = "reference"  # JSON conversation reference (own key)
     CREATED = "created"  # ms, Redis server time
     UPDATED = "updated"  # ms, Redis server time
     SINCE = "since"  # ms, Redis server time, when the call entered its state
@@ -60,7 +73,7 @@ class CallField:
     QUEUE = "queue"  # the queue of its current (or last) transfer
     TRIES = "tries"  # at this node: input no route took, or entries that did not fit
     SILENCES = "silences"  # at this node: no-input timeouts
-    VARIABLES = "variables"  # sealed JSON: what the flow collected, and a gather's entry so far
+    VARIABLES = "variables"  # sealed JSON: what the flow collected, a gather's entry so far (own key)
     SHOWN = "shown"  # JSON: the collected variables, masked, for views
     HOLDING = "holding"  # "<holds> <transfer node>" while a warm transfer waits for a pool number, else ""
 

@@ -25,7 +25,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
-from adapters.keys import HISTORY_ENTRY, HOUR, MINUTE, SHARDS, CallField, CallKeys, Due, Keyspace
+from adapters.keys import (
+    HISTORY_ENTRY,
+    HOUR,
+    MINUTE,
+    RECORD_VALUE_MAX,
+    SHARDS,
+    CallField,
+    CallKeys,
+    Due,
+    Keyspace,
+)
 from adapters.sealing import Sealer
 from orchestrator.call import BOT, CALLER, Call, Line, Step
 from orchestrator.config import Settings
@@ -174,15 +184,17 @@ class RedisCallStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.call)
                 pipe.lrange(keys.transcript, 0, -1)
+                pipe.get(keys.reference)  # a cluster's pipelines refuse MGET, even in one slot
+                pipe.get(keys.variables)
                 if activity_id:
                     pipe.hexists(keys.seen, activity_id)
                 replies = await pipe.execute()
-        record, lines = replies[0], replies[1]
-        if activity_id and replies[2]:
+        record, lines, reference, variables = replies[:4]
+        if activity_id and replies[4]:
             return Loaded(None, duplicate=True)
         if not record:
             return Loaded(None)
-        return Loaded(self._call_from(conversation_id, record, lines))
+        return Loaded(self._call_from(conversation_id, with_moved(record, reference, variables), lines))
 
     async def commit(self, turn: Turn, activity_id: str = "", outbox: str = "") -> Receipt:
         """Write the turn if the call is still at the version it was loaded at, with
@@ -202,8 +214,8 @@ class RedisCallStore:
         if outcome is Commit.APPLIED:
             return Receipt(outcome, int(version), int(deadline), int(since), key if outbox else "")
         if outcome is Commit.CONFLICT and current and current[0]:
-            flat, lines = current
-            record = dict(zip(flat[::2], flat[1::2], strict=True))
+            flat, lines, reference, variables = current
+            record = with_moved(dict(zip(flat[::2], flat[1::2], strict=True)), reference, variables)
             return Receipt(outcome, current=self._call_from(turn.call.id, record, lines))
         return Receipt(outcome)
 
@@ -244,9 +256,11 @@ class RedisCallStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.outbox, key)
                 pipe.hmget(keys.call, [CallField.REFERENCE, CallField.STATE, CallField.VERSION])
-                entry, (reference, state, version) = await pipe.execute()
+                pipe.get(keys.reference)
+                entry, (legacy, state, version), reference = await pipe.execute()
         if not entry:
             return None
+        reference = legacy if legacy is not None else reference  # a record not yet moved
         kept_ms, _, payload = entry.partition(":")  # written as "<Redis ms>:<payload>"
         return OutboxEntry(reference or "", payload, state or "", int(version or 0), int(kept_ms))
 
@@ -379,17 +393,18 @@ class RedisCallStore:
     def _commit_args(self, turn: Turn, key: str, token: str, now_s: int, outbox: str = "") -> list[str]:
         """commit.lua's one argument: every name it reads (its header says what each is)."""
         call, keep = turn.call, self.retention
+        # "" is not stored (commit.lua deletes the field): nor is a count or time of 0.
         fields: dict[str, str] = {
             CallField.ID: call.id,
             CallField.STATE: call.state,
-            CallField.ATTEMPTS: str(call.attempts),
+            CallField.ATTEMPTS: _count(call.attempts),
             CallField.TARGET: call.target,
-            CallField.DEADLINE: str(call.deadline_ms),
-            CallField.FAILURE: call.failure,
+            CallField.DEADLINE: _count(call.deadline_ms),
+            CallField.FAILURE: cut(call.failure),
             CallField.NODE: call.node,
             CallField.QUEUE: call.queue,
-            CallField.TRIES: str(call.tries),
-            CallField.SILENCES: str(call.silences),
+            CallField.TRIES: _count(call.tries),
+            CallField.SILENCES: _count(call.silences),
             CallField.VARIABLES: self._sealed_variables(call),
             CallField.SHOWN: _compact(call.shown) if call.shown else "",
             CallField.HOLDING: f"{call.holds} {call.holding}" if call.holding else "",
@@ -481,10 +496,18 @@ class RedisCallStore:
         return call
 
     async def record(self, conversation_id: str) -> dict[str, str]:
-        """The call's record hash as stored (empty if the call is unknown)."""
+        """The call's record (empty if the call is unknown) with every field, as views show it:
+        those not stored at their defaults, the reference and sealed variables from their keys."""
+        keys = self.keys.call(conversation_id)
         with unavailable_while("reading a call"):
-            record: dict[str, str] = await self.redis.hgetall(self.keys.call(conversation_id).call)  # type: ignore[assignment]
-        return record
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.call)
+                pipe.get(keys.reference)
+                pipe.get(keys.variables)
+                record, reference, variables = await pipe.execute()
+        if not record:
+            return {}
+        return {**RECORD_DEFAULTS, **with_moved(record, reference, variables)}
 
     async def transcript(self, conversation_id: str) -> list[Line]:
         """The call's transcript, oldest first: what views show, read without opening the
@@ -507,6 +530,50 @@ class RedisCallStore:
                 return bool(await self.redis.ping())
         except (*UNAVAILABLE, TimeoutError):
             return False
+
+
+# What a field not stored stands for (commit.lua stores no "", store.py no count or time of 0).
+RECORD_DEFAULTS: dict[str, str] = {
+    CallField.ATTEMPTS: "0",
+    CallField.TARGET: "",
+    CallField.DEADLINE: "0",
+    CallField.FAILURE: "",
+    CallField.REFERENCE: "",
+    CallField.NODE: "",
+    CallField.QUEUE: "",
+    CallField.TRIES: "0",
+    CallField.SILENCES: "0",
+    CallField.VARIABLES: "",
+    CallField.SHOWN: "",
+    CallField.HOLDING: "",
+}
+_CUT = "\u2026"  # an ellipsis ends a failure reason cut short
+
+
+def _count(n: int) -> str:
+    """A count or a time as stored: "" (not stored) for 0."""
+    return str(n) if n else ""
+
+
+def cut(text: str, limit: int = RECORD_VALUE_MAX) -> str:
+    """``text`` in at most ``limit`` UTF-8 bytes (a longer value would make the record a
+    hashtable): cut at a character, ending with an ellipsis, when it is longer."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    room = limit - len(_CUT.encode("utf-8"))
+    return encoded[:room].decode("utf-8", errors="ignore") + _CUT
+
+
+def with_moved(record: dict[str, str], reference: str | None, variables: str | None) -> dict[str, str]:
+    """The record with its reference and sealed variables from their own keys. A record
+    written by an earlier version (a rolling deploy) holds them as fields: those win, as
+    written after anything in the keys (every commit of this version deletes the fields)."""
+    if reference is not None:
+        record.setdefault(CallField.REFERENCE, reference)
+    if variables is not None:
+        record.setdefault(CallField.VARIABLES, variables)
+    return record
 
 
 # Transcript lines are JSON arrays [role, at, text], the role by its initial and the time

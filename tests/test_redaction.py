@@ -348,10 +348,13 @@ async def stored_text(client: Redis | RedisCluster, prefix: str, *, reference: b
 async def everything_stored(
     client: Redis | RedisCluster, prefix: str, *, reference: bool = False
 ) -> list[tuple[str, Any]]:
-    """(key, contents) of every key under the prefix, of every type; the reference field
-    (which names the caller) left out unless ``reference``."""
+    """(key, contents) of every key under the prefix, of every type; a call's reference
+    (which names the caller: its key, or the field of a record an earlier version wrote)
+    left out unless ``reference``."""
     found: list[tuple[str, Any]] = []
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        if not reference and key.endswith(":reference"):  # CallKeys.reference
+            continue
         kind = await client.type(key)
         if kind == "hash":
             value: Any = await client.hgetall(key)

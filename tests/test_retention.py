@@ -23,6 +23,8 @@ from tests.conftest import SAMPLE_FLOW
 
 LIVE, MAX_LIVE, ENDED = 3600, 1800, 600
 CID = "call-ttl"
+# Written with the first turn only (it never changes): its key's TTL must follow the others'.
+REFERENCE = '{"conversation":{"id":"call-ttl"},"serviceUrl":"https://channel.invalid/"}'
 
 
 @pytest.fixture
@@ -94,8 +96,9 @@ async def test_every_key_of_a_call_expires_live_and_ended(store: RedisCallStore)
         ("a6", HandoffStatus("accepted")),
     ]
     for activity_id, event in turns:
-        turn = await engine.handle(CID, event, activity_id=activity_id, render=render)
+        turn = await engine.handle(CID, event, activity_id=activity_id, render=render, reference=REFERENCE)
         assert turn is not None
+        assert await store.redis.exists(store.keys.call(CID).reference)
         await check_bounded(store, MAX_LIVE)  # the lifetime bound, below the idle TTL
         if turn.outbox_key:
             await store.acknowledge(CID, turn.outbox_key)

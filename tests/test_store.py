@@ -8,16 +8,18 @@ import time
 from dataclasses import replace
 
 import pytest
+from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from adapters.keys import CallField, Due, FeedField, HistoryField, Keyspace
+from adapters.keys import RECORD_VALUE_MAX, CallField, Due, FeedField, HistoryField, Keyspace
 from adapters.store import (
     COMMIT_KEYS,
     COMMIT_SCRIPT,
     CommitArgs,
     RedisCallStore,
     Retention,
+    cut,
     decode_line,
     decode_step,
     encode_line,
@@ -27,6 +29,20 @@ from orchestrator.engine import Commit
 from orchestrator.errors import StoreUnavailable
 from orchestrator.turn import Turn
 from states import State
+
+# A conversation reference as the bot stores it (adapters.bot.conversation_reference): ~240
+# bytes of JSON, far over the 64 a value of a compact hash may have.
+REFERENCE = json.dumps(
+    {
+        "bot": {"id": "bot-app-id", "name": "contact-center", "role": "bot"},
+        "channelId": "telephony",
+        "conversation": {"id": "c1", "isGroup": False},
+        "locale": "en-US",
+        "serviceUrl": "https://telephony.botframework.com/",
+        "user": {"id": "+14255550123", "name": "+14255550123", "role": "user"},
+    },
+    separators=(",", ":"),
+)
 
 
 def turn_for(
@@ -140,7 +156,7 @@ async def test_the_watchdog_deadline_comes_from_redis_time(
     disarm = turn_for(loaded, state=State.FAILED)
     disarm.call.deadline_ms = 0
     await store.commit(disarm, "a2")
-    assert (await redis_client.hget(store.keys.call("c1").call, CallField.DEADLINE)) == "0"
+    assert await redis_client.hget(store.keys.call("c1").call, CallField.DEADLINE) is None  # 0: not stored
 
 
 async def test_a_timer_a_claim_did_not_fire_goes_back_to_its_deadline_in_any_live_state(
@@ -167,20 +183,24 @@ async def test_a_timer_a_claim_did_not_fire_goes_back_to_its_deadline_in_any_liv
 async def test_live_calls_expire_when_idle_and_ended_calls_after_retention(
     store: RedisCallStore, redis_client: Redis
 ) -> None:
-    turn = turn_for(Call(id="c1"), steps=[Step("x", "bot", "bot")])
-    receipt = await store.commit(turn, "a1")
+    """Every key of the call, the reference and the variables in theirs too, whether
+    written by this turn or an earlier one."""
+    turn = turn_for(Call(id="c1", variables={"account": "123"}), steps=[Step("x", "bot", "bot")])
+    turn.call.reference, turn.reference_changed = REFERENCE, True
+    receipt = await store.commit(turn, "a1", outbox="kept")
     keys = store.keys.call("c1")
-    assert not await redis_client.exists(keys.outbox)  # nothing in the outbox: no key to expire
-    for key in keys[:4]:
+    for key in keys:
         assert 3590 < await redis_client.ttl(key) <= 3600, key
     ended = turn_for(
         replace(turn.call, version=receipt.version),
         state=State.ENDED,
         steps=[Step("hang_up", "bot", "ended")],
     )
-    await store.commit(ended, "a2")
-    for key in keys[:4]:
+    await store.commit(ended, "a2")  # the reference unchanged: not written, its TTL is
+    for key in keys:
         assert 590 < await redis_client.ttl(key) <= 600, key
+    await store.acknowledge("c1", receipt.outbox_key)
+    assert not await redis_client.exists(keys.outbox)  # nothing in the outbox: no key to expire
 
 
 async def test_timestamps_are_stamped_by_redis(store: RedisCallStore, redis_client: Redis) -> None:
@@ -383,3 +403,229 @@ async def test_every_redis_failure_is_reported_as_unavailable(
         monkeypatch.setattr(store, "_commit", failing)
         with pytest.raises(StoreUnavailable):
             await store.commit(turn_for(Call(id="c1")), "a1")
+
+
+# --- the record stays small: long values in keys of their own, nothing empty stored -------
+
+
+async def test_empty_fields_are_not_stored_and_a_field_that_empties_goes(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """Empty values and a count or time of 0 are left out (readers default them); a field that becomes
+    empty is deleted, not left with its old value."""
+    keys = store.keys.call("c1")
+    turn = turn_for(Call(id="c1"))
+    receipt = await store.commit(turn, "a1")
+    stamped = {"id", "state", "version", "created", "updated", "since"}
+    assert set(await redis_client.hkeys(keys.call)) == stamped  # nothing else to store
+    call = replace(turn.call, version=receipt.version)
+    call.attempts, call.target, call.failure, call.tries, call.queue = 2, "+14251231234", "busy", 1, "agents"
+    turn = turn_for(call, state=State.FAILED)
+    turn.timer_seconds = 30
+    receipt = await store.commit(turn, "a2")
+    record = await redis_client.hgetall(keys.call)
+    assert {k: record[k] for k in ("attempts", "target", "failure", "tries", "queue")} == {
+        "attempts": "2",
+        "target": "+14251231234",
+        "failure": "busy",
+        "tries": "1",
+        "queue": "agents",
+    }
+    assert int(record["deadline"]) == receipt.deadline_ms
+    call = replace(turn.call, version=receipt.version, deadline_ms=0, failure="", tries=0)
+    await store.commit(turn_for(call), "a3")
+    record = await redis_client.hgetall(keys.call)
+    assert not {"deadline", "failure", "tries"} & set(record)
+    assert (record["attempts"], record["target"]) == ("2", "+14251231234")
+    loaded = (await store.load("c1")).call
+    assert loaded is not None
+    assert (loaded.deadline_ms, loaded.failure, loaded.tries, loaded.attempts) == (0, "", 0, 2)
+
+
+async def test_the_reference_and_variables_live_in_keys_of_their_own(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """The reference is written when it changes, the sealed variables with every commit
+    (deleted when there are none); neither goes into the record, and both load with it."""
+    keys = store.keys.call("c1")
+    turn = turn_for(Call(id="c1", variables={"account": "98779862"}, entry="12"))
+    turn.call.reference, turn.reference_changed = REFERENCE, True
+    receipt = await store.commit(turn, "a1")
+    record = await redis_client.hgetall(keys.call)
+    assert "reference" not in record and "variables" not in record
+    assert await redis_client.get(keys.reference) == REFERENCE
+    sealed = str(await redis_client.get(keys.variables))
+    assert "98779862" not in sealed and store.sealer.open(sealed) is not None
+    loaded = (await store.load("c1")).call
+    assert loaded is not None
+    assert (loaded.reference, loaded.variables, loaded.entry) == (REFERENCE, {"account": "98779862"}, "12")
+    # The reference unchanged is not written again; variables gone, their key goes.
+    await redis_client.set(keys.reference, "as it was")
+    call = replace(turn.call, version=receipt.version, variables={}, entry="")
+    await store.commit(turn_for(call), "a2")
+    assert await redis_client.get(keys.reference) == "as it was"
+    assert not await redis_client.exists(keys.variables)
+    assert (await store.record("c1"))["reference"] == "as it was"
+
+
+async def test_a_conflict_hands_back_the_reference_and_variables(store: RedisCallStore) -> None:
+    turn = turn_for(Call(id="c1", variables={"account": "42"}))
+    turn.call.reference, turn.reference_changed = REFERENCE, True
+    assert (await store.commit(turn, "a1")).outcome is Commit.APPLIED
+    receipt = await store.commit(turn_for(Call(id="c1")), "a2")  # computed from version 0
+    assert receipt.outcome is Commit.CONFLICT and receipt.current is not None
+    assert (receipt.current.reference, receipt.current.variables) == (REFERENCE, {"account": "42"})
+    rerun = await store.commit(turn_for(receipt.current), "a2", outbox="replies")
+    assert rerun.outcome is Commit.APPLIED
+    entry = await store.outbox_entry("c1", rerun.outbox_key)
+    assert entry is not None and entry.reference == REFERENCE
+
+
+async def test_record_shows_every_field_the_record_leaves_out_at_its_default(store: RedisCallStore) -> None:
+    turn = turn_for(Call(id="c1"))
+    turn.call.reference, turn.reference_changed = REFERENCE, True
+    await store.commit(turn, "a1")
+    record = await store.record("c1")
+    assert {k: v for k, v in record.items() if k not in ("created", "updated", "since")} == {
+        "id": "c1",
+        "state": "bot",
+        "version": "1",
+        "attempts": "0",
+        "target": "",
+        "deadline": "0",
+        "failure": "",
+        "reference": REFERENCE,
+        "node": "",
+        "queue": "",
+        "tries": "0",
+        "silences": "0",
+        "variables": "",
+        "shown": "",
+        "holding": "",
+    }
+    assert await store.record("nobody") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("busy", "busy"),
+        ("x" * 64, "x" * 64),
+        ("x" * 65, "x" * 61 + "\u2026"),
+        ("é" * 40, "é" * 30 + "\u2026"),  # 80 bytes: cut at a character, never inside one
+        ("x" + "é" * 40, "x" + "é" * 30 + "\u2026"),
+    ],
+)
+def test_a_failure_reason_is_cut_to_what_a_compact_record_holds(text: str, stored: str) -> None:
+    assert cut(text) == stored and len(cut(text).encode("utf-8")) <= RECORD_VALUE_MAX
+
+
+async def test_a_long_failure_reason_is_stored_cut_and_kept_whole_in_the_history(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    reason = "The agent queue rejected the transfer: no agent was available within 30 seconds"
+    turn = turn_for(Call(id="c1"), state=State.FAILED, steps=[Step("fail", "transferring", "failed", reason)])
+    turn.call.failure = reason
+    await store.commit(turn, "a1")
+    stored = str(await redis_client.hget(store.keys.call("c1").call, CallField.FAILURE))
+    assert stored == cut(reason) and stored.endswith("\u2026") and reason.startswith(stored[:-1])
+    assert [step.reason for _, step in await store.history("c1")] == [reason]
+
+
+async def test_the_record_stays_a_listpack_on_a_real_redis(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """What the layout is for: an ordinary call's record, a gathering call's, and one whose
+    transfer failed with a long reason are compact listpacks (a hashtable is ~1 KB more)."""
+    if isinstance(redis_client, FakeRedis):
+        pytest.skip("the embedded fake does not encode hashes as Redis does")
+    keys = store.keys.call("c1")
+    call = Call(id="c1", node="account", variables={"account": "98779862"}, entry="1234")
+    call.shown = {"account": "*****862"}
+    turn = turn_for(call, state=State.FAILED)
+    turn.call.reference, turn.reference_changed = REFERENCE, True
+    turn.call.failure, turn.call.attempts, turn.call.target = "x" * 200, 1, "+14251231234"
+    turn.timer_seconds = 30
+    await store.commit(turn, "a1")
+    assert await redis_client.object("ENCODING", keys.call) == "listpack"
+    assert await redis_client.type(keys.reference) == await redis_client.type(keys.variables) == "string"
+
+
+# --- a rolling upgrade: records an earlier version wrote --------------------------------
+
+
+async def legacy_call(store: RedisCallStore, redis_client: Redis, **fields: str) -> None:
+    """A call as the version before wrote it: every field, "" and "0" included, the
+    reference and sealed variables in the record."""
+    record = {
+        "id": "c1",
+        "state": "bot",
+        "version": "3",
+        "attempts": "0",
+        "target": "",
+        "deadline": "0",
+        "failure": "",
+        "reference": REFERENCE,
+        "created": "1795428000000",
+        "updated": "1795428000000",
+        "since": "1795428000000",
+        "node": "account",
+        "queue": "",
+        "tries": "0",
+        "silences": "0",
+        "variables": store.sealer.seal('{"variables":{"account":"42"},"entry":"7","confirming":false}'),
+        "shown": '{"account":"**"}',
+        "holding": "",
+        **fields,
+    }
+    await redis_client.hset(store.keys.call("c1").call, items=[v for field in record.items() for v in field])
+    await redis_client.rpush(store.keys.call("c1").transcript, encode_line(Line("caller", "hi", timestamp())))
+
+
+async def test_a_call_an_earlier_version_wrote_loads_and_its_next_commit_moves_its_fields(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    keys = store.keys.call("c1")
+    await legacy_call(store, redis_client)
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and loaded.version == 3
+    assert (loaded.reference, loaded.variables, loaded.entry) == (REFERENCE, {"account": "42"}, "7")
+    assert (await store.record("c1"))["reference"] == REFERENCE
+    turn = turn_for(loaded)  # the reference unchanged: the store does not send it
+    receipt = await store.commit(turn, "a1", outbox="replies")
+    assert receipt.outcome is Commit.APPLIED
+    record = await redis_client.hgetall(keys.call)
+    assert not {"reference", "variables", "attempts", "deadline", "target", "failure"} & set(record)
+    assert await redis_client.get(keys.reference) == REFERENCE
+    assert 0 < await redis_client.ttl(keys.reference) <= 3600
+    assert await redis_client.exists(keys.variables)
+    moved = (await store.load("c1")).call
+    assert moved is not None and moved.version == 4
+    assert (moved.reference, moved.variables, moved.entry) == (REFERENCE, {"account": "42"}, "7")
+    entry = await store.outbox_entry("c1", receipt.outbox_key)
+    assert entry is not None and entry.reference == REFERENCE
+
+
+async def test_an_earlier_versions_reference_written_after_the_key_wins(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """Mid-upgrade, an instance of the earlier version may write a new reference into the
+    record after this version wrote the key: every commit of this version deletes the field,
+    so a field there is the newer, and the next commit moves it over the key."""
+    keys = store.keys.call("c1")
+    await redis_client.set(keys.reference, "older")
+    await legacy_call(store, redis_client, reference=REFERENCE)
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and loaded.reference == REFERENCE
+    await store.commit(turn_for(loaded), "a1")
+    assert await redis_client.get(keys.reference) == REFERENCE
+    assert not await redis_client.hexists(keys.call, "reference")
+
+
+async def test_a_conflict_on_a_call_an_earlier_version_wrote_hands_back_its_reference(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    await legacy_call(store, redis_client)
+    receipt = await store.commit(turn_for(Call(id="c1")), "a1")  # computed from version 0
+    assert receipt.outcome is Commit.CONFLICT and receipt.current is not None
+    assert (receipt.current.reference, receipt.current.variables) == (REFERENCE, {"account": "42"})
