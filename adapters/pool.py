@@ -100,17 +100,19 @@ class PoolStore:
         lease_key: str,
         seconds: float,
         context: str = "",
+        previous: str = "",
     ) -> Lease | None:
         """Lease one of ``numbers`` (the pool's, in order) to the call for ``seconds``: the one
         this (call, lease key) already holds, else the one free longest; None when every
         number is held. ``context`` (JSON) is kept, sealed, under the number as long as the
-        lease. The lease is ``fresh`` when it reclaimed another call's lapsed one (ended
-        with nobody giving it back)."""
+        lease. The call's lease under ``previous`` (its last attempt), if it still holds it,
+        is released first, in the same step. The lease is ``fresh`` when it reclaimed
+        another call's lapsed one (ended with nobody giving it back)."""
         if seconds <= 0:
             raise ValueError(f"a lease lasts a positive time, not {seconds}")
         ms = max(1, round(seconds * 1000))
         sealed = self.sealer.seal(context) if context else ""
-        args: list[str | int] = ["lease", conversation_id, lease_key, ms, sealed, *numbers]
+        args: list[str | int] = ["lease", conversation_id, lease_key, ms, sealed, previous, *numbers]
         reply = await self._run("leasing a pool number", pool, args, numbers)
         if not reply:
             return None

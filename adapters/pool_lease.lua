@@ -7,8 +7,12 @@
 local leases, holders, free_at = KEYS[1], KEYS[2], KEYS[3]
 -- ARGV[1] is the operation; the rest are its arguments:
 --   lease   call, key, ms, context,   the holder's live lease, else the configured number
---           number...                 free longest (never leased first, then in order)
---                                     for ms, its context stored to lapse with it; returns
+--           previous, number...       free longest (never leased first, then in order)
+--                                     for ms, its context stored to lapse with it; the
+--                                     call's lease under key 'previous' (its last attempt,
+--                                     "" for none) is released first, if it still holds it
+--                                     (a retry right after a failure, before that failure's
+--                                     release has landed, must not hold two); returns
 --                                     {number, lease JSON, 1 if a lapsed lease of another
 --                                     call was reclaimed else 0}, or false when every
 --                                     number is held (the pool is exhausted)
@@ -60,11 +64,18 @@ local function read(number)
 end
 
 if op == 'lease' then
-  local call, key, ms, context = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-  local first = 6  -- ARGV[first + i] is the number whose context key is KEYS[4 + i]
+  local call, key, ms, context, previous = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+  local first = 7  -- ARGV[first + i] is the number whose context key is KEYS[4 + i]
   local contexts = {}
   for i = first, #ARGV do
     contexts[ARGV[i]] = KEYS[4 + i - first]
+  end
+  if previous ~= '' and previous ~= key then
+    local before = redis.call('HGET', holders, cjson.encode({call, previous}))
+    local lease = before and read(before)
+    if lease and lease.call == call and lease.lease == previous then
+      drop(before, lease, math.min(now, lease['until']), contexts[before])
+    end
   end
   local holder = cjson.encode({call, key})
   local held = redis.call('HGET', holders, holder)

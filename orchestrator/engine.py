@@ -99,6 +99,7 @@ class NumberPools(Protocol):
         lease_key: str,
         seconds: float,
         context: str = "",
+        previous: str = "",
     ) -> Leased | None: ...
 
     async def release(self, pool: str, number: str, conversation_id: str, lease_key: str) -> int | None: ...
@@ -317,6 +318,7 @@ class Engine:
             request.key,
             request.seconds,
             json.dumps(request.context, separators=(",", ":")),
+            request.previous,
         )
         leased[(request.pool, request.key)] = Leasing(got, request.context)
         return None if got is None else got.number

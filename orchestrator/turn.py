@@ -208,6 +208,7 @@ class LeaseRequest:
     context: Mapping[str, Any]
     node: str  # the transfer node, and why the call came to it
     why: str
+    previous: str = ""  # the lease key of the call's last attempt at the queue ("" for none)
 
 
 @dataclass(slots=True, frozen=True)
@@ -704,7 +705,8 @@ class TurnRunner:
             now=self._now,
         )
         seconds = queue.timeout_seconds + self.flow.pools[pool].grace_seconds
-        return LeaseRequest(pool, key, seconds, context, node, why)
+        previous = lease_key(call.queue, call.attempts) if call.attempts else ""
+        return LeaseRequest(pool, key, seconds, context, node, why, previous)
 
     def _pool_exhausted(self, node: str, queue: Queue, pool: str) -> bool:
         """Every number of the pool is held: dial the queue's target cold (False: carry on

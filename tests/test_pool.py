@@ -216,6 +216,23 @@ async def test_a_settled_lease_ends_within_its_grace_for_its_holder_only(
     assert await pool.settle(POOL, lease.number, "c1", "t1", SHORT) is None
 
 
+async def test_a_lease_first_releases_the_calls_previous_attempt(
+    pool: PoolStore, redis_client: Redis
+) -> None:
+    """A retry right after a failure, before that failure's release has landed: the call
+    does not hold two numbers, even for a moment, and an exhausted pool counts its own."""
+    numbers = NUMBERS[:1]
+    first = await pool.lease(POOL, numbers, "c1", "q:1", LONG, context="{}")
+    assert first is not None
+    retry = await pool.lease(POOL, numbers, "c1", "q:2", LONG, context="{}", previous="q:1")
+    assert retry is not None and retry.number == first.number and retry.key == "q:2"
+    assert await pool.release(POOL, first.number, "c1", "q:1") is None  # gone already
+    assert await pool.status(POOL, numbers) == PoolStatus(free=0, leased=1, claimed=0, lapsed=0)
+    # Another call's lease is never "previous": only the caller's own goes.
+    assert await pool.lease(POOL, numbers, "c2", "q:2", LONG, previous="q:1") is None
+    await check_invariants(redis_client, pool)
+
+
 async def test_an_unreachable_redis_is_reported_as_unavailable() -> None:
     dead = Redis.from_url("redis://127.0.0.1:1", decode_responses=True, socket_connect_timeout=1)
     pool = PoolStore(dead, Keyspace("x"))

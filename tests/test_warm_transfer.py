@@ -274,9 +274,21 @@ class RecordingPools(PoolStore):
         self.intervals = intervals  # (number, call, key) -> [since, end]
 
     async def lease(
-        self, pool: str, numbers: list[str], conversation_id: str, lease_key: str, *args: Any
+        self,
+        pool: str,
+        numbers: list[str],
+        conversation_id: str,
+        lease_key: str,
+        seconds: float,
+        context: str = "",
+        previous: str = "",
     ) -> Any:
-        got = await super().lease(pool, numbers, conversation_id, lease_key, *args)
+        # The lease script releases the call's previous attempt's number itself, at a time
+        # it does not return: release it here first, so its interval's end is known.
+        for number, call, key in list(self.intervals):
+            if (call, key) == (conversation_id, previous):
+                await self.release(pool, number, call, key)
+        got = await super().lease(pool, numbers, conversation_id, lease_key, seconds, context, previous)
         if got is not None:
             self.intervals.setdefault((got.number, conversation_id, lease_key), [got.since, got.until])
         return got
@@ -427,3 +439,20 @@ async def test_a_started_warm_transfer_is_pushed_signed_with_its_number(
     assert push["id"] == "c1:agents:1" and push["number"] == dialled(turn)
     assert (push["queue"], push["attempt"], push["caller"]) == ("agents", 1, "+********199")
     assert pusher.counts()["sent"] == 1
+
+
+async def test_a_retry_at_once_after_a_failure_gets_a_number_from_a_pool_of_one(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """The failure's release runs after its turn, in the background: a retry that comes
+    first must still find the pool's one number, its own (the lease releases it)."""
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1), store)
+    await start(engine, "c1")
+    for attempt in range(1, 4):
+        turn = await ask_for_agent(engine, "c1")
+        assert dialled(turn) == NUMBERS[0] and turn is not None and turn.call.attempts == attempt
+        await engine.handle("c1", HandoffStatus("failed"), activity_id=f"c1-failed-{attempt}")
+    assert engine.exhausted[POOL] == 0
+    await engine.settled()
+    status = await PoolStore(redis, Keyspace(key_prefix)).status(POOL, NUMBERS[:1])
+    assert status == PoolStatus(free=1, leased=0, claimed=0, lapsed=0)
