@@ -134,8 +134,12 @@ class CallBot(Bot):  # type: ignore[misc]
     # --- the scheduler's way to the channel ----------------------------------------
 
     def render(self, turn: Turn) -> Replies:
-        """Replies for a turn with no incoming activity (a timer)."""
-        return rendered(turn, None, self.sealer)
+        """Replies for a turn with no incoming activity (a timer). A transfer it starts (a
+        warm transfer's hold over) replies as if to the caller's last activity."""
+        turn_context = None
+        if any(isinstance(effect, Handoff) for effect in turn.effects):
+            turn_context = TurnContext(self.adapter, incoming_from(turn.call.reference))
+        return rendered(turn, turn_context, self.sealer)
 
     async def send(self, reference: str, replies: list[Activity]) -> None:
         """Speak to a call proactively (the adapter's continue-conversation). Replies from
@@ -315,8 +319,8 @@ def _reply(turn: Turn, effect: Speak | Handoff | EndCall, turn_context: TurnCont
         return Activity(
             type=ActivityTypes.end_of_conversation, code="completedSuccessfully", text=effect.reason
         )
-    if turn_context is None:  # a transfer a timer started: reply as if to the caller
-        turn_context = TurnContext(None, incoming_from(turn.call.reference))
+    # A transfer a timer started has one too (CallBot.render): TurnContext needs an adapter.
+    assert turn_context is not None, "a transfer replies in a turn context"
     transcript = Transcript(activities=transcript_activities(turn.call, turn_context.activity))
     context: dict[str, Any] = {"TargetPhoneNumber": effect.target}
     if effect.queue:
