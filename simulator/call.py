@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +57,11 @@ class Bots:
         self.tally = tally or Tally()
         self.last_error = ""  # why the last refused post was refused, as the bot said
         self.sent: Counter[str] = Counter({url: 0 for url in self.urls})  # posts per bot (0: never reached)
+        self._agent_side = itertools.cycle(self.urls)
+
+    def agent_url(self, path: str) -> str:
+        """``path`` on the next bot, round-robin: the agent side may ask any instance."""
+        return next(self._agent_side).removesuffix("/api/messages") + path
 
     async def post(self, activity: dict[str, Any]) -> int:
         """Post one activity to the next bot; its HTTP status (0: not reached)."""
@@ -149,6 +156,8 @@ class SimulatedCall:
         protocol: Protocol = "telephony",
         number: str = "+14255550123",
         conversation_id: str | None = None,
+        pools: Mapping[str, Collection[str]] | None = None,
+        agent_token: str | None = None,
     ) -> None:
         self.bots, self.channel, self.protocol = bots, channel, protocol
         self.caller = Caller(channel.url, conversation_id=conversation_id, number=number)
@@ -156,6 +165,9 @@ class SimulatedCall:
         self.cursor = 0  # the bot's activities read so far
         self.last_sent: dict[str, Any] | None = None
         self.last_status: dict[str, Any] | None = None
+        self.pools = pools or {}  # the bot's flow's number pools: name -> numbers
+        self.agent_token = agent_token  # the bot's AGENT_TOKEN, for its context API
+        self.dialled = ""  # the number the last transfer read dialled
 
     async def send(self, activity: dict[str, Any]) -> int:
         self.last_sent = activity
@@ -260,9 +272,12 @@ class SimulatedCall:
         transcript_contains: str | None = None,
         queue: str | None = None,
         variables: dict[str, str] | None = None,
+        pool: str | None = None,
     ) -> dict[str, Any]:
-        """The bot's next activity is a ``handoff.initiate``: to ``target``, for ``queue``,
-        carrying ``variables`` and a transcript with ``transcript_contains``, each when given."""
+        """The bot's next activity is a ``handoff.initiate``: to ``target``, to one of the
+        numbers of ``pool`` (a warm transfer), for ``queue``, carrying ``variables`` and a
+        transcript with ``transcript_contains``, each when given. The number it dials is
+        remembered (``dialled``) for ``expect_context``."""
         activity = await self.next_activity(within)
         if activity is None:
             raise Mismatch(f"no transfer within {within:g} s")
@@ -270,6 +285,16 @@ class SimulatedCall:
             raise Mismatch(f"expected a transfer, the bot sent {describe(activity)}")
         if target is not None and target_of(activity) != target:
             raise Mismatch(f"expected a transfer to {target}, the bot sent {describe(activity)}")
+        if pool is not None:
+            numbers = self.pools.get(pool)
+            if numbers is None:
+                known = ", ".join(self.pools) or "none"
+                raise Mismatch(f"the bot's flow has no pool {pool!r} (its pools: {known})")
+            if target_of(activity) not in numbers:
+                raise Mismatch(
+                    f"expected a transfer to a number of pool {pool} ({', '.join(numbers)}), "
+                    f"the bot sent {describe(activity)}"
+                )
         said = [str(line.get("text", "")) for line in transcript_of(activity) if isinstance(line, dict)]
         if transcript_contains is not None and not any(transcript_contains in text for text in said):
             raise Mismatch(f"the transcript handed over lacks {transcript_contains!r}: {said}")
@@ -279,7 +304,66 @@ class SimulatedCall:
             raise Mismatch(f"expected a transfer for queue {queue}, the context names {named!r}")
         if variables is not None and carried != variables:
             raise Mismatch(f"expected the transfer to carry {variables}, it carries {carried}")
+        self.dialled = target_of(activity)
         return activity
+
+    async def expect_context(
+        self,
+        *,
+        pool: str | None = None,
+        queue: str | None = None,
+        attempt: int | None = None,
+        caller: str | None = None,
+        reason_contains: str | None = None,
+        transcript_contains: Sequence[str] = (),
+        variables: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The agent side asks a bot for the context of the number the last transfer read
+        dialled (``GET /api/pool/<number>/context`` with the agent token), which claims it;
+        the context is for ``pool`` and ``queue``, of transfer ``attempt``, shows the caller
+        as ``caller``, gives a reason containing ``reason_contains``, a transcript with a
+        line containing each of ``transcript_contains`` and the collected ``variables``,
+        each when given."""
+        if not self.dialled:
+            raise Mismatch("no transfer was read yet, so no number to ask the context of")
+        if not self.agent_token:
+            raise Mismatch("no agent token to ask the context API with (--agent-token or AGENT_TOKEN)")
+        url = self.bots.agent_url(f"/api/pool/{self.dialled}/context")
+        headers = {"Authorization": f"Bearer {self.agent_token}"}
+        try:
+            timeout = aiohttp.ClientTimeout(total=TURN_SECONDS)
+            async with self.bots.session.get(url, headers=headers, timeout=timeout) as response:
+                status, body = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Mismatch(f"the context API ({url}) did not answer: {type(e).__name__}: {e}") from None
+        text = body[:300].decode(errors="replace")
+        if status != 200:
+            raise Mismatch(f"the context API answered HTTP {status} for {self.dialled}: {text}")
+        try:
+            context = json.loads(body)
+        except ValueError:
+            context = None
+        if not isinstance(context, dict):
+            raise Mismatch(f"the context API's answer for {self.dialled} is not a JSON object: {text}")
+        if context.get("number") != self.dialled:
+            raise Mismatch(f"asked for the context of {self.dialled}, got {context.get('number')!r}'s")
+        expected = {"pool": pool, "queue": queue, "attempt": attempt, "caller": caller}
+        for name, value in expected.items():
+            if value is not None and context.get(name) != value:
+                raise Mismatch(f"expected the context's {name} {value!r}, it is {context.get(name)!r}")
+        reason = str(context.get("reason", ""))
+        if reason_contains is not None and reason_contains not in reason:
+            raise Mismatch(f"expected the context's reason to contain {reason_contains!r}, it is {reason!r}")
+        lines = context.get("transcript")
+        lines = lines if isinstance(lines, list) else []
+        said = [str(line.get("text", "")) for line in lines if isinstance(line, dict)]
+        lacking = [wanted for wanted in transcript_contains if not any(wanted in text for text in said)]
+        if lacking:
+            raise Mismatch(f"the context's transcript lacks {', '.join(map(repr, lacking))}: {said}")
+        carried = context.get("variables")
+        if variables is not None and carried != variables:
+            raise Mismatch(f"expected the context to carry {variables}, it carries {carried}")
+        return context
 
     async def expect_hangup(self, within: float = EXPECT_SECONDS) -> dict[str, Any]:
         """The bot's next activity ends the call (``endOfConversation``); the caller may

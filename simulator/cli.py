@@ -55,12 +55,15 @@ async def run_scripted(
     console: Console,
     transport: Transport = "http",
     hours: scenarios.BotHours | None = None,
+    agents: scenarios.AgentSide | None = None,
 ) -> int:
     """Run each scenario file as one call, over its own transport or ``transport``; print
     a pass/fail report; 0 only if none fails. With ``hours``, a scenario that needs the
-    flow's hours otherwise is skipped and says why."""
+    flow's hours otherwise is skipped and says why; so is one that asks the context API
+    when ``agents`` (the bot's pools and agent token) has no token."""
     loaded = [scenarios.load(path) for path in files]
-    skips = {id(s): hours.skip_reason(s) if hours else "" for s in loaded}
+    agents = agents or scenarios.AgentSide()
+    skips = {id(s): (hours.skip_reason(s) if hours else "") or agents.skip_reason(s) for s in loaded}
     runnable = [s for s in loaded if not skips[id(s)]]
     async with contextlib.AsyncExitStack() as stack:
         links = {
@@ -69,7 +72,10 @@ async def run_scripted(
         }
         # Each scenario is a call of its own: run them all at once, report in file order.
         ran = await asyncio.gather(
-            *(scenarios.run(scenario, *links[scenario.transport or transport]) for scenario in runnable)
+            *(
+                scenarios.run(scenario, *links[scenario.transport or transport], agents)
+                for scenario in runnable
+            )
         )
     by_scenario = {id(r.scenario): r for r in ran}
     results = [
@@ -141,6 +147,13 @@ def _clock(_context: click.Context, _param: click.Parameter, value: str | None) 
     metavar="ISO-8601",
     help="The bot's clock for opening hours (its HOURS_CLOCK, if pinned). Default: now.",
 )
+@click.option(
+    "--agent-token",
+    envvar="AGENT_TOKEN",
+    metavar="TOKEN",
+    help="The bot's AGENT_TOKEN, for expect_context steps (they ask the bot's context API); "
+    "default: $AGENT_TOKEN. Without it, scenarios with expect_context are skipped.",
+)
 @click.option("--calls", type=click.IntRange(1), help="Load mode: this many simulated callers ...")
 @click.option(
     "--rate", type=click.FloatRange(min=0.01), default=10, show_default=True, help="... started per second."
@@ -173,6 +186,7 @@ def simulate(
     shipped: bool,
     flow: str | None,
     clock: datetime,
+    agent_token: str | None,
     calls: int | None,
     rate: float,
     protocol: Protocol,
@@ -193,23 +207,27 @@ def simulate(
     chosen = [*files, *(scenarios.shipped(name) if shipped else [])]
     # Shipped scenarios are for a known flow: its hours decide which can run at the bot's clock.
     known = shipped or flow is not None
-    hours = scenarios.BotHours.of(load_callflow(shipped_flow(f"{name}.yaml")), clock) if known else None
+    bot_flow = load_callflow(shipped_flow(f"{name}.yaml"))
+    hours = scenarios.BotHours.of(bot_flow, clock) if known else None
+    # Its pools say which numbers a warm transfer may dial; the token opens its context API.
+    agents = scenarios.AgentSide.of(bot_flow, agent_token, name)
     try:
         if calls is not None:
             from simulator.load import run_load
 
             mix = []
             for path in chosen:
-                why = hours.skip_reason(scenarios.load(path)) if hours else ""
+                loaded = scenarios.load(path)
+                why = (hours.skip_reason(loaded) if hours else "") or agents.skip_reason(loaded)
                 if why:
                     console.print(f"left out: {path.name}: {why}", markup=False)
                 else:
                     mix.append(path)
             if not mix:
-                raise click.ClickException(f"no scenario can run: {hours}")
-            code = asyncio.run(run_load(urls, mix, calls, rate, listen, console, transport))
+                raise click.ClickException("no scenario can run: each was left out (above)")
+            code = asyncio.run(run_load(urls, mix, calls, rate, listen, console, transport, agents))
         elif chosen:
-            code = asyncio.run(run_scripted(urls, chosen, listen, console, transport, hours))
+            code = asyncio.run(run_scripted(urls, chosen, listen, console, transport, hours, agents))
         else:
             from simulator.interactive import run_interactive
 

@@ -136,10 +136,14 @@ async def load(
     console: Console | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     transport: Transport = "http",
+    agents: scenarios.AgentSide | None = None,
 ) -> LoadSummary:
     """Run ``calls`` simulated calls through the scenario mix in ``files``, ``rate`` new
     calls a second; a progress bar on ``console`` if given. Raises ``ScenarioError`` for a
-    scenario file that cannot be read (before any call starts)."""
+    scenario file that cannot be read (before any call starts). ``agents``: the bot's
+    pools and agent token, for warm transfers' ``expect_transfer: {pool}`` and
+    ``expect_context`` (each call's context request counts against the bot's
+    AGENT_RATE_LIMIT, per client address)."""
     if calls < 1 or rate <= 0 or concurrency < 1:
         raise ValueError("calls and concurrency must be at least 1, rate above 0")
     mix = [scenarios.load(path) for path in files]
@@ -166,7 +170,7 @@ async def load(
 
     async def call(scenario: scenarios.Scenario, bots: Bots, channel: ChannelStandIn) -> None:
         try:
-            result = await scenarios.run(scenario, bots, channel)
+            result = await scenarios.run(scenario, bots, channel, agents)
         except Exception as e:  # a bug in a step must fail its call, not the whole run
             result = scenarios.Result(scenario, False, 0, f"crashed: {type(e).__name__}: {e}")
         finally:
@@ -292,9 +296,10 @@ async def run_load(
     listen: str,
     console: Console,
     transport: Transport = "http",
+    agents: scenarios.AgentSide | None = None,
 ) -> int:
     """The CLI's load mode: run the load, print the summary; 0 only if every call passed
     and no post failed."""
-    summary = await load(urls, files, calls, rate, listen, console, transport=transport)
+    summary = await load(urls, files, calls, rate, listen, console, transport=transport, agents=agents)
     report(summary, console)
     return 0 if summary.ok else 1

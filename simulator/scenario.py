@@ -8,21 +8,25 @@
       - start                    # the call starts (conversationUpdate)
       - expect_prompt: {contains: "may be recorded", barge_in: none}
       - press: "0"               # keys 0-9 * #: one message per key, as the channel sends them
-      - expect_transfer: {target: "+14251231234", queue: reception}
+      - expect_transfer: {target: "+14251231234", queue: reception}   # or pool: NAME, one of its numbers
+      - expect_context: {attempt: 1}   # a warm transfer: the agent side claims that number's context
       - agent: accept            # accept | fail | no_answer | complete (+ message)
       - expect_nothing: 1        # seconds of silence
       - silence: 6               # the caller does nothing this long (above 0, at most 120 s)
       - expect_hangup            # the bot ends the call; or expect_hangup: 10 (seconds to wait)
 
 Every ``expect_*`` reads the bot's next activity on the call, in order; whatever the
-bot sent and no step read is unexpected and fails the scenario.
+bot sent and no step read is unexpected and fails the scenario. ``expect_context`` reads
+no activity: it asks the bot's context API (``GET /api/pool/<number>/context``, with the
+bot's ``AGENT_TOKEN``) about the number the ``expect_transfer`` before it read dialled;
+without an agent token a scenario that has one is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +72,25 @@ class ExpectTransfer(_Strict):
     queue: str | None = None
     variables: dict[str, str] | None = None  # what the flow collected, in the handoff's context
     transcript_contains: str | None = None  # something the caller said, handed to the agent
+    pool: str | None = None  # a warm transfer: it dials one of this pool's numbers (the bot's flow's)
     within: float = Field(EXPECT_SECONDS, gt=0, le=MAX_WITHIN)
+
+
+class ExpectContext(_Strict):
+    """What the context API hands the agent side for the number the last transfer dialled."""
+
+    pool: str | None = None
+    queue: str | None = None
+    attempt: int | None = Field(default=None, ge=1)  # the call's transfer attempt at the queue
+    caller: str | None = None  # the caller's number as shown to the agent (masked, by default)
+    reason_contains: str | None = None  # why the call was transferred: 'pressed 0', 'said "agent"'
+    transcript_contains: tuple[str, ...] = ()  # each is in some line of the transcript handed over
+    variables: dict[str, str] | None = None  # what the flow collected, exactly
+
+    @field_validator("transcript_contains", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
 
 
 class Status(_Strict):
@@ -94,6 +116,7 @@ STEP_KINDS: dict[str, type[BaseModel] | type | None] = {
     "expect_hangup": float,  # bare: waits EXPECT_SECONDS
     "expect_prompt": ExpectPrompt,
     "expect_transfer": ExpectTransfer,
+    "expect_context": ExpectContext,
     "status": Status,
     "agent": Agent,
 }
@@ -117,6 +140,13 @@ class Step(_Strict):
     arg: Any = None
 
     def __str__(self) -> str:
+        """As written, with what was given: ``expect_context: {attempt: 2}``."""
+        if isinstance(self.arg, BaseModel):
+            given = self.arg.model_dump(mode="json", exclude_defaults=True)
+            if not given:
+                return self.kind
+            written = yaml.safe_dump(given, default_flow_style=True, sort_keys=False, width=1_000_000)
+            return f"{self.kind}: {written.strip()}"
         return self.kind if self.arg is None else f"{self.kind}: {self.arg}"
 
 
@@ -134,7 +164,20 @@ class Scenario(_Strict):
     def _steps(cls, raw: Any) -> list[Step]:
         if not isinstance(raw, list):
             raise ValueError("steps must be a list")
-        return [_step(n, item) for n, item in enumerate(raw, 1)]
+        steps = [_step(n, item) for n, item in enumerate(raw, 1)]
+        kinds = [step.kind for step in steps]
+        if "expect_context" in kinds and "expect_transfer" not in kinds[: kinds.index("expect_context")]:
+            number = kinds.index("expect_context") + 1
+            raise ValueError(
+                f"step {number}: expect_context asks about the number a transfer dialled: "
+                "an expect_transfer must come before it"
+            )
+        return steps
+
+    @property
+    def needs_agent_token(self) -> bool:
+        """Whether it asks the bot's context API (which needs the bot's AGENT_TOKEN)."""
+        return any(step.kind == "expect_context" for step in self.steps)
 
 
 def _step(number: int, item: Any) -> Step:
@@ -235,6 +278,40 @@ class BotHours:
 
 
 @dataclass(frozen=True)
+class AgentSide:
+    """What the agent side knows of the bot: its flow's number pools (which numbers a warm
+    transfer may dial) and the token of its context API (the bot's ``AGENT_TOKEN``)."""
+
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    token: str | None = None
+    flow: str = ""  # the flow's name, for messages
+
+    @classmethod
+    def of(cls, flow: CallFlow, token: str | None = None, name: str = "") -> AgentSide:
+        return cls({pool: tuple(p.numbers) for pool, p in flow.pools.items()}, token or None, name)
+
+    def skip_reason(self, scenario: Scenario) -> str:
+        """Why ``scenario`` cannot run with what the agent side has ("": it can)."""
+        if scenario.needs_agent_token and not self.token:
+            return (
+                "expect_context asks the bot's context API, which needs the bot's AGENT_TOKEN "
+                "(pass --agent-token or set AGENT_TOKEN)"
+            )
+        return ""
+
+    def unknown_pool(self, scenario: Scenario) -> Result | None:
+        """A failed result for the first step that names a pool the flow lacks, else None."""
+        for number, step in enumerate(scenario.steps, 1):
+            pool = getattr(step.arg, "pool", None)
+            if step.kind == "expect_transfer" and pool is not None and pool not in self.pools:
+                flow = f" {self.flow}" if self.flow else ""
+                known = ", ".join(self.pools) or "none"
+                why = f"the flow{flow} has no pool {pool!r} (its pools: {known}); is --flow the bot's?"
+                return Result(scenario, False, number, f"{step}: {why}")
+        return None
+
+
+@dataclass(frozen=True)
 class Result:
     scenario: Scenario
     passed: bool
@@ -244,9 +321,23 @@ class Result:
     skipped: bool = False
 
 
-async def run(scenario: Scenario, bots: Bots, channel: ChannelStandIn) -> Result:
-    """Run one scenario as one call; the first failing step ends it."""
-    call = SimulatedCall(bots, channel, protocol=scenario.protocol, number=scenario.caller)
+async def run(
+    scenario: Scenario, bots: Bots, channel: ChannelStandIn, agents: AgentSide | None = None
+) -> Result:
+    """Run one scenario as one call; the first failing step ends it. ``agents``: the
+    bot's pools and agent token, for ``expect_transfer: {pool}`` and ``expect_context``."""
+    agents = agents or AgentSide()
+    wrong = agents.unknown_pool(scenario)
+    if wrong is not None:
+        return wrong
+    call = SimulatedCall(
+        bots,
+        channel,
+        protocol=scenario.protocol,
+        number=scenario.caller,
+        pools=agents.pools,
+        agent_token=agents.token,
+    )
     for number, step in enumerate(scenario.steps, 1):
         try:
             await _do(call, step)
@@ -273,8 +364,9 @@ _ACTIONS: dict[str, Callable[[SimulatedCall, Any], Awaitable[Any]]] = {
     "expect_hangup": lambda call, seconds: call.expect_hangup(EXPECT_SECONDS if seconds is None else seconds),
     "expect_prompt": lambda call, e: call.expect_prompt(e.contains, e.voice, e.within, e.hint),
     "expect_transfer": lambda call, e: call.expect_transfer(
-        e.target, e.within, e.transcript_contains, e.queue, e.variables
+        e.target, e.within, e.transcript_contains, e.queue, e.variables, e.pool
     ),
+    "expect_context": lambda call, e: call.expect_context(**e.model_dump()),
     "status": lambda call, s: call.status(s.state, s.message),
     "agent": lambda call, a: call.agent(a.answer, a.message),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -37,6 +38,8 @@ from tests.process import ROOT, BotProcess, flow_doc, write_flow
 
 SAMPLE_FLOW = ROOT / "orchestrator" / "flows" / "transfer-sample.yaml"
 SAMPLE = "transfer-sample"  # its scenarios, which most tests here play
+WARM = "warm-transfer"  # the example warm-transfer flow: a pool of numbers and a context API
+AGENT_TOKEN = "agent-token-for-simulator-tests-0123"  # the bots' AGENT_TOKEN, and the simulator's
 # The default flow's hours are Monday to Friday, 8 to 18 in New York.
 OPEN = datetime.fromisoformat("2026-12-07T10:00-05:00")  # a Monday morning
 CLOSED = datetime.fromisoformat("2026-12-05T10:00-05:00")  # a Saturday
@@ -70,7 +73,10 @@ async def serving(
 @pytest.fixture
 def bot_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's environment kept out of the bots this file starts."""
-    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"):
+    for name in (
+        *("MicrosoftAppId", "MicrosoftAppPassword", "REDIS_URL", "OPERATOR_TOKEN", "CALLFLOW_FILE"),
+        *("AGENT_TOKEN", "AGENT_RATE_LIMIT", "PUSH_URL", "PUSH_SECRET"),
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -95,10 +101,20 @@ def quick(flow: dict[str, Any]) -> dict[str, Any]:
             node["inter_digit_seconds"] = 2
     for queue in flow["queues"].values():
         queue["timeout_seconds"] = 3
+        if "pool_exhausted" in queue:
+            queue["pool_exhausted"]["seconds"] = 1
     return flow
 
 
-@pytest.fixture(params=[("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN)], ids=str)
+def agent_side(flow_name: str, token: str | None = AGENT_TOKEN) -> scenarios.AgentSide:
+    """What the simulator knows of a bot on the shipped flow ``flow_name``: its pools, and
+    the bots' agent token."""
+    return scenarios.AgentSide.of(load_callflow(shipped_flow(f"{flow_name}.yaml")), token, flow_name)
+
+
+@pytest.fixture(
+    params=[("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN), (WARM, OPEN)], ids=str
+)
 async def flow_bot(
     request: pytest.FixtureRequest, tmp_path: Path, key_prefix: str, bot_environment: None
 ) -> AsyncIterator[tuple[str, str, datetime]]:
@@ -106,7 +122,7 @@ async def flow_bot(
     hours: (its URL, the flow's name, its clock)."""
     flow_name, clock = request.param
     flow = quick(yaml.safe_load(shipped_flow(f"{flow_name}.yaml").read_text()))
-    async with serving(flow, tmp_path, key_prefix, HOURS_CLOCK=clock) as url:
+    async with serving(flow, tmp_path, key_prefix, HOURS_CLOCK=clock, AGENT_TOKEN=AGENT_TOKEN) as url:
         yield url, flow_name, clock
 
 
@@ -116,7 +132,7 @@ def console() -> tuple[Console, io.StringIO]:
 
 
 def test_a_scenario_for_every_documented_behaviour_is_shipped() -> None:
-    assert scenarios.shipped_flows() == ["account-lookup", "default", SAMPLE]
+    assert scenarios.shipped_flows() == ["account-lookup", "default", SAMPLE, WARM]
     assert {path.stem for path in scenarios.shipped("account-lookup")} == {
         "gold-customer-priority",
         "standard-customer",
@@ -151,6 +167,13 @@ def test_a_scenario_for_every_documented_behaviour_is_shipped() -> None:
         "speech-and-redelivery",
         "unknown-call",
     } <= names
+    assert {path.stem for path in scenarios.shipped(WARM)} == {
+        "welcome-and-billing",
+        "echo",
+        "unknown-call",
+        "agent-warm-transfer",
+        "failed-then-retry-leases-again",
+    }
     for flow in scenarios.shipped_flows():
         for path in scenarios.shipped(flow):
             assert scenarios.load(path).steps  # every one parses
@@ -173,14 +196,15 @@ async def test_each_flows_scenarios_pass_at_the_bots_clock(
 ) -> None:
     """The default flow open runs every scenario but the closed one; closed, the closed one
     and those that need no hours, and the others are skipped, saying why. The example
-    flow that runs user code has no hours: all of its scenarios run."""
+    flows that run user code and that warm-transfer through a pool have no hours: all of
+    their scenarios run (the warm transfer's with the bot's agent token)."""
     url, flow_name, clock = flow_bot
     hours = scenarios.BotHours.of(load_callflow(shipped_flow(f"{flow_name}.yaml")), clock)
     files = scenarios.shipped(flow_name)
     needs = {path.stem: scenarios.load(path).hours for path in files}
     runnable = [name for name, need in needs.items() if need in (None, hours.said)]
     screen, out = console()
-    code = await run_scripted([url], files, "127.0.0.1:0", screen, transport, hours)
+    code = await run_scripted([url], files, "127.0.0.1:0", screen, transport, hours, agent_side(flow_name))
     report = out.getvalue()
     assert code == 0, report
     skipped = len(files) - len(runnable)
@@ -274,6 +298,25 @@ async def test_a_bot_that_cannot_be_reached_fails_clearly(tmp_path: Path) -> Non
             {"name": "x", "steps": [{"expect_hangup": 0}]},
             "step 1: expect_hangup: seconds above 0, at most 600",
         ),
+        (
+            {"name": "x", "steps": ["start", "expect_context"]},
+            "step 2: expect_context asks about the number a transfer dialled: an expect_transfer must "
+            "come before it",
+        ),
+        (
+            {"name": "x", "steps": [{"expect_transfer": {}}, {"expect_context": {"atempt": 1}}]},
+            "step 2: expect_context.atempt: Extra inputs are not permitted",
+        ),
+        (
+            {"name": "x", "steps": [{"expect_transfer": {}}, {"expect_context": {"attempt": 0}}]},
+            "step 2: expect_context.attempt: Input should be greater than or equal to 1",
+        ),
+        (
+            {"name": "x", "steps": [{"expect_transfer": {}}, {"expect_context": {"variables": ["a"]}}]},
+            "step 2: expect_context.variables: Input should be a valid dictionary",
+        ),
+        ({"name": "x", "steps": [{"expect_transfer": {"pools": "agents"}}]}, "step 1: expect_transfer.pools"),
+        ({"name": "x", "steps": [{"expect_context": "agents"}]}, "step 1: expect_context"),
         ({"name": "x", "steps": ["start"], "protocol": "sip"}, "protocol"),
         ({"steps": ["start"]}, "name"),
         (["start"], "a scenario is a mapping"),
@@ -319,22 +362,159 @@ async def test_the_command_line_plays_a_flow_at_the_bots_clock(flow_bot: tuple[s
         "no zone": [*base, "--clock", "2026-12-07T10:00"],
         "unknown flow": [*base, "--flow", "nonesuch"],
     }
+    # The agent token from the environment, as the bot's own AGENT_TOKEN would be.
+    env = {**os.environ, "AGENT_TOKEN": AGENT_TOKEN}
     done = {}
     for name, command in runs.items():
         process = await asyncio.create_subprocess_exec(
-            *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *command, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         output, _ = await asyncio.wait_for(process.communicate(), 120)
         done[name] = (process.returncode, output.decode())
     code, report = done["at its clock"]
     assert code == 0 and " 0 failed" in report, report
     assert ("PASS  closed.yaml" in report) is (clock == CLOSED), report
+    assert ("PASS  agent-warm-transfer.yaml" in report) is (flow_name == WARM), report
     assert done["no zone"][0] == 2 and "has no zone" in done["no zone"][1]
     assert (
         done["unknown flow"][0] == 2
-        and "'nonesuch' is not one of 'account-lookup', 'default', 'transfer-sample'"
+        and "'nonesuch' is not one of 'account-lookup', 'default', 'transfer-sample', 'warm-transfer'"
         in (done["unknown flow"][1])
     )
+
+
+# --- warm transfers: a pool's numbers and the context API ---------------------------------
+
+
+@pytest.fixture
+async def warm_bot(
+    tmp_path: Path, key_prefix: str, bot_environment: None
+) -> AsyncIterator[tuple[str, scenarios.AgentSide]]:
+    """The bot on the example warm-transfer flow with short timers and a pool of ten
+    numbers (so calls at once never find it exhausted), its context API open with
+    AGENT_TOKEN: its URL, and what the simulator knows of it."""
+    flow = quick(yaml.safe_load(shipped_flow(f"{WARM}.yaml").read_text()))
+    flow["pools"]["agents"]["numbers"] = [f"+1425555{n:04d}" for n in range(200, 210)]
+    async with serving(flow, tmp_path, key_prefix, AGENT_TOKEN=AGENT_TOKEN) as url:
+        yield url, scenarios.AgentSide.of(load_callflow(tmp_path / "flow.yaml"), AGENT_TOKEN, WARM)
+
+
+async def test_without_an_agent_token_context_scenarios_are_skipped_saying_why(
+    warm_bot: tuple[str, scenarios.AgentSide],
+) -> None:
+    url, agents = warm_bot
+    screen, out = console()
+    no_token = scenarios.AgentSide(agents.pools, None, WARM)
+    code = await run_scripted([url], scenarios.shipped(WARM), "127.0.0.1:0", screen, agents=no_token)
+    report = out.getvalue()
+    assert code == 0 and "3 passed, 0 failed, 2 skipped" in report, report
+    assert "SKIP  agent-warm-transfer.yaml" in report and "SKIP  failed-then-retry-leases-again" in report
+    assert (
+        report.count(
+            "expect_context asks the bot's context API, which needs the bot's AGENT_TOKEN "
+            "(pass --agent-token or set AGENT_TOKEN)"
+        )
+        == 2
+    ), report
+
+
+async def test_wrong_warm_transfer_expectations_fail_at_their_step(
+    warm_bot: tuple[str, scenarios.AgentSide], tmp_path: Path
+) -> None:
+    url, agents = warm_bot
+    transfer = ["start", {"expect_prompt": {}}, {"say": "my order is late"}, {"expect_prompt": {}}]
+    transfer += [{"press": "0"}, {"expect_transfer": {"pool": "agents"}}]
+    wrong = {
+        "attempt": {"attempt": 2},
+        "transcript": {"transcript_contains": ["my order is late", "never said"]},
+        "caller": {"caller": "+14255550123"},  # shown masked
+        "variables": {"variables": {"account": "1234"}},
+        "reason": {"reason_contains": "said"},
+    }
+    files = [
+        write(tmp_path, name, {"name": f"wrong {name}", "steps": [*transfer, {"expect_context": context}]})
+        for name, context in wrong.items()
+    ]
+    files.append(
+        write(
+            tmp_path,
+            "pool",
+            {"name": "no such pool", "steps": [*transfer[:-1], {"expect_transfer": {"pool": "nonesuch"}}]},
+        )
+    )
+    screen, out = console()
+    code = await run_scripted([url], files, "127.0.0.1:0", screen, agents=agents)
+    report = out.getvalue()
+    assert code == 1 and "0 passed, 6 failed" in report, report
+    for expected in (
+        "step 7: expect_context: {attempt: 2}: expected",
+        "expected the context's attempt 2, it is 1",
+        "the context's transcript lacks 'never said': ",
+        "expected the context's caller '+14255550123', it is '+********123'",
+        "expected the context to carry {'account': '1234'}, it carries {}",
+        "expected the context's reason to contain 'said', it is 'pressed 0'",
+        "step 6: expect_transfer: {pool: nonesuch}: the flow",
+        "the flow warm-transfer has no pool 'nonesuch' (its pools: agents); is --flow the bot's?",
+    ):
+        assert expected in report, report
+
+    # The agent side with another token, or another idea of the pool's numbers.
+    right = write(tmp_path, "right", {"name": "right", "steps": [*transfer, "expect_context"]})
+    for agent_side, expected in (
+        (
+            scenarios.AgentSide(agents.pools, "not-the-agent-token-0123456789", WARM),
+            "answered HTTP 401 for +1425555",
+        ),
+        (
+            scenarios.AgentSide({"agents": ("+14255550999",)}, AGENT_TOKEN, WARM),
+            "expected a transfer to a number of pool agents (+14255550999), the bot sent transfer to +142",
+        ),
+        (agents, ""),
+    ):
+        screen, out = console()
+        code = await run_scripted([url], [right], "127.0.0.1:0", screen, agents=agent_side)
+        report = out.getvalue()
+        assert (code == 0) is (not expected) and expected in report, report
+
+
+def test_the_warm_transfer_steps_read_as_documented() -> None:
+    scenario = scenarios.Scenario.model_validate(
+        {
+            "name": "x",
+            "steps": [
+                {"expect_transfer": {"pool": "agents"}},
+                "expect_context",
+                {"expect_context": {"attempt": 2, "transcript_contains": "late"}},
+            ],
+        }
+    )
+    transfer, bare, context = scenario.steps
+    assert transfer.arg.pool == "agents" and scenario.needs_agent_token
+    assert bare.arg == scenarios.ExpectContext()
+    assert context.arg.attempt == 2 and context.arg.transcript_contains == ("late",)  # one, or a list
+    assert not scenarios.Scenario.model_validate({"name": "y", "steps": ["start"]}).needs_agent_token
+
+
+async def test_load_mode_plays_warm_transfers_and_leaves_out_what_needs_a_token(
+    warm_bot: tuple[str, scenarios.AgentSide],
+) -> None:
+    from simulator.load import load
+
+    url, agents = warm_bot
+    files = scenarios.shipped(WARM)
+    summary = await load([url], files, calls=10, rate=20, agents=agents)
+    assert summary.ok and summary.passed == 10, summary.failures
+    assert summary.transfers == 2 * (1 + 2)  # each scenario twice: one transfer, and a retry's two
+    # Without the token, the command line leaves out the scenarios that ask the context API.
+    env = {name: value for name, value in os.environ.items() if name != "AGENT_TOKEN"}
+    command = [sys.executable, "-m", "cli", "simulate", "--bot", url, "--flow", WARM, "--calls", "3"]
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output = (await asyncio.wait_for(process.communicate(), 120))[0].decode()
+    assert process.returncode == 0, output
+    assert "left out: agent-warm-transfer.yaml: expect_context asks the bot's context API" in output
+    assert "left out: failed-then-retry-leases-again.yaml" in output and "3 passed, 0 failed" in output
 
 
 async def test_a_refused_post_says_why(bot_url: str) -> None:
@@ -591,15 +771,16 @@ async def test_a_hang_up_nobody_expected_is_named(stub: StubBot) -> None:
 
 @pytest.mark.parametrize(
     ("flow_name", "clock"),
-    [("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN), (SAMPLE, OPEN)],
-    ids=["default-open", "default-closed", "account-lookup", SAMPLE],
+    [("default", OPEN), ("default", CLOSED), ("account-lookup", OPEN), (SAMPLE, OPEN), (WARM, OPEN)],
+    ids=["default-open", "default-closed", "account-lookup", SAMPLE, WARM],
 )
 async def test_the_shipped_scenarios_pass_across_real_instances_on_real_redis(
     flow_name: str, clock: datetime, tmp_path: Path, key_prefix: str, bot_environment: None
 ) -> None:
     """Two `python app.py` processes on the real Redis, behind a round-robin "load
     balancer" (the simulator's), over both transports: every activity of a call may land
-    on either instance, and the timers fire on whichever claims them."""
+    on either instance, and the timers fire on whichever claims them; a warm transfer
+    leases its number on one and the agent side claims its context on either."""
     redis = await real_redis_or_skip()
     keys = Fernet.generate_key().decode()
     env = {
@@ -608,6 +789,7 @@ async def test_the_shipped_scenarios_pass_across_real_instances_on_real_redis(
         "CALLFLOW_FILE": write_flow(tmp_path, quick(flow_doc(f"{flow_name}.yaml"))),
         "HOURS_CLOCK": clock.isoformat(),
         "VARIABLES_KEYS": keys,
+        "AGENT_TOKEN": AGENT_TOKEN,
         "SCHEDULER_POLL_SECONDS": "0.1",
     }
     bots = [BotProcess(env, tmp_path, f"bot-{n}") for n in range(2)]
@@ -618,7 +800,13 @@ async def test_the_shipped_scenarios_pass_across_real_instances_on_real_redis(
         for transport in ("http", "websocket"):
             screen, out = console()
             code = await run_scripted(
-                [bot.url for bot in bots], files, "127.0.0.1:0", screen, transport, hours
+                [bot.url for bot in bots],
+                files,
+                "127.0.0.1:0",
+                screen,
+                transport,
+                hours,
+                agent_side(flow_name),
             )
             report = out.getvalue()
             assert code == 0, f"{transport}:\n{report}\n" + "\n".join(bot.log()[-3000:] for bot in bots)
