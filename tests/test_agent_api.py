@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from hashlib import sha1
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -47,6 +48,7 @@ MASKED_CALLER = "+********123"  # the simulator's caller, +14255550123, as the c
 AGENT_ENVIRONMENT = ("AGENT_TOKEN", "AGENT_RATE_LIMIT", "VARIABLES_KEYS", "PUSH_URL", "PUSH_SECRET")
 
 Serve = Callable[..., Awaitable[TestClient[Any, Any]]]
+ProxyT = TypeVar("ProxyT", bound=ReplyDroppingProxy)
 
 
 def warm_flow_file(
@@ -491,33 +493,49 @@ class Outage(ReplyDroppingProxy):
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
 
-@pytest.mark.real_redis
-async def test_redis_stopping_mid_call_is_a_503_and_the_claim_works_once_it_is_back(
-    key_prefix: str, tmp_path: Path, agent_env: None, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in BOT_ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
+@asynccontextmanager
+async def proxied_bot(
+    proxy_for: Callable[[int], ProxyT], key_prefix: str, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[ProxyT, TestClient[Any, Any]]]:
+    """A bot on the real Redis through the proxy ``proxy_for`` makes for the server's port,
+    with the example flow, both tokens, a sealing key and ``settings``: the proxy and the
+    bot, both started. Afterwards both are stopped and the test's keys deleted."""
     real = await real_redis_or_skip()
-    port = real.connection_pool.connection_kwargs["port"]
-    proxy = Outage(port, sha="none")
-    await proxy.start()
+    proxy = await proxy_for(real.connection_pool.connection_kwargs["port"]).start()
     bot = TestClient(
         TestServer(
             create_app(
                 load_settings(
                     REDIS_URL=proxy.url,
-                    REDIS_TIMEOUT_SECONDS=1,
                     REDIS_KEY_PREFIX=key_prefix,
                     VARIABLES_KEYS=Fernet.generate_key().decode(),
                     AGENT_TOKEN=AGENT_TOKEN,
                     OPERATOR_TOKEN=OPERATOR_TOKEN,
                     CALLFLOW_FILE=warm_flow_file(tmp_path),
+                    **settings,
                 )
             )
         )
     )
     await bot.start_server()
     try:
+        yield proxy, bot
+    finally:
+        await proxy.stop()
+        await delete_prefix(real, key_prefix)
+        await real.aclose()
+        await bot.close()
+
+
+@pytest.mark.real_redis
+async def test_redis_stopping_mid_call_is_a_503_and_the_claim_works_once_it_is_back(
+    key_prefix: str, tmp_path: Path, agent_env: None, channel: ChannelStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in BOT_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    async with proxied_bot(
+        lambda port: Outage(port, sha="none"), key_prefix, tmp_path, REDIS_TIMEOUT_SECONDS=1
+    ) as (proxy, bot):
         caller = Caller(channel.url)
         number = await transfer(bot, caller)
         await proxy.stop()  # Redis is gone
@@ -528,11 +546,6 @@ async def test_redis_stopping_mid_call_is_a_503_and_the_claim_works_once_it_is_b
         await proxy.restart()  # and back: nothing was claimed while it was away
         await claim(bot, number)
         assert len(await claimed_steps(bot, caller)) == 1
-    finally:
-        await proxy.stop()
-        await delete_prefix(real, key_prefix)
-        await real.aclose()
-        await bot.close()
 
 
 @pytest.mark.real_redis
@@ -543,27 +556,8 @@ async def test_a_claim_whose_reply_was_lost_is_still_recorded_once(
     again, and that run finds the number claimed already. The claim is still the first."""
     for name in BOT_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
-    real = await real_redis_or_skip()
-    proxy = ReplyDroppingProxy(
-        real.connection_pool.connection_kwargs["port"], sha1(POOL_SCRIPT.encode()).hexdigest()
-    )
-    await proxy.start()
-    bot = TestClient(
-        TestServer(
-            create_app(
-                load_settings(
-                    REDIS_URL=proxy.url,
-                    REDIS_KEY_PREFIX=key_prefix,
-                    VARIABLES_KEYS=Fernet.generate_key().decode(),
-                    AGENT_TOKEN=AGENT_TOKEN,
-                    OPERATOR_TOKEN=OPERATOR_TOKEN,
-                    CALLFLOW_FILE=warm_flow_file(tmp_path),
-                )
-            )
-        )
-    )
-    await bot.start_server()
-    try:
+    sha = sha1(POOL_SCRIPT.encode()).hexdigest()
+    async with proxied_bot(lambda port: ReplyDroppingProxy(port, sha), key_prefix, tmp_path) as (proxy, bot):
         caller = Caller(channel.url)
         number = await transfer(bot, caller)
         proxy.drop_evalsha_replies = 1
@@ -573,11 +567,6 @@ async def test_a_claim_whose_reply_was_lost_is_still_recorded_once(
         assert len(steps) == 1 and "claimed by ana from 127.0.0.1" in steps[0]
         assert await claim(bot, number) == context
         assert await claimed_steps(bot, caller) == steps
-    finally:
-        await proxy.stop()
-        await delete_prefix(real, key_prefix)
-        await real.aclose()
-        await bot.close()
 
 
 async def test_a_claim_whose_record_failed_is_recorded_by_the_next(

@@ -30,6 +30,7 @@ from simulator.call import is_transfer, target_of
 from simulator.channel import Caller, ChannelStandIn
 from tests.conftest import REAL_REDIS_URL, delete_prefix, real_redis_or_skip
 from tests.process import BotProcess, flow_doc, write_flow
+from tests.proxy import ReplyLosingProxy
 
 pytestmark = pytest.mark.real_redis
 
@@ -43,21 +44,18 @@ RETRY = "the agent could not take your call"
 HOLD = "All our agents are busy"
 
 
-class ReplyHoldingProxy:
-    """A loopback TCP proxy in front of Redis. Once ``armed``, the next connection that runs
-    the script ``sha`` never gets its reply (nor anything after it): the server has run the
-    script and the client waits, until the test kills it, as a machine dying just then. The
-    connection stays open, so the client does not retry on another."""
+class ReplyHoldingProxy(ReplyLosingProxy):
+    """Once ``armed``, the next connection that runs the script ``sha`` never gets its reply
+    (nor anything after it): the server has run the script and the client waits, until the
+    test kills it, as a machine dying just then. The connection stays open, so the client
+    does not retry on another. Its url is ``target``'s (user, password, database) but for
+    the proxy's address."""
 
     def __init__(self, target: str, sha: str) -> None:
-        parts = urlsplit(target)
-        self.target, self.host, self.target_port = parts, parts.hostname or "127.0.0.1", parts.port or 6379
-        self.sha = sha.encode()
+        self.target = urlsplit(target)
+        super().__init__(self.target.port or 6379, sha, host=self.target.hostname or "127.0.0.1")
         self.armed = False
         self.held = asyncio.Event()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -65,48 +63,13 @@ class ReplyHoldingProxy:
         auth = netloc[0] + "@" if netloc[0] else ""
         return urlunsplit(self.target._replace(netloc=f"{auth}127.0.0.1:{self.port}"))
 
-    async def start(self) -> ReplyHoldingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
+    def _arm(self) -> bool:
+        armed, self.armed = self.armed, False  # the next one only
+        return armed
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection(self.host, self.target_port)
-        holding = asyncio.Event()
-
-        async def upstream() -> None:
-            while data := await client_reader.read(65536):
-                if self.armed and self.sha in data:
-                    self.armed = False
-                    holding.set()
-                server_writer.write(data)
-                await server_writer.drain()
-
-        async def downstream() -> None:
-            while data := await server_reader.read(65536):
-                if holding.is_set():
-                    self.held.set()
-                    await asyncio.Event().wait()  # the reply never arrives; the connection stays
-                client_writer.write(data)
-                await client_writer.drain()
-
-        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        self._tasks.update(tasks)
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-                self._tasks.discard(task)
-            for writer in (client_writer, server_writer):
-                writer.close()
+    async def _lose_reply(self) -> None:
+        self.held.set()
+        await asyncio.Event().wait()  # the reply never arrives; the connection stays
 
 
 @dataclass(frozen=True)

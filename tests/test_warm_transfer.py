@@ -197,14 +197,22 @@ async def test_an_exhausted_pool_dials_the_queues_target_when_it_says_so(
     assert (await PoolStore(redis, Keyspace(key_prefix)).status(POOL, NUMBERS[:1])).leased == 1
 
 
-async def test_an_exhausted_pool_fails_the_transfer_with_the_queues_final_prompt(
-    redis: Redis, key_prefix: str, store: RedisCallStore
-) -> None:
-    engine = engine_for(redis, key_prefix, pooled_flow(size=1, then="fail"), store)
+async def ask_on_a_full_pool(
+    redis: Redis | RedisCluster, key_prefix: str, store: RedisCallStore, **exhausted: Any
+) -> tuple[Engine, Turn | None]:
+    """c1 holds a one-number pool's number, then c2 asks for an agent: the engine and c2's
+    turn. ``exhausted`` is the pool's ``pool_exhausted`` (``then``, ``say``, ...)."""
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1, **exhausted), store)
     await start(engine, "c1")
     await start(engine, "c2")
     await ask_for_agent(engine, "c1")
-    turn = await ask_for_agent(engine, "c2")
+    return engine, await ask_for_agent(engine, "c2")
+
+
+async def test_an_exhausted_pool_fails_the_transfer_with_the_queues_final_prompt(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    _, turn = await ask_on_a_full_pool(redis, key_prefix, store, then="fail")
     assert dialled(turn) is None and said(turn) == ["transfer_final"]
     assert turn is not None and turn.call.state == "bot" and turn.call.attempts == 0
 
@@ -212,12 +220,9 @@ async def test_an_exhausted_pool_fails_the_transfer_with_the_queues_final_prompt
 async def test_an_exhausted_pool_holds_the_caller_then_leases_when_a_number_comes_free(
     redis: Redis, key_prefix: str, store: RedisCallStore
 ) -> None:
-    flow = pooled_flow(size=1, then="hold", say=["handback"], seconds=1, max=2)
-    engine = engine_for(redis, key_prefix, flow, store)
-    await start(engine, "c1")
-    await start(engine, "c2")
-    await ask_for_agent(engine, "c1")
-    held = await ask_for_agent(engine, "c2")
+    engine, held = await ask_on_a_full_pool(
+        redis, key_prefix, store, then="hold", say=["handback"], seconds=1, max=2
+    )
     assert held is not None and dialled(held) is None and said(held) == ["handback"]
     assert held.call.holding == "agent" and held.call.holds == 1 and held.timer_seconds > 1
     # On hold, what no route takes changes nothing (the hold's timer stands).
@@ -239,12 +244,9 @@ async def test_an_exhausted_pool_holds_the_caller_then_leases_when_a_number_come
 async def test_holds_run_out_into_the_final_prompt(
     redis: Redis, key_prefix: str, store: RedisCallStore
 ) -> None:
-    flow = pooled_flow(size=1, then="hold", say=["handback"], seconds=1, max=1)
-    engine = engine_for(redis, key_prefix, flow, store)
-    await start(engine, "c1")
-    await start(engine, "c2")
-    await ask_for_agent(engine, "c1")
-    held = await ask_for_agent(engine, "c2")
+    engine, held = await ask_on_a_full_pool(
+        redis, key_prefix, store, then="hold", say=["handback"], seconds=1, max=1
+    )
     assert held is not None and held.call.holds == 1
     turn = await engine.handle("c2", TimerExpired(held.call.deadline_ms + 1), only_if_changed=True)
     assert said(turn) == ["transfer_final"] and dialled(turn) is None
@@ -256,12 +258,7 @@ async def test_holds_run_out_into_the_final_prompt(
 async def test_a_caller_who_hangs_up_on_hold_leaves_nothing_held(
     redis: Redis, key_prefix: str, store: RedisCallStore
 ) -> None:
-    flow = pooled_flow(size=1, then="hold", seconds=1)
-    engine = engine_for(redis, key_prefix, flow, store)
-    await start(engine, "c1")
-    await start(engine, "c2")
-    await ask_for_agent(engine, "c1")
-    await ask_for_agent(engine, "c2")
+    engine, _ = await ask_on_a_full_pool(redis, key_prefix, store, then="hold", seconds=1)
     turn = await engine.handle("c2", CallEnded(), activity_id="c2-ended")
     assert turn is not None and turn.call.state == "ended" and dialled(turn) is None
     assert turn.call.holding == "" and turn.call.deadline_ms == 0
