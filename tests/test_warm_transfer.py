@@ -113,7 +113,8 @@ async def test_a_transfer_dials_a_leased_number_whose_context_the_agent_side_cla
     # The context is sealed in Redis: the caller's words are not there in clear.
     raw = await redis.get(Keyspace(key_prefix).pool_context(POOL, number))
     # (whole phrases: a short one may turn up in random base64 by chance)
-    assert raw and raw.startswith("gAAAAA") and "my order is late" not in raw and CALLER not in raw
+    assert isinstance(raw, str) and raw.startswith("gAAAAA")  # a Fernet token
+    assert "my order is late" not in raw and CALLER not in raw
     assert store.sealer.open(raw) is not None
     assert claimed.until <= claimed.claimed + 5000  # a claim brings the lease to its grace
 
