@@ -19,7 +19,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from adapters.http import BOT_KEY, STORE_KEY, bearer_is, problem
+from adapters.http import BOT_KEY, STORE_KEY, bearer_is, locked_page, problem
 from adapters.pool import PoolStore
 from adapters.store import unavailable_while
 from orchestrator.call import timestamp
@@ -114,16 +114,7 @@ async def context(request: web.Request) -> web.StreamResponse:
 
 async def agent_page(request: web.Request) -> web.StreamResponse:
     """``GET /agent``: the screen-pop page; it asks for the token and reads the API with it."""
-    return web.Response(
-        body=AGENT_PAGE.read_bytes(),
-        headers={
-            "Content-Type": "text/html; charset=utf-8",
-            "Content-Security-Policy": AGENT_PAGE_CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-        },
-    )
+    return locked_page(AGENT_PAGE.read_bytes(), AGENT_PAGE_CSP)
 
 
 def add_agent_routes(app: web.Application, api: AgentApi) -> None:

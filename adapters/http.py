@@ -60,6 +60,21 @@ def problem(status: int, reason: str, **headers: str) -> web.Response:
     return web.json_response({"error": reason}, status=status, headers=headers or None)
 
 
+def locked_page(body: bytes, policy: str) -> web.Response:
+    """A static page of the bot's (the dashboard, the agent's): under its Content Security
+    Policy, never sniffed, cached or followed by a referrer."""
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": "text/html; charset=utf-8",
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
 def bearer_is(request: web.Request, expected: bytes) -> bool:
     """Whether the request carries ``Authorization: Bearer <expected>``, compared in
     constant time."""

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from adapters import inspection
-from adapters.http import METRICS_KEY, STORE_KEY, bearer_is, problem
+from adapters.http import METRICS_KEY, STORE_KEY, bearer_is, locked_page, problem
 from adapters.inspector import CallInspector
 from adapters.keys import CallField
 from adapters.pool import PoolStatus, PoolStore
@@ -254,16 +254,7 @@ async def prometheus(request: web.Request) -> web.StreamResponse:
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
     """``GET /dashboard``: the page; it asks for the token and reads the API with it."""
-    return web.Response(
-        body=DASHBOARD.read_bytes(),
-        headers={
-            "Content-Type": "text/html; charset=utf-8",
-            "Content-Security-Policy": DASHBOARD_CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-        },
-    )
+    return locked_page(DASHBOARD.read_bytes(), DASHBOARD_CSP)
 
 
 def add_operator_routes(app: web.Application, token: str, flow: CallFlow) -> None:
