@@ -334,6 +334,8 @@ class TurnRunner:
         self._now = now
         self._caller = caller
         self._leased, self._dial = None, ""
+        if call.holding and not isinstance(self.flow.nodes.get(call.holding), TransferTo):
+            call.holding, call.holds = "", 0  # the flow changed under a held call: no hold left
         if reference and reference != call.reference:
             call.reference = reference
             turn.reference_changed = True
@@ -585,7 +587,7 @@ class TurnRunner:
             return
         node = self.flow.nodes.get(call.node)
         self._disarm()
-        if call.holding and isinstance(self.flow.nodes.get(call.holding), TransferTo):
+        if call.holding:
             self._go(call.holding, HOLD_OVER)
         elif isinstance(node, HangUp):
             self._end(node.reason)

@@ -456,3 +456,27 @@ async def test_a_retry_at_once_after_a_failure_gets_a_number_from_a_pool_of_one(
     await engine.settled()
     status = await PoolStore(redis, Keyspace(key_prefix)).status(POOL, NUMBERS[:1])
     assert status == PoolStatus(free=1, leased=0, claimed=0, lapsed=0)
+
+
+async def test_a_hold_whose_transfer_left_the_flow_is_let_go(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """A flow deployed without the node a caller holds for: the caller is no longer on hold
+    (input is taken as at any menu again), rather than stuck ignoring everything."""
+    _, held = await ask_on_a_full_pool(redis, key_prefix, store, then="hold", seconds=1)
+    assert held is not None and held.call.holding == "agent"
+    flow = pooled_flow(size=1, then="hold", seconds=1)
+    nodes = {**flow.nodes, "agent2": flow.nodes["agent"]}
+    del nodes["agent"]
+    routes = [r.model_copy(update={"to": "agent2"}) if r.to == "agent" else r for r in flow.routes]
+    changed = CallFlow.model_validate(
+        {
+            **flow.model_dump(),
+            "nodes": {k: v.model_dump() for k, v in nodes.items()},
+            "routes": [r.model_dump() for r in routes],
+        }
+    )
+    other = engine_for(redis, key_prefix, changed, store)
+    turn = await other.handle("c2", CallerInput("hello"), activity_id="c2-hello", caller=CALLER)
+    assert turn is not None and turn.call.holding == "" and turn.call.holds == 0
+    assert turn.effects  # answered as at the menu (the sample flow echoes), not ignored
