@@ -24,7 +24,7 @@ from adapters.pool import PoolStore
 from adapters.store import unavailable_while
 from orchestrator.call import timestamp
 from orchestrator.callflow import CallFlow
-from orchestrator.errors import StoreUnavailable
+from orchestrator.errors import CommitConflict, StoreUnavailable
 from orchestrator.events import ContextClaimed
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ async def context(request: web.Request) -> web.StreamResponse:
             activity_id=f"claim:{number}:{lease.key}",
             only_if_changed=True,
         )
-    except StoreUnavailable as e:
+    except (StoreUnavailable, CommitConflict) as e:
         return problem(503, f"call state is temporarily unavailable: {e}", **{"Retry-After": "1"})
     document = {**json.loads(lease.context), "number": number, "claimed": timestamp(lease.claimed)}
     return web.json_response(document, headers={"Cache-Control": "no-store"})

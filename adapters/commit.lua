@@ -101,7 +101,7 @@ end
 redis.call('HDEL', call, unpack(empty))
 redis.call('HSET', call, unpack(fields))
 local moved = args.fields.reference or record[5]
-if moved then
+if moved and moved ~= '' then
   redis.call('SET', reference, moved)
 end
 

@@ -75,6 +75,7 @@ class CallField:
     SILENCES = "silences"  # at this node: no-input timeouts
     VARIABLES = "variables"  # sealed JSON: what the flow collected, a gather's entry so far (own key)
     SHOWN = "shown"  # JSON: the collected variables, masked, for views
+    TRANSFERS = "transfers"  # transfers started, to any queue (absent: none)
     HOLDING = "holding"  # "<holds> <transfer node>" while a warm transfer waits for a pool number, else ""
 
 

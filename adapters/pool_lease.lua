@@ -83,7 +83,15 @@ if op == 'lease' then
     local lease, raw = read(held)
     local ours = lease and lease.call == call and lease.lease == key
     if ours and lease['until'] > now then
-      -- The same call and key again (a redelivered or rerun turn): the number it holds.
+      -- The same call and key again (a rerun turn): the number it holds, for ms from now
+      -- (its commit, and so its watchdog, comes later than the first run's) unless the
+      -- transfer connected or was claimed: their grace stands.
+      if not given_back(lease) and now + ms > lease['until'] then
+        lease['until'] = now + ms
+        raw = cjson.encode(lease)
+        redis.call('HSET', leases, held, raw)
+        redis.call('ZADD', free_at, lease['until'], held)
+      end
       if context ~= '' and contexts[held] then
         redis.call('SET', contexts[held], context, 'PX', lease['until'] - now)
       end

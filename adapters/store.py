@@ -408,6 +408,7 @@ class RedisCallStore:
             CallField.VARIABLES: self._sealed_variables(call),
             CallField.SHOWN: _compact(call.shown) if call.shown else "",
             CallField.HOLDING: f"{call.holds} {call.holding}" if call.holding else "",
+            CallField.TRANSFERS: _count(call.transfers),
         }
         if turn.reference_changed:
             fields[CallField.REFERENCE] = call.reference
@@ -477,6 +478,7 @@ class RedisCallStore:
             tries=int(record.get(CallField.TRIES, 0)),
             silences=int(record.get(CallField.SILENCES, 0)),
             created_ms=int(record.get(CallField.CREATED, 0)),
+            transfers=int(record.get(CallField.TRANSFERS, 0)),
         )
         if holding := record.get(CallField.HOLDING):
             holds, _, call.holding = holding.partition(" ")
@@ -546,6 +548,7 @@ RECORD_DEFAULTS: dict[str, str] = {
     CallField.VARIABLES: "",
     CallField.SHOWN: "",
     CallField.HOLDING: "",
+    CallField.TRANSFERS: "0",
 }
 _CUT = "\u2026"  # an ellipsis ends a failure reason cut short
 
@@ -567,12 +570,15 @@ def cut(text: str, limit: int = RECORD_VALUE_MAX) -> str:
 
 def with_moved(record: dict[str, str], reference: str | None, variables: str | None) -> dict[str, str]:
     """The record with its reference and sealed variables from their own keys. A record
-    written by an earlier version (a rolling deploy) holds them as fields: those win, as
-    written after anything in the keys (every commit of this version deletes the fields)."""
-    if reference is not None:
-        record.setdefault(CallField.REFERENCE, reference)
-    if variables is not None:
-        record.setdefault(CallField.VARIABLES, variables)
+    written by an earlier version (a rolling deploy) holds them as fields: those win when
+    not empty, as written after anything in the keys (every commit of this version deletes
+    the fields)."""
+    # An earlier version writes "variables" as "" when it knows of none (it never reads the
+    # key): that hides nothing the key holds.
+    if reference and not record.get(CallField.REFERENCE):
+        record[CallField.REFERENCE] = reference
+    if variables and not record.get(CallField.VARIABLES):
+        record[CallField.VARIABLES] = variables
     return record
 
 

@@ -72,6 +72,7 @@ class Call:
     # how many holds so far ("", 0: not holding).
     holding: str = ""
     holds: int = 0
+    transfers: int = 0  # transfers started, to any queue: the n-th is leased as "t<n>"
     created_ms: int = 0  # Redis server time the call was first committed (0: not yet)
 
     @property

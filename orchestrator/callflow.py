@@ -565,13 +565,21 @@ class CallFlow(_Strict):
                 )
 
     def _check_pools(self) -> None:
-        """A number is in one pool only: the agent side finds a call by the number alone."""
+        """A number is in one pool only, and no queue dials it cold: the agent side finds a
+        call by the number alone, and a cold transfer to it would show another call's."""
         owner: dict[str, str] = {}
         for name, pool in self.pools.items():
             for i, number in enumerate(pool.numbers):
                 if number in owner:
                     raise ValueError(f"pools.{name}.numbers.{i}: {number} is also in pool {owner[number]!r}")
                 owner[number] = name
+        for name, queue in self.queues.items():
+            for i, number in enumerate(queue.targets):
+                if number in owner:
+                    raise ValueError(
+                        f"queues.{name}.targets.{i}: {number} is a number of pool {owner[number]!r}: "
+                        "a pool's numbers are only ever leased"
+                    )
 
     def _check_loops(self) -> None:
         """A cycle of nodes that never wait for the caller would spin for ever (a transfer

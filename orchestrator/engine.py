@@ -236,21 +236,23 @@ class Engine:
             # Outside the commit: leasing a warm transfer's number (idempotent by the call's
             # attempt, so a rerun gets the same number), and the user's code, bounded.
             while turn.action or turn.lease:
+                if guessed:
+                    # The user's code runs once per activity, and a number is leased for the
+                    # transfer the call is really at: a cached copy can tell neither a
+                    # redelivery nor a stale attempt, so read the call (and whether the
+                    # activity was applied) first.
+                    break
                 if turn.lease is not None:
                     number = await self._lease(conversation_id, turn, leased)
                     turn = self.runner.after_lease(turn, number)
                     continue
-                if guessed:
-                    # The user's code runs once per activity: a cached copy cannot tell a
-                    # redelivery, so read the call (and whether the activity was applied) first.
-                    break
                 node = self.runner.flow.nodes[turn.action]
                 assert isinstance(node, Action)
                 given = (turn.action, frozenset(turn.call.variables.items()), turn.caller_input)
                 if given not in ran:
                     ran[given] = await run_action(self.actions[node.action], node, turn)
                 turn = self.runner.after_action(turn, ran[given])
-            if turn.action:
+            if turn.action or turn.lease:
                 call, guessed = None, False
                 continue
             if only_if_changed and (turn.is_empty or call.is_new):
@@ -330,7 +332,7 @@ class Engine:
             got = leasing.got
             if got is None:
                 self.exhausted[pool] += 1
-            elif got.number == call.target and key == lease_key(call.queue, call.attempts):
+            elif got.number == call.target and key == lease_key(call.transfers):
                 self.leases[pool] += 1
                 self.lapses[pool] += got.fresh
                 if self.notify is not None:
@@ -344,7 +346,7 @@ class Engine:
         releases: list[PoolRelease] = list(turn.releases)
         for (pool, key), leasing in leased.items():
             got = leasing.got
-            kept = call.state != State.ENDED and key == lease_key(call.queue, call.attempts)
+            kept = call.state != State.ENDED and key == lease_key(call.transfers)
             if got is not None and not (kept and got.number == call.target):
                 releases.append(PoolRelease(pool, got.number, key))
         if not releases or self.pools is None:

@@ -222,10 +222,11 @@ class PoolRelease:
     grace_seconds: float = 0.0
 
 
-def lease_key(queue: str, attempt: int) -> str:
-    """A warm transfer's lease key: the call's attempt at the queue (a redelivered or rerun
-    turn leases with the same key, and gets the same number back)."""
-    return f"{queue}:{attempt}"
+def lease_key(transfer: int) -> str:
+    """A warm transfer's lease key: which of the call's transfers it is (a rerun turn leases
+    with the same key, and gets the same number back; no two transfers share one, so
+    neither do their pushes' event ids or their claims)."""
+    return f"t{transfer}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -683,7 +684,7 @@ class TurnRunner:
             and call.state in (State.BOT, State.FAILED)
             and call.attempts < queue.max_attempts
         ):
-            key = lease_key(name, call.attempts + 1)
+            key = lease_key(call.transfers + 1)
             if self._leased is None or self._leased[0] != key:
                 self._turn.lease = self._lease_request(node, queue, queue.pool, key, why)
                 return  # the engine leases a number, then after_lease comes back here
@@ -707,7 +708,7 @@ class TurnRunner:
             now=self._now,
         )
         seconds = queue.timeout_seconds + self.flow.pools[pool].grace_seconds
-        previous = lease_key(call.queue, call.attempts) if call.attempts else ""
+        previous = lease_key(call.transfers) if call.transfers else ""
         return LeaseRequest(pool, key, seconds, context, node, why, previous)
 
     def _pool_exhausted(self, node: str, queue: Queue, pool: str) -> bool:
@@ -820,6 +821,7 @@ class TurnRunner:
     def start_transfer(self, event: EventData) -> None:
         call, queue = self._turn.call, self._current_queue()
         call.attempts += 1
+        call.transfers += 1
         call.target, self._dial = self._dial or queue.target_for(call.attempts), ""
         call.failure = ""
         self._arm(queue.timeout_seconds)
@@ -890,7 +892,7 @@ class TurnRunner:
         name = self.flow.pool_of_number.get(call.target)
         if name is None or dest == State.TRANSFERRING:
             return
-        key = lease_key(call.queue, call.attempts)
+        key = lease_key(call.transfers)
         if dest == State.ACCEPTED:
             grace = self.flow.pools[name].grace_seconds
             self._turn.releases.append(PoolRelease(name, call.target, key, grace))

@@ -951,6 +951,11 @@ def test_a_queue_leases_from_its_pool() -> None:
         (lambda d: d["pools"]["front"].update(numbers=["425-555-0150"]), "pools.front.numbers.0", "E.164"),
         (lambda d: d["pools"]["front"].update(numbers=[]), "pools.front.numbers", "at least 1"),
         (
+            lambda d: d["queues"]["agents"].update(targets=["+14255550151"]),
+            "queues.agents.targets.0",
+            "a number of pool 'front'",
+        ),
+        (
             lambda d: d["pools"]["front"].update(grace_seconds=0),
             "pools.front.grace_seconds",
             "greater than 0",
@@ -967,7 +972,18 @@ def test_a_queue_leases_from_its_pool() -> None:
             "no prompt named 'nothing'",
         ),
     ],
-    ids=["unknown", "two-pools", "twice", "not-e164", "empty", "no-grace", "name", "then", "prompt"],
+    ids=[
+        "unknown",
+        "two-pools",
+        "twice",
+        "not-e164",
+        "empty",
+        "target",
+        "no-grace",
+        "name",
+        "then",
+        "prompt",
+    ],
 )
 def test_a_bad_pool_stops_start_up_naming_it(change: Any, where: str, problem: str) -> None:
     doc = pooled_doc()

@@ -502,6 +502,7 @@ async def test_record_shows_every_field_the_record_leaves_out_at_its_default(sto
         "variables": "",
         "shown": "",
         "holding": "",
+        "transfers": "0",
     }
     assert await store.record("nobody") == {}
 
@@ -629,3 +630,21 @@ async def test_a_conflict_on_a_call_an_earlier_version_wrote_hands_back_its_refe
     receipt = await store.commit(turn_for(Call(id="c1")), "a1")  # computed from version 0
     assert receipt.outcome is Commit.CONFLICT and receipt.current is not None
     assert (receipt.current.reference, receipt.current.variables) == (REFERENCE, {"account": "42"})
+
+
+async def test_an_earlier_versions_empty_variables_hide_nothing_the_key_holds(
+    store: RedisCallStore, redis_client: Redis
+) -> None:
+    """An instance of the earlier version never reads the variables key and writes the
+    field as "" on its commit: the values in the key are still the call's, and the next
+    commit keeps them."""
+    keys = store.keys.call("c1")
+    await legacy_call(store, redis_client, variables="", reference="")
+    sealed = store.sealer.seal('{"variables":{"account":"42"},"entry":"","confirming":false}')
+    await redis_client.set(keys.variables, sealed)
+    await redis_client.set(keys.reference, REFERENCE)
+    loaded = (await store.load("c1")).call
+    assert loaded is not None and (loaded.variables, loaded.reference) == ({"account": "42"}, REFERENCE)
+    await store.commit(turn_for(loaded), "a1")
+    moved = (await store.load("c1")).call
+    assert moved is not None and (moved.variables, moved.reference) == ({"account": "42"}, REFERENCE)

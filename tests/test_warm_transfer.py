@@ -138,7 +138,7 @@ async def test_a_failed_transfer_gives_its_number_back_and_the_retry_leases_agai
     turn = await ask_for_agent(engine, "c1")
     assert dialled(turn) == NUMBERS[0] and turn is not None and turn.call.attempts == 2
     lease = await pools.claim(POOL, NUMBERS[0])
-    assert lease is not None and lease.key == "agents:2" and json.loads(lease.context)["attempt"] == 2
+    assert lease is not None and lease.key == "t2" and json.loads(lease.context)["attempt"] == 2
 
 
 @pytest.mark.parametrize("connected", ["accepted", "telephony"])
@@ -377,24 +377,63 @@ async def test_many_transfers_on_three_instances_never_share_a_number(
     )
 
 
+class GatedPools(PoolStore):
+    """A pool store whose leases wait, once leased, until the test lets them return."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leased, self.go_on = asyncio.Event(), asyncio.Event()
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        got = await super().lease(*args, **kwargs)
+        self.leased.set()
+        await self.go_on.wait()
+        return got
+
+
 async def test_a_number_leased_by_a_turn_that_lost_its_race_is_given_back(
     redis: Redis, key_prefix: str, store: RedisCallStore
 ) -> None:
-    """An instance with a stale copy of the call leases for a transfer; its commit finds the
-    call ended meanwhile by another instance, the rerun transfers nothing, and the number
-    goes back rather than waiting out its lease."""
+    """A turn leases for a transfer; before it commits, another instance ends the call. Its
+    commit conflicts, the rerun transfers nothing, and the number goes back rather than
+    waiting out its lease."""
     flow = pooled_flow(size=1)
-    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
-    stale = Engine(store, flow, pools=pools, cache_size=100)
-    other = Engine(store, flow, pools=pools, cache_size=100)
-    await start(stale, "c1")  # the stale instance keeps its copy of the call
+    pools = GatedPools(redis, Keyspace(key_prefix), store.sealer)
+    racing = Engine(store, flow, pools=pools, cache_size=0)
+    other = engine_for(redis, key_prefix, flow, store)
+    await start(other, "c1")
+    asking = asyncio.create_task(ask_for_agent(racing, "c1"))
+    await pools.leased.wait()  # leased, not yet committed
     await other.handle("c1", CallEnded(), activity_id="c1-ended")
-    turn = await ask_for_agent(stale, "c1")
-    assert stale.cache.stale == 1, "the test must actually start from a stale copy"
+    pools.go_on.set()
+    turn = await asking
+    assert racing.conflicts == 1, "the test must actually make the turns race"
     assert turn is not None and turn.call.state == "ended" and dialled(turn) is None
-    await stale.settled()
+    await racing.settled()
     assert await pools.status(POOL, NUMBERS[:1]) == PoolStatus(free=1, leased=0, claimed=0, lapsed=0)
-    assert stale.leases[POOL] == 0
+    assert racing.leases[POOL] == 0
+
+
+async def test_a_turn_from_a_stale_cached_copy_reads_the_call_before_it_leases(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """A cached copy can tell neither a redelivery nor the call's real transfer: the turn
+    reads the call first. A redelivery of the retry to an instance whose copy is two
+    attempts old leases nothing (it held a second number, for good, before)."""
+    flow = pooled_flow()
+    pools = PoolStore(redis, Keyspace(key_prefix), store.sealer)
+    behind = Engine(store, flow, pools=pools, cache_size=100)
+    ahead = Engine(store, flow, pools=pools, cache_size=100)
+    await start(behind, "c1")  # behind keeps this copy: no transfer yet
+    await ask_for_agent(ahead, "c1", "first")
+    await ahead.handle("c1", HandoffStatus("failed"), activity_id="c1-failed")
+    retry = await ask_for_agent(ahead, "c1", "retry")
+    assert dialled(retry) in NUMBERS and retry is not None and retry.call.attempts == 2
+    assert await ask_for_agent(behind, "c1", "retry") is None  # the channel redelivers it
+    assert behind.duplicates == 1
+    await ahead.settled()
+    await behind.settled()
+    assert await pools.status(POOL, NUMBERS) == PoolStatus(free=2, leased=1, claimed=0, lapsed=0)
 
 
 async def test_a_started_warm_transfer_is_pushed_signed_with_its_number(
@@ -436,7 +475,7 @@ async def test_a_started_warm_transfer_is_pushed_signed_with_its_number(
         await runner.cleanup()
     assert len(received) == 1 and turn is not None
     push = received[0]
-    assert push["id"] == "c1:agents:1" and push["number"] == dialled(turn)
+    assert push["id"] == "c1:t1" and push["number"] == dialled(turn)
     assert (push["queue"], push["attempt"], push["caller"]) == ("agents", 1, "+********199")
     assert pusher.counts()["sent"] == 1
 
@@ -480,3 +519,27 @@ async def test_a_hold_whose_transfer_left_the_flow_is_let_go(
     turn = await other.handle("c2", CallerInput("hello"), activity_id="c2-hello", caller=CALLER)
     assert turn is not None and turn.call.holding == "" and turn.call.holds == 0
     assert turn.effects  # answered as at the menu (the sample flow echoes), not ignored
+
+
+async def test_each_transfer_has_its_own_lease_key_across_queues(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """Attempts count per queue, and start again at another queue: a lease key counts the
+    call's transfers instead, so two transfers never share a push's event id or a claim."""
+    doc = pooled_flow().model_dump()
+    doc["queues"]["sales"] = {**doc["queues"]["agents"], "pool": POOL}
+    doc["nodes"]["sales"] = {"type": "transfer", "queue": "sales"}
+    doc["routes"].append({"key": "2", "phrases": ["sales"], "to": "sales"})
+    flow = CallFlow.model_validate(doc)
+    pushed: list[str] = []
+    engine = Engine(
+        store,
+        flow,
+        pools=PoolStore(redis, Keyspace(key_prefix), store.sealer),
+        notify=lambda event, document: pushed.append(f"{event} {document['queue']} {document['attempt']}"),
+    )
+    await start(engine, "c1")
+    for said in ("agent", "sales", "agent"):
+        await engine.handle("c1", CallerInput(said), activity_id=f"c1-{said}-{len(pushed)}", caller=CALLER)
+        await engine.handle("c1", HandoffStatus("failed"), activity_id=f"c1-failed-{len(pushed)}")
+    assert pushed == ["c1:t1 agents 1", "c1:t2 sales 1", "c1:t3 agents 1"]
