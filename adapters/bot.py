@@ -27,7 +27,7 @@ from adapters.activity_json import activity_from_json, model_from_json, to_json
 from adapters.handoff import HandoffEventNames, create_handoff_initiation
 from adapters.sealing import Sealer
 from adapters.store import RedisCallStore
-from orchestrator.call import CALLER, Call
+from orchestrator.call import CALLER, Call, reference_user
 from orchestrator.engine import Engine, Replies
 from orchestrator.errors import StoreUnavailable
 from orchestrator.events import CallEnded, CallerInput, CallStarted, Event, status_from_value
@@ -217,7 +217,7 @@ def outbox_payload(replies: list[Activity], reference: str, version: int = 0) ->
     the call's version they answer, makes them go stale once the call moves on (replies
     that must arrive, kept by their commit, have none: they are said whatever follows)."""
     data = [to_json(reply) for reply in replies]
-    caller = _reference_user(reference).get("id")
+    caller = reference_user(reference).get("id")
     if caller:
         _replace_account(data, caller, CALLER_ACCOUNT, CALLER_ACCOUNT)
     return json.dumps({"replies": data, "version": version} if version else {"replies": data})
@@ -248,17 +248,9 @@ def with_caller(reply: Activity, reference: str) -> Activity:
     if not (reply.attachments or reply.relates_to or any(a and a.id == CALLER_ACCOUNT for a in accounts)):
         return reply
     data = to_json(reply)
-    user = _reference_user(reference)
+    user = reference_user(reference)
     _replace_account(data, CALLER_ACCOUNT, str(user.get("id") or ""), user.get("name") or None)
     return activity_from_json(data)
-
-
-def _reference_user(reference: str) -> dict[str, Any]:
-    try:
-        user = json.loads(reference).get("user") if reference else None
-    except (ValueError, AttributeError):
-        return {}
-    return user if isinstance(user, dict) else {}
 
 
 def _replace_account(value: Any, old_id: str, new_id: str, new_name: Any) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from states import State
 
@@ -31,6 +33,16 @@ def timestamp(epoch_ms: int | None = None) -> str:
 
 CALLER = "caller"
 BOT = "bot"
+
+
+def reference_user(reference: str) -> dict[str, Any]:
+    """The caller's account (``user``: on the Telephony channel, ``id`` is their number) in
+    a call's stored JSON conversation reference; {} when there is none."""
+    try:
+        user = json.loads(reference).get("user") if reference else None
+    except (ValueError, AttributeError):
+        return {}
+    return user if isinstance(user, dict) else {}
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,23 +7,12 @@ docs/warm-transfer.md; ``CONTEXT_VERSION`` changes when a field changes meaning 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from orchestrator.call import Call, timestamp
+from orchestrator.call import Call, reference_user, timestamp
 from orchestrator.callflow import Privacy
 
 CONTEXT_VERSION = 1
-
-
-def caller_number(call: Call) -> str:
-    """The caller's id (on the Telephony channel, their number) from the call's stored
-    conversation reference; "" when there is none."""
-    try:
-        user = json.loads(call.reference).get("user") if call.reference else None
-    except ValueError:
-        return ""
-    return str(user.get("id") or "") if isinstance(user, dict) else ""
 
 
 def context_document(
@@ -45,7 +34,7 @@ def context_document(
         "queue": queue,
         "reason": reason,
         "attempt": attempt,
-        "caller": privacy.caller_for_agent(caller_number(call)),
+        "caller": privacy.caller_for_agent(str(reference_user(call.reference).get("id") or "")),
         "started": timestamp(call.created_ms) if call.created_ms else now,
         "transferred": now,
         "variables": dict(call.variables),

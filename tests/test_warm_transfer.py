@@ -18,7 +18,8 @@ from redis.asyncio.cluster import RedisCluster
 from adapters.keys import Keyspace
 from adapters.pool import PoolStatus, PoolStore
 from adapters.store import RedisCallStore
-from orchestrator.callflow import CallFlow, Pool, PoolExhausted, load_callflow
+from orchestrator.call import Call
+from orchestrator.callflow import CallFlow, Pool, PoolExhausted, Privacy, load_callflow
 from orchestrator.engine import Engine
 from orchestrator.events import (
     CallEnded,
@@ -29,7 +30,7 @@ from orchestrator.events import (
     TimerExpired,
 )
 from orchestrator.turn import Handoff, Speak, Turn
-from orchestrator.warm import CONTEXT_VERSION
+from orchestrator.warm import CONTEXT_VERSION, context_document
 from tests.conftest import SAMPLE_FLOW, with_agents
 
 POOL = "agents-pool"
@@ -543,3 +544,21 @@ async def test_each_transfer_has_its_own_lease_key_across_queues(
         await engine.handle("c1", CallerInput(said), activity_id=f"c1-{said}-{len(pushed)}", caller=CALLER)
         await engine.handle("c1", HandoffStatus("failed"), activity_id=f"c1-failed-{len(pushed)}")
     assert pushed == ["c1:t1 agents 1", "c1:t2 sales 1", "c1:t3 agents 1"]
+
+
+@pytest.mark.parametrize("reference", ["", "[]", "not json", '{"user": "x"}', '{"user": {}}'])
+def test_a_context_without_a_readable_caller_says_none(reference: str) -> None:
+    """The caller's number comes from the stored conversation reference, read as the bot's
+    replies read it: any reference that names no caller gives "" (a reference edited by
+    hand into a JSON list broke the turn before)."""
+    call = Call(id="c1", reference=reference)
+    context = context_document(
+        call,
+        pool=POOL,
+        queue="agents",
+        reason="r",
+        attempt=1,
+        privacy=Privacy(),
+        now="2026-12-05T00:00:00.000Z",
+    )
+    assert context["caller"] == ""
