@@ -292,7 +292,7 @@ def create_app(config: Settings | None = None) -> web.Application:
 
         APP.cleanup_ctx.append(push_lifetime)
     if CONFIG.OPERATOR_TOKEN is not None:
-        add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value(), FLOW)
+        add_operator_routes(APP, CONFIG.OPERATOR_TOKEN.get_secret_value(), FLOW, POOLS)
     else:
         log.info("OPERATOR_TOKEN is not set: the operator API, /metrics and /dashboard are off")
     return APP

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import signal
@@ -26,7 +27,7 @@ from rich.table import Table
 from adapters import inspection
 from adapters.inspector import CallInspector
 from adapters.keys import CallField
-from adapters.pool import Lease
+from adapters.pool import Lease, PoolStatus
 from adapters.store import unavailable_while
 from orchestrator import flow_diagram
 from orchestrator.callflow import CallFlow, load_callflow
@@ -268,7 +269,7 @@ def _transfer_table(column: str, rows: list[dict[str, Any]], totals: dict[str, A
 
 
 # A pool number's states, as pool_lease.lua's status counts them.
-POOL_STATES = ("free", "leased", "claimed", "lapsed")
+POOL_STATES = tuple(state.name for state in dataclasses.fields(PoolStatus))
 
 
 @cli.group("pool")
@@ -354,20 +355,11 @@ def _pool_figures(
     """Pool ``name``'s numbers per state at ``now`` (ms) as ``GET /api/pools`` gives them,
     and with ``each`` every number's line: the lease stored for it (times ISO 8601), or
     nulls when none is (a free number's ended lease stays until the number is leased again)."""
-    pool = flow.pools[name]
     counts = dict.fromkeys(POOL_STATES, 0)
     lines: list[dict[str, Any]] = []
-    for number, raw in zip(pool.numbers, leases, strict=True):
+    for number, raw in zip(flow.pools[name].numbers, leases, strict=True):
         lease = Lease.parse(number, raw) if raw else None
-        # As pool_lease.lua's status judges it: a lease that ended is a lapse only if nobody
-        # gave the number back (its transfer never connected, the agent side never claimed it).
-        if lease is None:
-            state = "free"
-        elif lease.until <= now:
-            given_back = lease.claimed > 0 or json.loads(str(raw)).get("settled") is not None
-            state = "free" if given_back else "lapsed"
-        else:
-            state = "claimed" if lease.claimed else "leased"
+        state = lease.state(now) if lease is not None else "free"
         counts[state] += 1
         lines.append(
             {
@@ -379,12 +371,7 @@ def _pool_figures(
                 "claimed": inspection.when(lease.claimed) if lease and lease.claimed else None,
             }
         )
-    figures: dict[str, Any] = {
-        "numbers": len(pool.numbers),
-        **counts,
-        "grace_seconds": pool.grace_seconds,
-        "queues": sorted(queue for queue, q in flow.queues.items() if q.pool == name),
-    }
+    figures = inspection.pool_figures(flow, name, PoolStatus(**counts))
     if each:
         figures["by_number"] = lines
     return figures

@@ -8,13 +8,16 @@ rule again (``redact``), so nothing shown escapes it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections import Counter
 from typing import Any
 
 from adapters.inspector import MAX_WINDOW_SECONDS, CallInspector, FeedEntry
+from adapters.pool import PoolStatus
 from orchestrator.call import timestamp
+from orchestrator.callflow import CallFlow
 from orchestrator.redact import Redactor, masked
 from orchestrator.turn import Outcome
 from states import LIVE_STATES, State
@@ -199,6 +202,18 @@ async def stats(inspector: CallInspector, window: str) -> dict[str, Any]:
         "transfers": _figures(totals),
         "queues": _rows("queue", counts.by_queue),
         "targets": _rows("target", counts.by_target),
+    }
+
+
+def pool_figures(flow: CallFlow, name: str, status: PoolStatus) -> dict[str, Any]:
+    """Pool ``name`` as operators see it (``pool status``, ``GET /api/pools``): its numbers
+    per state, its grace, and the queues that lease from it."""
+    pool = flow.pools[name]
+    return {
+        "numbers": len(pool.numbers),
+        **dataclasses.asdict(status),
+        "grace_seconds": pool.grace_seconds,
+        "queues": sorted(queue for queue, q in flow.queues.items() if q.pool == name),
     }
 
 

@@ -147,17 +147,7 @@ async def pools(request: web.Request) -> web.StreamResponse:
     flow = request.app[FLOW_KEY]
     statuses = await _pool_statuses(request.app)
     return web.json_response(
-        {
-            "pools": {
-                name: {
-                    "numbers": len(pool.numbers),
-                    **dataclasses.asdict(statuses[name]),
-                    "grace_seconds": pool.grace_seconds,
-                    "queues": sorted(queue for queue, q in flow.queues.items() if q.pool == name),
-                }
-                for name, pool in flow.pools.items()
-            }
-        }
+        {"pools": {name: inspection.pool_figures(flow, name, status) for name, status in statuses.items()}}
     )
 
 
@@ -257,15 +247,18 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     return locked_page(DASHBOARD.read_bytes(), DASHBOARD_CSP)
 
 
-def add_operator_routes(app: web.Application, token: str, flow: CallFlow) -> None:
+def add_operator_routes(
+    app: web.Application, token: str, flow: CallFlow, pool_store: PoolStore | None = None
+) -> None:
     """Serve the operator API on ``app``, opened by ``token``; ``flow`` is the call flow
-    the bot runs."""
+    the bot runs, and ``pool_store`` where its number pools are (required when it has some)."""
     app[TOKEN_KEY] = token.encode()
     app[INSPECTOR_KEY] = CallInspector(app[STORE_KEY])
     app[FLOW_KEY] = flow
     if flow.pools:
-        store = app[STORE_KEY]
-        app[POOLS_KEY] = PoolStore(store.redis, store.keys, store.sealer)
+        if pool_store is None:
+            raise ValueError("the call flow has number pools: give the operator API their store")
+        app[POOLS_KEY] = pool_store
     drawing: Callable[[str, str | None], bytes] = functools.lru_cache(maxsize=64)(
         functools.partial(flow_diagram_render, flow)
     )

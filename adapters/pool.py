@@ -44,6 +44,7 @@ class Lease:
     since: int
     until: int  # it lapses then
     claimed: int  # when the agent side first claimed it; 0 = not yet
+    settled: int = 0  # when its transfer connected; 0 = not (yet)
     # Not stored in the lease: its context as opened (a claim's, "" when none or it cannot be
     # opened), and whether this operation reclaimed a lapsed lease or made the first claim.
     context: str = field(default="", compare=False)
@@ -59,7 +60,20 @@ class Lease:
             since=int(data["since"]),
             until=int(data["until"]),
             claimed=int(data["claimed"]),
+            settled=int(data.get("settled") or 0),
         )
+
+    @property
+    def given_back(self) -> bool:
+        """Whether it ends as it should (its transfer connected, or the agent side claimed
+        it): once ended, it is no lapse (pool_lease.lua's ``given_back``)."""
+        return bool(self.claimed or self.settled)
+
+    def state(self, now: int) -> str:
+        """How its number stands at ``now`` (ms), as pool_lease.lua's ``status`` counts it."""
+        if self.until <= now:
+            return "free" if self.given_back else "lapsed"
+        return "claimed" if self.claimed else "leased"
 
 
 @dataclass(slots=True, frozen=True)
