@@ -445,7 +445,7 @@ class TurnRunner:
             route = self.flow.route_for(call.node, text, keypad=keypad)
             if route is not None and route.to is not None:
                 self._disarm()
-                self._go(route.to, f"pressed {text.strip()}" if keypad else f'said "{said[:80]}"')
+                self._take_route(route.to, text, keypad, said)
             return
         self._disarm()  # any input ends the wait; whatever waits next arms it again
         if isinstance(node, Gather):
@@ -453,7 +453,6 @@ class TurnRunner:
             return
         assert isinstance(node, Menu)
         route = self.flow.route_for(call.node, text, keypad=keypad)
-        how = f"pressed {text.strip()}" if keypad else f'said "{said[:80]}"'
         if route is None:
             self._resume_bot()
             self._no_match(node, said)
@@ -462,9 +461,14 @@ class TurnRunner:
             self._repeat(node)
         else:
             assert route.to is not None
-            if not isinstance(self.flow.nodes[route.to], TransferTo):
-                self._resume_bot()
-            self._go(route.to, how)
+            self._take_route(route.to, text, keypad, said)
+
+    def _take_route(self, to: str, text: str, keypad: bool, said: str) -> None:
+        """The caller's input takes a route to node ``to``: the bot carries on with the
+        caller (after a failed transfer) unless the route transfers again."""
+        if not isinstance(self.flow.nodes[to], TransferTo):
+            self._resume_bot()
+        self._go(to, f"pressed {text.strip()}" if keypad else f'said "{said[:80]}"')
 
     def _resume_bot(self) -> None:
         """The caller carries on with the bot after a failed transfer."""

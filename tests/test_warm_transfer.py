@@ -562,3 +562,22 @@ def test_a_context_without_a_readable_caller_says_none(reference: str) -> None:
         now="2026-12-05T00:00:00.000Z",
     )
     assert context["caller"] == ""
+
+
+async def test_a_caller_held_after_a_failure_who_takes_a_route_is_back_with_the_bot(
+    redis: Redis, key_prefix: str, store: RedisCallStore
+) -> None:
+    """Held after a failed transfer, the caller presses 1 (billing): as from any menu, the
+    call is back with the bot, not left failed at the billing menu."""
+    engine = engine_for(redis, key_prefix, pooled_flow(size=1, then="hold", seconds=1), store)
+    await start(engine, "c1")
+    await start(engine, "c2")
+    await ask_for_agent(engine, "c2")
+    await engine.handle("c2", HandoffStatus("failed"), activity_id="c2-failed")
+    await engine.settled()
+    await ask_for_agent(engine, "c1")  # c1 takes the one number
+    held = await ask_for_agent(engine, "c2")
+    assert held is not None and held.call.state == "failed" and held.call.holding == "agent"
+    turn = await engine.handle("c2", CallerInput("1", keypad=True), activity_id="c2-one", caller=CALLER)
+    assert turn is not None and turn.call.node == "billing" and turn.call.holding == ""
+    assert turn.call.state == "bot"
