@@ -260,7 +260,7 @@ class RedisCallStore:
                 entry, (legacy, state, version), reference = await pipe.execute()
         if not entry:
             return None
-        reference = legacy if legacy is not None else reference  # a record not yet moved
+        reference = legacy or reference  # a record not yet moved: its field wins, as in with_moved
         kept_ms, _, payload = entry.partition(":")  # written as "<Redis ms>:<payload>"
         return OutboxEntry(reference or "", payload, state or "", int(version or 0), int(kept_ms))
 

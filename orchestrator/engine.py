@@ -124,6 +124,11 @@ Render = Callable[[Turn], Replies]
 Notify = Callable[[str, Mapping[str, Any]], None]
 
 
+def dials(call: Call, key: str, number: str) -> bool:
+    """Whether the committed ``call``'s current transfer is the one leased ``number`` under ``key``."""
+    return number == call.target and key == lease_key(call.transfers)
+
+
 class CallCache:
     """The calls this instance committed last: a turn on one of them needs no load, so an
     ordinary turn is one round trip (the commit) instead of two.
@@ -332,7 +337,7 @@ class Engine:
             got = leasing.got
             if got is None:
                 self.exhausted[pool] += 1
-            elif got.number == call.target and key == lease_key(call.transfers):
+            elif dials(call, key, got.number):
                 self.leases[pool] += 1
                 self.lapses[pool] += got.fresh
                 if self.notify is not None:
@@ -346,8 +351,7 @@ class Engine:
         releases: list[PoolRelease] = list(turn.releases)
         for (pool, key), leasing in leased.items():
             got = leasing.got
-            kept = call.state != State.ENDED and key == lease_key(call.transfers)
-            if got is not None and not (kept and got.number == call.target):
+            if got is not None and not (call.state != State.ENDED and dials(call, key, got.number)):
                 releases.append(PoolRelease(pool, got.number, key))
         if not releases or self.pools is None:
             return
